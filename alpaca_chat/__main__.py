@@ -1,0 +1,3 @@
+from alpaca_chat.cli import main
+
+raise SystemExit(main())

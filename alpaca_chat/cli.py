@@ -1,0 +1,195 @@
+"""`alpaca-chat`: parse flags, call the library, print.
+
+The only place that turns errors into exit codes: 0 success, 1 runtime error,
+2 usage error, 130 interrupted. Heavy modules (llama_cpp, textual) are imported
+only on the paths that need them, so `--prompt` starts fast.
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from alpaca_chat import __version__
+from alpaca_chat.errors import AlpacaChatError, UsageError
+
+PROG = "alpaca-chat"
+EXIT_INTERRUPTED = 130
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and raise instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog=PROG,
+        description="Chat with a local GGUF model on the CPU, offline. "
+        "Without --prompt, opens the full-screen chat.",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("-m", "--model", help="a .gguf path, a registry name (see --list-models) or a hub id owner/repo[:QUANT]")
+    p.add_argument("-p", "--prompt", help="answer one prompt and exit; '-' reads the prompt from stdin")
+    p.add_argument("-s", "--system", help="system prompt")
+    p.add_argument("--template", help="chat template: auto (default), alpaca, chatml, or PATH.jinja")
+    p.add_argument("--list-models", action="store_true", help="show the model registry and what is downloaded")
+    p.add_argument("-c", "--continue", dest="continue_last", action="store_true", help="continue the last conversation")
+    p.add_argument("--conversation", type=int, metavar="ID", help="continue conversation ID")
+    p.add_argument("--no-history", action="store_true", help="do not save this conversation")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
+    p.add_argument("--stats", action="store_true", help="print timing stats to stderr")
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="maximum tokens to generate (default 512)")
+    g.add_argument("--temp", type=float, dest="temperature", help="temperature; 0 = greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, dest="top_p", help="nucleus sampling (default 0.95)")
+    g.add_argument("--top-k", type=int, dest="top_k", help="top-k sampling; 0 = off (default 40)")
+    g.add_argument("--min-p", type=float, dest="min_p", help="min-p sampling (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, dest="repeat_penalty", help="repeat penalty (default 1.1)")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same output")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--ctx", type=int, dest="n_ctx", help="context size in tokens (default min(4096, model's))")
+    r.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
+    r.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    r.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except AlpacaChatError as exc:
+        if debug:
+            raise
+        _print_error(str(exc))
+        return exc.exit_code
+    except BrokenPipeError:
+        # Reader went away (e.g. `| head`): not an error worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last line of defence for a one-line error
+        if debug:
+            raise
+        _print_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)")
+        return 1
+
+
+def _print_error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    if args.list_models:
+        from alpaca_chat import models
+
+        print(models.format_model_table(models.list_models()))
+        return 0
+    if args.continue_last and args.conversation is not None:
+        raise UsageError("use either --continue or --conversation, not both")
+    settings = _settings(args)
+    if args.prompt is None and sys.stdin.isatty():
+        raise UsageError("the full-screen chat is not available yet; use --prompt TEXT")
+    prompt, context = _read_prompt(args.prompt)
+    return _one_shot(args, settings, prompt, context)
+
+
+def _settings(args):
+    from alpaca_chat import config, paths
+
+    file_layer = {}
+    path = paths.config_file_path()
+    if path.is_file():
+        file_layer = config.parse_config(path.read_text(encoding="utf-8"), str(path))
+    flags = {
+        "model": args.model,
+        "template": args.template,
+        "system": args.system,
+        "n_ctx": args.n_ctx,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+    }
+    return config.build_settings(file_layer, config.env_overrides(os.environ), flags)
+
+
+def _read_prompt(prompt: str | None) -> tuple[str, str]:
+    """Return (prompt, context): piped stdin is the prompt, or context for --prompt."""
+    piped = "" if sys.stdin.isatty() else sys.stdin.read()
+    if prompt is None or prompt == "-":
+        prompt, piped = piped, ""
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    return prompt, piped.strip()
+
+
+def _one_shot(args, settings, prompt: str, context: str) -> int:
+    from alpaca_chat.loading import open_session
+
+    session = open_session(
+        settings,
+        continue_last=args.continue_last,
+        conversation_id=args.conversation,
+        save_history=not args.no_history,
+        verbose=args.verbose,
+    )
+    cancel = threading.Event()
+    reply = session.send(prompt, input=context, cancel=cancel)
+    try:
+        for delta in reply:
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        reply.deltas.close()  # saves the partial reply as 'stopped'
+        if not args.json:
+            sys.stdout.write("\n")
+        _print_error_stats(args, reply)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(_json_result(session, reply), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    _print_error_stats(args, reply)
+    return 0
+
+
+def _json_result(session, reply) -> dict:
+    return {
+        "text": reply.text,
+        "model": session.model_label,
+        "template": session.template.name,
+        "conversation_id": session.conversation_id,
+        "dropped_messages": len(reply.dropped),
+        "stats": reply.stats.to_dict(),
+    }
+
+
+def _print_error_stats(args, reply) -> None:
+    if reply.dropped:
+        print(f"{PROG}: note: {len(reply.dropped)} old message(s) no longer fit the context and were left out",
+              file=sys.stderr)
+    if args.stats and reply.stats:
+        print(format_stats(reply.stats), file=sys.stderr)
+
+
+def format_stats(stats) -> str:
+    return (
+        f"prompt: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), "
+        f"{stats.prompt_tokens_per_s:.1f} tok/s | "
+        f"reply: {stats.generated_tokens} tokens, {stats.generation_tokens_per_s:.1f} tok/s | "
+        f"first token: {stats.time_to_first_token_s * 1000:.0f} ms | stop: {stats.stop_reason}"
+    )

@@ -1,0 +1,360 @@
+"""The only module that imports llama_cpp: load a GGUF, tokenize, stream tokens.
+
+It drives llama.cpp through llama-cpp-python's low-level bindings (llama_decode
+and llama.cpp's native sampler chain) rather than `Llama.create_completion`:
+the high-level path does per-token work in Python that costs ~15% of
+generation speed on small models.
+"""
+
+import codecs
+import ctypes
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import llama_cpp
+
+from alpaca_chat.conversation import GenerationStats, SamplingParams, StopStringFilter
+from alpaca_chat.errors import EngineError
+
+# How many recent tokens the repeat penalty looks at (llama.cpp's default).
+REPEAT_PENALTY_LAST_N = 64
+DEFAULT_N_CTX = 4096
+DEFAULT_N_BATCH = 512
+
+_GGML_LOG_LEVEL_ERROR = 3
+_log_state = {"verbose": False, "callback": None}
+
+
+def _on_llama_log(level: int, text: bytes, _user_data) -> None:
+    if _log_state["verbose"]:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+
+
+def configure_logging(verbose: bool) -> None:
+    """Route llama.cpp's log through us: silent unless verbose.
+
+    A log callback (instead of redirecting file descriptors, as llama-cpp-python's
+    verbose=False does) never swallows the output of a running full-screen app.
+    """
+    _log_state["verbose"] = verbose
+    if _log_state["callback"] is None:
+        # Keep a reference: ctypes callbacks are freed with their Python object.
+        _log_state["callback"] = llama_cpp.llama_log_callback(_on_llama_log)
+        llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process: llama.cpp slows down on hyperthreads."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        cores = set()
+        physical_id = core_id = None
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    core_id = value.strip()
+                    cores.add((physical_id, core_id))
+        if cores:
+            return max(1, min(len(cores), usable))
+    except OSError:
+        pass
+    return max(1, usable)
+
+
+class Generation:
+    """An iterator of text deltas; `stats` is complete once it is exhausted."""
+
+    def __init__(self, deltas: Iterator[str], stats: GenerationStats):
+        self._deltas = deltas
+        self.stats = stats
+        self.text = ""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        delta = next(self._deltas)
+        self.text += delta
+        return delta
+
+    def close(self) -> None:
+        """Stop early (e.g. on KeyboardInterrupt) and leave the engine consistent."""
+        self._deltas.close()
+
+
+class Engine:
+    """One loaded model and one context. Not thread-safe: one generation at a time."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_batch: int = DEFAULT_N_BATCH,
+        verbose: bool = False,
+    ):
+        configure_logging(verbose)
+        llama_cpp.llama_backend_init()
+        self.model_path = Path(model_path)
+        self.n_threads = n_threads or physical_cores()
+        self._model = self._load_model()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.n_ctx_train = n_ctx_train
+        self.n_batch = n_batch
+        self._ctx = self._new_context(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # Tokens whose keys/values are in the KV cache, in order: the shared prefix
+        # of the next prompt is not evaluated again.
+        self._cached: list[int] = []
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._lock = threading.Lock()
+        self.metadata = self._read_metadata()
+
+    # -- loading -----------------------------------------------------------
+
+    def _load_model(self):
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True
+        params.n_gpu_layers = 0
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {self.model_path} (run with --verbose for its log)")
+        return model
+
+    def _new_context(self, n_ctx: int):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create a {n_ctx}-token context for {self.model_path}")
+        return ctx
+
+    def _read_metadata(self) -> dict[str, str]:
+        buf = ctypes.create_string_buffer(4096)
+        meta = {}
+        for i in range(llama_cpp.llama_model_meta_count(self._model)):
+            if llama_cpp.llama_model_meta_key_by_index(self._model, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", errors="replace")
+            if llama_cpp.llama_model_meta_val_str_by_index(self._model, i, buf, len(buf)) < 0:
+                continue
+            meta[key] = buf.value.decode("utf-8", errors="replace")
+        return meta
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- model facts -------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    @property
+    def bos_token(self) -> str:
+        return self.token_text(llama_cpp.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_token(self) -> str:
+        return self.token_text(llama_cpp.llama_vocab_eos(self._vocab))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens for a rendered prompt: special tokens parsed, BOS added once."""
+        data = text.encode("utf-8")
+        add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab) and not (
+            self.bos_token and text.startswith(self.bos_token)
+        )
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, True)
+        if n < 0:
+            raise EngineError(f"tokenization failed ({n})")
+        return list(tokens[:n])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _piece(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        return self._piece_buf.raw[:n]
+
+    # -- evaluation --------------------------------------------------------
+
+    def _decode(self, tokens: list[int], start_pos: int) -> None:
+        """Evaluate tokens at positions start_pos.., logits only for the last one."""
+        batch = self._batch
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset : offset + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = start_pos + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = False
+            batch.logits[len(chunk) - 1] = offset + len(chunk) == len(tokens)
+            status = llama_cpp.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise EngineError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {status})")
+            self._cached.extend(chunk)
+
+    def _decode_one(self, token: int, pos: int) -> None:
+        batch = self._batch
+        batch.n_tokens = 1
+        batch.token[0] = token
+        batch.pos[0] = pos
+        batch.n_seq_id[0] = 1
+        batch.seq_id[0][0] = 0
+        batch.logits[0] = True
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama.cpp failed while generating (llama_decode returned {status})")
+        self._cached.append(token)
+
+    def _reuse_prefix(self, tokens: list[int]) -> int:
+        """Keep the KV cache for the common prefix; return how many tokens are reused."""
+        common = 0
+        limit = min(len(tokens), len(self._cached))
+        while common < limit and tokens[common] == self._cached[common]:
+            common += 1
+        # At least one token must be evaluated to get logits for the next sample.
+        common = min(common, len(tokens) - 1)
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, common, -1):
+            llama_cpp.llama_memory_clear(memory, True)
+            common = 0
+        del self._cached[common:]
+        return common
+
+    def reset(self) -> None:
+        """Forget the KV cache (e.g. to measure a cold prompt)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self._cached.clear()
+
+    def _sampler(self, sampling: SamplingParams):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if sampling.repeat_penalty != 1.0:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab, REPEAT_PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0
+                )
+            )
+        if sampling.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if sampling.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        seed = sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams,
+        *,
+        stop_strings: tuple[str, ...] = (),
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Stream the reply to a rendered prompt, reusing the cached prefix."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise EngineError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise EngineError(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        return Generation(self._stream(tokens, sampling, stop_strings, cancel, stats), stats)
+
+    def _stream(self, tokens, sampling, stop_strings, cancel, stats) -> Iterator[str]:
+        if not self._lock.acquire(blocking=False):
+            raise EngineError("the engine is already generating")
+        sampler = self._sampler(sampling)
+        try:
+            yield from self._run(tokens, sampling, stop_strings, cancel, stats, sampler)
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+            self._lock.release()
+
+    def _run(self, tokens, sampling, stop_strings, cancel, stats, sampler) -> Iterator[str]:
+        started = time.perf_counter()
+        stats.cached_tokens = self._reuse_prefix(tokens)
+        for token in tokens[-REPEAT_PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(sampler, token)
+        self._decode(tokens[stats.cached_tokens :], stats.cached_tokens)
+        prompt_done = time.perf_counter()
+        evaluated = len(tokens) - stats.cached_tokens
+        stats.prompt_tokens_per_s = evaluated / max(prompt_done - started, 1e-9)
+
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopStringFilter(stop_strings)
+        stats.stop_reason = "length"
+        pos = len(tokens)
+        while stats.generated_tokens < sampling.max_tokens:
+            if cancel is not None and cancel.is_set():
+                stats.stop_reason = "cancelled"
+                break
+            token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+            if stats.generated_tokens == 0:
+                stats.time_to_first_token_s = time.perf_counter() - started
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                stats.stop_reason = "eos"
+                break
+            stats.generated_tokens += 1
+            text = stops.feed(utf8.decode(self._piece(token)))
+            if text:
+                yield text
+            if stops.stopped:
+                stats.stop_reason = "stop_string"
+                break
+            if pos >= self.n_ctx:
+                stats.stop_reason = "context_full"
+                break
+            self._decode_one(token, pos)
+            pos += 1
+        tail = stops.feed(utf8.decode(b"", final=True)) + stops.flush()
+        if tail:
+            yield tail
+        elapsed = time.perf_counter() - prompt_done
+        stats.generation_tokens_per_s = stats.generated_tokens / max(elapsed, 1e-9)
