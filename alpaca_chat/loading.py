@@ -83,7 +83,8 @@ def open_session(
     return ChatSession(
         engine,
         template,
-        model_label=resolved.name,
+        # What --continue will pass back to resolve_model: a path for local files.
+        model_label=str(resolved.path) if resolved.source == "local" else resolved.name,
         sampling=sampling,
         system_prompt=system,
         store=store,

@@ -99,7 +99,7 @@ class ChatSession:
     def _stream(self, generation, reply: Reply) -> Iterator[str]:
         reply.message_id = self._save_reply_start()
         last_save = time.monotonic()
-        finished = False
+        status = "error"
         try:
             for delta in generation:
                 reply.text += delta
@@ -107,13 +107,15 @@ class ChatSession:
                 if time.monotonic() - last_save > SAVE_INTERVAL_S:
                     self._save_reply(reply.message_id, reply.text, "partial", None)
                     last_save = time.monotonic()
-            finished = True
-        finally:
-            # Runs on normal end, on cancel, and on KeyboardInterrupt / close().
-            reply.stats = generation.stats
-            if not finished:
-                generation.stats.stop_reason = "cancelled"
             status = "stopped" if generation.stats.stop_reason == "cancelled" else "complete"
+        except (GeneratorExit, KeyboardInterrupt):
+            # Ctrl+C, or the consumer stopped reading: keep what came, marked stopped.
+            generation.stats.stop_reason = "cancelled"
+            status = "stopped"
+            raise
+        finally:
+            generation.close()  # frees the engine for the next turn
+            reply.stats = generation.stats
             self.messages.append(Message("assistant", reply.text))
             self._save_reply(reply.message_id, reply.text, status, generation.stats)
 
@@ -144,6 +146,7 @@ class ChatSession:
             "",
             status="partial",
             model=self.model_label,
+            template=self.template.name,
             sampling=self.sampling.to_dict(),
         )
 

