@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--system", help="system prompt")
     p.add_argument("--template", help="chat template: auto (default), alpaca, chatml, or PATH.jinja")
     p.add_argument("--list-models", action="store_true", help="show the model registry and what is downloaded")
+    p.add_argument("--plain", action="store_true", help="line-mode chat instead of the full-screen app")
     p.add_argument("-c", "--continue", dest="continue_last", action="store_true", help="continue the last conversation")
     p.add_argument("--conversation", type=int, metavar="ID", help="continue conversation ID")
     p.add_argument("--no-history", action="store_true", help="do not save this conversation")
@@ -97,9 +98,27 @@ def _run(args) -> int:
         raise UsageError("use either --continue or --conversation, not both")
     settings = _settings(args)
     if args.prompt is None and sys.stdin.isatty():
-        raise UsageError("the full-screen chat is not available yet; use --prompt TEXT")
+        return _interactive(args, settings)
     prompt, context = _read_prompt(args.prompt)
     return _one_shot(args, settings, prompt, context)
+
+
+def _open_session(args, settings):
+    from alpaca_chat.loading import open_session
+
+    return open_session(
+        settings,
+        continue_last=args.continue_last,
+        conversation_id=args.conversation,
+        save_history=not args.no_history,
+        verbose=args.verbose,
+    )
+
+
+def _interactive(args, settings) -> int:
+    from alpaca_chat import repl
+
+    return repl.run(_open_session(args, settings))
 
 
 def _settings(args):
@@ -137,15 +156,7 @@ def _read_prompt(prompt: str | None) -> tuple[str, str]:
 
 
 def _one_shot(args, settings, prompt: str, context: str) -> int:
-    from alpaca_chat.loading import open_session
-
-    session = open_session(
-        settings,
-        continue_last=args.continue_last,
-        conversation_id=args.conversation,
-        save_history=not args.no_history,
-        verbose=args.verbose,
-    )
+    session = _open_session(args, settings)
     cancel = threading.Event()
     reply = session.send(prompt, input=context, cancel=cancel)
     try:

@@ -63,6 +63,12 @@ class ChatSession:
         if text:
             self.messages.insert(0, Message("system", text))
 
+    def start_new(self) -> None:
+        """Start a fresh conversation with the same model, template and settings."""
+        system = self.system_prompt
+        self.messages, self.conversation_id, self.memory_start = [], None, 0
+        self.set_system_prompt(system)
+
     @property
     def system_prompt(self) -> str | None:
         return next((m.content for m in self.messages if m.role == "system"), None)

@@ -1,0 +1,553 @@
+"""Validate a GGUF file in Python before llama.cpp ever sees it.
+
+llama.cpp trusts the file it is given: a truncated download, an HTML error
+page saved as `.gguf` or a corrupted header can make it dump pages of logs or
+abort the process. `check_gguf` reads the header with a small bounded parser
+over a memory map (every length and count is checked against the file size
+and a sanity cap before it is used; nothing is allocated from an unchecked
+count, and big string arrays such as the vocabulary are skipped, not decoded) and raises one of the typed
+errors from `errors.py` with a one-line message that names the file.
+
+It checks what llama.cpp's own loader (`gguf.cpp`, `llama-model-loader.cpp`)
+would reject: magic bytes, version 2 or 3, value types, tensor names and
+dimensions, ggml tensor types, the contiguous aligned layout of the tensor
+data, that the data fits in the file, and that `general.architecture` is one
+llama.cpp knows. The format constants come from the `gguf` package, which
+tracks llama.cpp's.
+
+`check_memory` compares `GGUFInfo.estimated_ram_bytes` with the memory the
+machine has available.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from alpaca_chat.errors import InsufficientMemoryError, InvalidModelFileError, ModelNotFoundError
+
+SUPPORTED_VERSIONS = (2, 3)
+KNOWN_ARCHITECTURES: tuple[str, ...] = tuple(gguf.MODEL_ARCH_NAMES.values())
+_NOT_LANGUAGE_MODELS = {"clip": "a vision projector (mmproj) file, not a language model"}
+
+# Limits from ggml / llama.cpp's gguf.cpp.
+_GGML_MAX_DIMS = 4
+_GGML_MAX_NAME = 64  # a tensor name must be shorter than this, in bytes
+
+# Sanity caps: no real model comes near these, a flipped bit easily does.
+_ABSURD_COUNT = 1 << 24  # key/value pairs, tensors, or array elements
+_ABSURD_STRING = 1 << 24  # bytes in one string (chat templates are a few KiB)
+_ABSURD_ELEMENTS = 1 << 40  # elements in one tensor
+_SMALL_ARRAY = 256  # numeric arrays up to this length are kept in metadata
+
+# RAM estimate: llama.cpp's KV cache is f16 by default; the compute buffers
+# hold a micro-batch of activations plus one layer's attention scores.
+_KV_BYTES_PER_ELEMENT = 2
+_N_UBATCH = 512
+_COMPUTE_OVERHEAD_BYTES = 64 * 1024 * 1024
+
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, kv count
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_VT = gguf.GGUFValueType
+_SCALARS: dict[int, struct.Struct] = {
+    _VT.UINT8: struct.Struct("<B"),
+    _VT.INT8: struct.Struct("<b"),
+    _VT.UINT16: struct.Struct("<H"),
+    _VT.INT16: struct.Struct("<h"),
+    _VT.UINT32: struct.Struct("<I"),
+    _VT.INT32: struct.Struct("<i"),
+    _VT.FLOAT32: struct.Struct("<f"),
+    _VT.BOOL: struct.Struct("<?"),
+    _VT.UINT64: struct.Struct("<Q"),
+    _VT.INT64: struct.Struct("<q"),
+    _VT.FLOAT64: struct.Struct("<d"),
+}
+_MAGIC = _U32.pack(gguf.GGUF_MAGIC)  # b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in the header; `offset` is relative to the data section."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What `check_gguf` learned about a valid GGUF file."""
+
+    path: Path
+    version: int
+    architecture: str
+    name: str | None
+    file_size: int
+    tensor_count: int
+    n_params: int
+    tensor_data_bytes: int
+    file_type: str | None  # quantization label, e.g. "Q4_1"
+    context_length: int | None
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    vocab_size: int | None
+    # Scalar and string values, plus numeric arrays of up to 256 elements as tuples.
+    metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def arch_value(self, suffix: str) -> Any:
+        """The value of `{architecture}.{suffix}` (e.g. "block_count"), or None."""
+        return self.metadata.get(f"{self.architecture}.{suffix}")
+
+    def kv_cache_bytes(self, n_ctx: int) -> int:
+        """Size of an f16 KV cache for `n_ctx` tokens (0 if the header lacks the shape)."""
+        n_layer = _as_int(self.arch_value("block_count"))
+        n_embd = _as_int(self.arch_value("embedding_length"))
+        n_head = _per_layer(self.arch_value("attention.head_count"), n_layer)
+        if not (n_layer and n_embd and n_head and max(n_head) > 0):
+            return 0
+        n_head_kv = _per_layer(self.arch_value("attention.head_count_kv"), n_layer) or n_head
+        k_dim = _as_int(self.arch_value("attention.key_length")) or n_embd // max(n_head)
+        v_dim = _as_int(self.arch_value("attention.value_length")) or k_dim
+        return n_ctx * sum(n_head_kv) * (k_dim + v_dim) * _KV_BYTES_PER_ELEMENT
+
+    def estimated_ram_bytes(self, n_ctx: int) -> int:
+        """Rough RAM needed to chat with `n_ctx` tokens of context.
+
+        Weights (the tensor data, memory-mapped) + f16 KV cache + compute
+        buffers (a fixed 64 MiB plus one micro-batch of attention scores).
+        """
+        if n_ctx <= 0:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        n_head = _per_layer(self.arch_value("attention.head_count"), 1)
+        scores = n_ctx * _N_UBATCH * max(n_head or [0]) * 4
+        return self.tensor_data_bytes + self.kv_cache_bytes(n_ctx) + _COMPUTE_OVERHEAD_BYTES + scores
+
+
+def check_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Validate the GGUF at `path` without loading it; raise a typed error if llama.cpp would fail.
+
+    Raises ModelNotFoundError if the file does not exist, InvalidModelFileError
+    for everything else (directory, not GGUF, unsupported version, truncated,
+    corrupted header, unsupported architecture).
+    """
+    display = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file not found: {display}") from None
+    except OSError as exc:
+        raise InvalidModelFileError(f"cannot read {display}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidModelFileError(f"{display} is a directory, not a GGUF file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidModelFileError(f"{display} is not a regular file")
+    if st.st_size == 0:
+        raise InvalidModelFileError(f"{display} is empty (0 bytes), not a GGUF file")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            parsed = _Parser(buf, len(buf), display).parse()
+    except OSError as exc:
+        raise InvalidModelFileError(f"cannot read {display}: {exc.strerror or exc}") from None
+    return _build_info(Path(path), display, parsed)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new process, or None if it cannot be told.
+
+    Linux: MemAvailable from /proc/meminfo, which already counts reclaimable
+    page cache (where llama.cpp's memory-mapped weights live). Elsewhere:
+    free physical pages from sysconf. Container (cgroup) limits are not read.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(info: GGUFInfo, n_ctx: int, available: int | None = None) -> int:
+    """Raise InsufficientMemoryError if the model will not fit; return the estimate in bytes.
+
+    `available` defaults to `available_memory_bytes()`; when that is unknown
+    the check is skipped.
+    """
+    needed = info.estimated_ram_bytes(n_ctx)
+    if available is None:
+        available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise InsufficientMemoryError(
+            f"{info.path} needs about {_gib(needed)} GiB of RAM with a {n_ctx}-token context"
+            f" but only {_gib(available)} GiB is available"
+        )
+    return needed
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Parsed:
+    version: int
+    metadata: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensors: list[TensorInfo]
+    file_size: int
+
+
+class _Parser:
+    """Walks the header of a memory-mapped GGUF, checking every read against the file size."""
+
+    def __init__(self, buf: mmap.mmap, size: int, display: str) -> None:
+        self.buf = buf
+        self.size = size
+        self.display = display
+        self.pos = 0
+        self.section = "header"
+        self.types: dict[str, int] = {}  # metadata key -> GGUF value type
+
+    # errors
+    def truncated(self, expected: int) -> InvalidModelFileError:
+        return InvalidModelFileError(
+            f"{self.display} is truncated: expected at least {expected} bytes, file has {self.size}"
+            f" (cut off in the {self.section}; re-download it)"
+        )
+
+    def corrupted(self, detail: str) -> InvalidModelFileError:
+        return InvalidModelFileError(f"{self.display} has a corrupted header: {detail}")
+
+    def check_string_length(self, n: int, what: str) -> None:
+        """A string longer than the file is corrupt, unless the file could merely be cut short."""
+        if n > self.size and n > _ABSURD_STRING:
+            raise self.corrupted(f"{what} has length {n}, larger than the whole file")
+
+    def check_count(self, count: int, what: str) -> None:
+        if count > _ABSURD_COUNT:
+            raise self.corrupted(f"absurd {what} {count}")
+
+    # primitive reads
+    def need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise self.truncated(self.pos + n)
+
+    def unpack(self, s: struct.Struct) -> Any:
+        self.need(s.size)
+        (value,) = s.unpack_from(self.buf, self.pos)
+        self.pos += s.size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.unpack(_U64)
+        self.check_string_length(n, what)
+        self.need(n)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int, key: str) -> None:
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack_from = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                raise self.truncated(pos + 8)
+            (n,) = unpack_from(buf, pos)
+            pos += 8 + n
+            if pos > size:
+                self.pos = pos - n - 8
+                self.check_string_length(n, f"a string in array '{key}'")
+                raise self.truncated(pos)
+        self.pos = pos
+
+    # sections
+    def parse(self) -> _Parsed:
+        version, n_tensors, n_kv = self.parse_header()
+        self.section = "metadata"
+        metadata, array_lengths = self.parse_metadata(n_kv)
+        alignment = self.alignment(metadata)
+        self.section = "tensor infos"
+        tensors = self.parse_tensor_infos(n_tensors)
+        self.section = "tensor data"
+        self.check_tensor_data(tensors, _pad(self.pos, alignment), alignment)
+        return _Parsed(version, metadata, array_lengths, tensors, self.size)
+
+    def parse_header(self) -> tuple[int, int, int]:
+        head = self.buf[:16]
+        if head[:4] != _MAGIC:
+            if _MAGIC.startswith(head[:4]):
+                raise self.truncated(_HEADER.size)
+            raise InvalidModelFileError(_bad_magic_message(self.display, self.buf[:64]))
+        if len(head) >= 8:
+            (version,) = _U32.unpack_from(head, 4)
+            _check_version(self.display, version)
+        self.need(_HEADER.size)
+        _, version, n_tensors, n_kv = _HEADER.unpack_from(self.buf, 0)
+        self.pos = _HEADER.size
+        self.check_count(n_tensors, "tensor count")
+        self.check_count(n_kv, "metadata key/value count")
+        return version, n_tensors, n_kv
+
+    def parse_metadata(self, n_kv: int) -> tuple[dict[str, Any], dict[str, int]]:
+        metadata: dict[str, Any] = {}
+        array_lengths: dict[str, int] = {}
+        seen: set[str] = set()
+        for _ in range(n_kv):
+            key = self.string("a metadata key")
+            label = _short(key)  # file text, made safe for a one-line message
+            if key in seen:
+                raise self.corrupted(f"duplicate metadata key '{label}'")
+            seen.add(key)
+            vtype = self.unpack(_U32)
+            self.types[key] = vtype
+            if vtype == _VT.ARRAY:
+                value, length = self.read_array(label)
+                array_lengths[key] = length
+                if value is not None:
+                    metadata[key] = value
+            else:
+                metadata[key] = self.read_scalar(vtype, label)
+        return metadata, array_lengths
+
+    def read_scalar(self, vtype: int, key: str) -> Any:
+        if vtype == _VT.STRING:
+            return self.string(f"the value of '{key}'")
+        s = _SCALARS.get(vtype)
+        if s is None:
+            raise self.corrupted(f"metadata key '{key}' has unknown value type {vtype}")
+        return self.unpack(s)
+
+    def read_array(self, key: str) -> tuple[tuple[Any, ...] | None, int]:
+        """Read an array value: small numeric arrays are returned, the rest only skipped."""
+        etype = self.unpack(_U32)
+        count = self.unpack(_U64)
+        if etype == _VT.ARRAY:
+            raise self.corrupted(f"metadata key '{key}' is an array of arrays, which llama.cpp cannot read")
+        self.check_count(count, f"element count in array '{key}':")
+        if etype == _VT.STRING:
+            self.skip_strings(count, key)
+            return None, count
+        s = _SCALARS.get(etype)
+        if s is None:
+            raise self.corrupted(f"array '{key}' has unknown element type {etype}")
+        n_bytes = count * s.size
+        self.need(n_bytes)
+        value = None
+        if count <= _SMALL_ARRAY:
+            value = struct.unpack_from(f"<{count}{s.format[1:]}", self.buf, self.pos)
+        self.pos += n_bytes
+        return value, count
+
+    def alignment(self, metadata: Mapping[str, Any]) -> int:
+        key = gguf.Keys.General.ALIGNMENT
+        if key not in metadata:
+            return gguf.GGUF_DEFAULT_ALIGNMENT
+        value = metadata[key]
+        # llama.cpp aborts (not just fails) if this key is not a uint32: check the type too.
+        if self.types[key] != _VT.UINT32:
+            raise self.corrupted(f"{key} has value type {self.types[key]}, not uint32")
+        if value == 0 or value & (value - 1):
+            raise self.corrupted(f"{key} is {value}, not a power of two")
+        return value
+
+    def parse_tensor_infos(self, n_tensors: int) -> list[TensorInfo]:
+        tensors: list[TensorInfo] = []
+        seen: set[str] = set()
+        for _ in range(n_tensors):
+            start = self.pos
+            name = self.string("a tensor name")
+            if self.pos - start - 8 >= _GGML_MAX_NAME:
+                limit = _GGML_MAX_NAME - 1
+                raise self.corrupted(f"tensor name '{_short(name)}' is longer than {limit} bytes")
+            if name in seen:
+                raise self.corrupted(f"duplicate tensor '{_short(name)}'")
+            seen.add(name)
+            name = _short(name, _GGML_MAX_NAME)
+            n_dims = self.unpack(_U32)
+            if n_dims > _GGML_MAX_DIMS:
+                raise self.corrupted(f"tensor '{name}' has {n_dims} dimensions (at most {_GGML_MAX_DIMS})")
+            shape = tuple(self.unpack(_U64) for _ in range(n_dims))
+            ggml_type = self.unpack(_U32)
+            offset = self.unpack(_U64)
+            tensors.append(self.tensor_info(name, shape, ggml_type, offset))
+        return tensors
+
+    def tensor_info(self, name: str, shape: tuple[int, ...], ggml_type: int, offset: int) -> TensorInfo:
+        try:
+            qtype = gguf.GGMLQuantizationType(ggml_type)
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise self.corrupted(f"tensor '{name}' has unknown ggml type {ggml_type}") from None
+        n_elements = 1
+        for dim in shape:
+            n_elements *= dim
+        if n_elements > _ABSURD_ELEMENTS:
+            raise self.corrupted(f"tensor '{name}' has absurd dimensions {list(shape)}")
+        if shape and shape[0] % block_size:
+            raise self.corrupted(
+                f"tensor '{name}' row size {shape[0]} is not a multiple"
+                f" of the {qtype.name} block size {block_size}"
+            )
+        n_bytes = n_elements // block_size * type_size
+        return TensorInfo(name, shape, ggml_type, offset, n_elements, n_bytes)
+
+    def check_tensor_data(self, tensors: list[TensorInfo], data_start: int, alignment: int) -> None:
+        """llama.cpp wants the tensors in order, each padded to the alignment, all within the file."""
+        expected = 0
+        end = data_start
+        for t in tensors:
+            if t.offset != expected:
+                raise self.corrupted(f"tensor '{t.name}' has data offset {t.offset}, expected {expected}")
+            expected += _pad(t.n_bytes, alignment)
+            end = data_start + t.offset + t.n_bytes
+        if end > self.size:
+            raise self.truncated(end)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _check_version(display: str, version: int) -> None:
+    if version in SUPPORTED_VERSIONS:
+        return
+    if version & 0xFFFF == 0 and (version >> 24) in SUPPORTED_VERSIONS:
+        raise InvalidModelFileError(
+            f"{display} is a big-endian GGUF (version bytes {version:#010x});"
+            " llama.cpp here reads little-endian files"
+        )
+    if version == 1:
+        raise InvalidModelFileError(
+            f"{display} uses GGUF version 1, which llama.cpp no longer reads"
+            " (versions 2 and 3); re-convert it"
+        )
+    raise InvalidModelFileError(
+        f"{display} uses unsupported GGUF version {version}; llama.cpp reads versions 2 and 3"
+    )
+
+
+def _bad_magic_message(display: str, head: bytes) -> str:
+    message = f"{display} is not a GGUF file (bad magic bytes {bytes(head[:4])!r})"
+    guess = _guess_format(bytes(head))
+    return f"{message}; it looks like {guess}" if guess else message
+
+
+def _guess_format(head: bytes) -> str | None:
+    """Name common wrong files cheaply from their first bytes."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "an HTML page, probably a failed download"
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the model itself"
+    if head[8:10] == b'{"':
+        return "a safetensors file; convert it to GGUF first"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (a PyTorch checkpoint?); convert it to GGUF first"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (a PyTorch checkpoint?); convert it to GGUF first"
+    if head[:4] in (b"lmgg", b"fmgg", b"tjgg"):
+        return "an old GGML/GGJT model, which llama.cpp no longer reads; convert it to GGUF"
+    if text.startswith((b"{", b"[")):
+        return "JSON, probably an error response from a failed download"
+    return None
+
+
+def _build_info(path: Path, display: str, parsed: _Parsed) -> GGUFInfo:
+    md = parsed.metadata
+    arch = md.get(gguf.Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise InvalidModelFileError(f"{display} has no general.architecture key, so llama.cpp cannot load it")
+    if not isinstance(arch, str):
+        raise InvalidModelFileError(f"{display} has a corrupted header: general.architecture is not a string")
+    if arch in _NOT_LANGUAGE_MODELS:
+        raise InvalidModelFileError(f"{display} is {_NOT_LANGUAGE_MODELS[arch]} (architecture '{arch}')")
+    if arch not in KNOWN_ARCHITECTURES:
+        known = [a for a in KNOWN_ARCHITECTURES if a not in _NOT_LANGUAGE_MODELS]
+        raise InvalidModelFileError(
+            f"{display}: architecture '{_short(arch)}' is not supported by llama.cpp"
+            f" (known: {', '.join(known[:8])} and {len(known) - 8} more)"
+        )
+    tokens = parsed.array_lengths.get(gguf.Keys.Tokenizer.LIST)
+    return GGUFInfo(
+        path=path,
+        version=parsed.version,
+        architecture=arch,
+        name=_str_or_none(md.get(gguf.Keys.General.NAME)),
+        file_size=parsed.file_size,
+        tensor_count=len(parsed.tensors),
+        n_params=sum(t.n_elements for t in parsed.tensors),
+        tensor_data_bytes=sum(t.n_bytes for t in parsed.tensors),
+        file_type=_file_type_label(md.get(gguf.Keys.General.FILE_TYPE), parsed.tensors),
+        context_length=_as_int(md.get(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch))),
+        chat_template=_str_or_none(md.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)),
+        bos_token_id=_as_int(md.get(gguf.Keys.Tokenizer.BOS_ID)),
+        eos_token_id=_as_int(md.get(gguf.Keys.Tokenizer.EOS_ID)),
+        vocab_size=tokens or _as_int(md.get(gguf.Keys.LLM.VOCAB_SIZE.format(arch=arch))),
+        metadata=md,
+    )
+
+
+def _file_type_label(value: Any, tensors: list[TensorInfo]) -> str | None:
+    """general.file_type as a label like "Q4_1"; without it, the type holding the most bytes."""
+    if _as_int(value) is not None:
+        try:
+            name = gguf.LlamaFileType(value).name
+        except ValueError:
+            return None
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    by_type: dict[int, int] = {}
+    for t in tensors:
+        by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_bytes
+    if not by_type:
+        return None
+    return gguf.GGMLQuantizationType(max(by_type, key=by_type.__getitem__)).name
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _as_int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _per_layer(value: Any, n_layer: int | None) -> list[int] | None:
+    """A per-layer hyperparameter, given either as one int or as an array with one per layer."""
+    if type(value) is int:
+        return [value] * (n_layer or 1)
+    if isinstance(value, tuple) and value and all(type(v) is int for v in value):
+        return list(value)
+    return None
+
+
+_CONTROL_CHARS = {c: "?" for c in [*range(32), 127, 0x85, 0x2028, 0x2029]}
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """Text read from the file, fit for a one-line message: no control characters, bounded length."""
+    text = text[: limit + 1].translate(_CONTROL_CHARS)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f}"

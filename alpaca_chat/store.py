@@ -1,0 +1,629 @@
+"""Chat history in SQLite: the only module that touches the database.
+
+Design choices, and why:
+
+- Conversation ids are INTEGER AUTOINCREMENT so users can type them on the
+  command line (`--resume 42`), and a deleted id is never handed out again.
+- Every write is one `BEGIN IMMEDIATE ... COMMIT` transaction: it takes the
+  write lock up front (so `busy_timeout` applies instead of a lock-upgrade
+  failure when two processes write at once), and a `kill -9` loses nothing
+  that was committed.
+- WAL mode lets a second alpaca-chat read while the first writes.
+- Schema changes are named, ordered migration functions recorded in
+  `_migrations` (after simonw/llm's migrations.py).
+- A corrupt file (checked with `PRAGMA quick_check` on open) is moved aside,
+  never deleted, and a fresh database started; `Store.recovered_from` tells
+  the caller where the old file went.
+- One connection per Store, guarded by a lock, usable from a worker thread
+  (the TUI saves streamed replies from one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from alpaca_chat import paths
+from alpaca_chat.errors import StoreError
+
+ROLES = ("system", "user", "assistant")
+STATUSES = ("complete", "partial", "stopped", "error")
+TITLE_MAX_CHARS = 60
+MEMORY = ":memory:"
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+# Files SQLite keeps beside the database; they travel with it when it is moved aside.
+_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a schema migration. Append only: never reorder or rename one."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            title TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            template TEXT NOT NULL,
+            system_prompt TEXT,
+            sampling TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id INTEGER NOT NULL
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'complete'
+                CHECK (status IN ('complete', 'partial', 'stopped', 'error')),
+            model TEXT,
+            template TEXT,
+            sampling TEXT,
+            stats TEXT,
+            UNIQUE (conversation_id, seq)
+        )
+        """
+    )
+    conn.execute("CREATE INDEX conversations_by_update ON conversations (updated_at)")
+
+
+def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply the migrations not yet recorded, in order, in one transaction.
+
+    Returns the names applied. `conn` must be in autocommit mode
+    (isolation_level=None). All or nothing: SQLite DDL is transactional, so a
+    failing migration leaves the schema as it was.
+    """
+    migrations = MIGRATIONS if migrations is None else migrations
+    if not _pending(conn, migrations):
+        return []  # the common case: no write lock taken
+    with _immediate(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        # Re-read under the write lock: another process may have just migrated.
+        pending = _pending(conn, migrations)
+        for fn in pending:
+            fn(conn)
+            conn.execute(
+                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                (fn.__name__, _utc_now().isoformat()),
+            )
+    return [fn.__name__ for fn in pending]
+
+
+def _pending(conn: sqlite3.Connection, migrations: list[Migration]) -> list[Migration]:
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+    ).fetchone()
+    if not has_table:
+        return list(migrations)
+    applied = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    return [fn for fn in migrations if fn.__name__ not in applied]
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction holding the write lock from its start."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        # Some errors (disk full, I/O) already rolled back inside SQLite.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    model: str
+    template: str
+    system_prompt: str | None
+    sampling: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    seq: int  # 1-based position in the conversation
+    role: str  # one of ROLES
+    content: str
+    created_at: datetime
+    status: str  # one of STATUSES
+    model: str | None
+    template: str | None
+    sampling: dict[str, Any] | None
+    stats: dict[str, Any] | None
+
+
+_CONVERSATION_COLUMNS = (
+    "id, title, created_at, updated_at, model, template, system_prompt, sampling"
+)
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, seq, role, content, created_at, status, model, template, sampling, stats"
+)
+
+
+class _Unset:
+    """Marks a keyword not passed, so None can mean 'clear this value'."""
+
+
+_UNSET: Any = _Unset()
+
+
+class _CorruptDatabase(Exception):
+    """Internal: the file is not a usable SQLite database."""
+
+
+class Store:
+    """The chat history database. Open it, use it, close it (or use `with`)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        # None means an in-memory database (tests); otherwise the file's path.
+        self.path: Path | None = (
+            None if str(path) == MEMORY else Path(path or paths.history_db_path())
+        )
+        self.busy_timeout_ms = busy_timeout_ms
+        # Where a corrupt database was moved on open, for the caller to report.
+        self.recovered_from: Path | None = None
+        self._lock = threading.RLock()
+        self._last_now: datetime | None = None
+        self._conn = self._open()
+
+    # -- opening -----------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path is None:
+            return self._connect_or_raise()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
+        if self.path.exists() and _looks_corrupt(self.path, self.busy_timeout_ms):
+            self.recovered_from = _move_aside(self.path)
+            return self._connect_or_raise()
+        try:
+            return self._connect()
+        except _CorruptDatabase:
+            # Corruption the read-only probe could not see (it gives up on locks
+            # and hot journals, which only a writable connection can resolve).
+            self.recovered_from = _move_aside(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open history database {self.path}: {exc}") from exc
+        return self._connect_or_raise()
+
+    def _connect_or_raise(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except (_CorruptDatabase, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open history database {self.path or MEMORY}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self.path or MEMORY), isolation_level=None, check_same_thread=False
+        )
+        try:
+            _configure(conn, self.busy_timeout_ms)
+            migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise _CorruptDatabase(str(exc)) from exc
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- conversations -----------------------------------------------------
+
+    def create_conversation(
+        self,
+        model: str,
+        template: str,
+        system_prompt: str | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        title: str | None = None,
+    ) -> Conversation:
+        now = self._now()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO conversations "
+                "(title, created_at, updated_at, model, template, system_prompt, sampling) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (title or "", now, now, model, template, system_prompt, _dump_json(sampling or {})),
+            )
+        return self.get_conversation(cursor.lastrowid)
+
+    def get_conversation(self, conversation_id: int) -> Conversation:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+                (conversation_id,),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        return _conversation(row)
+
+    def latest_conversation(self) -> Conversation | None:
+        """The most recently active conversation, or None if there are none."""
+        found = self.list_conversations(limit=1)
+        return found[0] if found else None
+
+    def list_conversations(
+        self, limit: int | None = 50, query: str | None = None
+    ) -> list[Conversation]:
+        """Most recently active first. `query` matches title or any message, ignoring case."""
+        needle = query.casefold() if query else None
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations AS c "
+                "WHERE ?1 IS NULL OR instr(casefold(c.title), ?1) > 0 OR EXISTS ("
+                "  SELECT 1 FROM messages AS m"
+                "  WHERE m.conversation_id = c.id AND instr(casefold(m.content), ?1) > 0) "
+                "ORDER BY c.updated_at DESC, c.id DESC LIMIT ?2",
+                (needle, -1 if limit is None else limit),
+            ).fetchall()
+        return [_conversation(row) for row in rows]
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        with self._write() as conn:
+            self._require_conversation(conn, conversation_id)
+            conn.execute(
+                "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                (title, self._now(), conversation_id),
+            )
+
+    def update_conversation_settings(
+        self,
+        conversation_id: int,
+        *,
+        system_prompt: str | None = _UNSET,
+        sampling: Mapping[str, Any] | None = _UNSET,
+        model: str = _UNSET,
+        template: str = _UNSET,
+    ) -> Conversation:
+        """Change only the settings passed; `system_prompt=None` clears it."""
+        changes = {
+            name: value
+            for name, value in (
+                ("system_prompt", system_prompt),
+                ("sampling", sampling),
+                ("model", model),
+                ("template", template),
+            )
+            if value is not _UNSET
+        }
+        if "sampling" in changes:
+            changes["sampling"] = _dump_json(changes["sampling"] or {})
+        changes["updated_at"] = self._now()
+        assignments = ", ".join(f"{name} = ?" for name in changes)  # names are fixed above
+        with self._write() as conn:
+            self._require_conversation(conn, conversation_id)
+            conn.execute(
+                f"UPDATE conversations SET {assignments} WHERE id = ?",
+                (*changes.values(), conversation_id),
+            )
+        return self.get_conversation(conversation_id)
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        """Delete a conversation and (by ON DELETE CASCADE) its messages."""
+        with self._write() as conn:
+            self._require_conversation(conn, conversation_id)
+            conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # -- messages ----------------------------------------------------------
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        status: str = "complete",
+        model: str | None = None,
+        template: str | None = None,
+        stats: Mapping[str, Any] | Any = None,
+        sampling: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append a message and return its id.
+
+        The first user message names an untitled conversation. `stats` may be
+        a mapping or a dataclass (stored as JSON).
+        """
+        _check_choice("role", role, ROLES)
+        _check_choice("status", status, STATUSES)
+        now = self._now()
+        with self._write() as conn:
+            title = self._require_conversation(conn, conversation_id)
+            seq = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()[0]
+            cursor = conn.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, created_at, "
+                "status, model, template, sampling, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, seq, role, content, now, status, model, template,
+                 _dump_json(sampling), _dump_json(stats)),
+            )
+            if role == "user" and not title:
+                title = default_title(content)
+            conn.execute(
+                "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                (title, now, conversation_id),
+            )
+        return cursor.lastrowid
+
+    def update_message(
+        self, message_id: int, content: str, status: str, stats: Mapping[str, Any] | Any = None
+    ) -> None:
+        """Replace a reply's text and status, e.g. while streaming, then to finalise.
+
+        `stats=None` keeps the stats already stored.
+        """
+        _check_choice("status", status, STATUSES)
+        now = self._now()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT conversation_id FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no message with id {message_id}")
+            conn.execute(
+                "UPDATE messages SET content = ?, status = ?, stats = COALESCE(?, stats) "
+                "WHERE id = ?",
+                (content, status, _dump_json(stats), message_id),
+            )
+            conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, row[0]))
+
+    def get_message(self, message_id: int) -> Message:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no message with id {message_id}")
+        return _message(row)
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """A conversation's messages, in the order they were added."""
+        with self._read() as conn:
+            self._require_conversation(conn, conversation_id)
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            ).fetchall()
+        return [_message(row) for row in rows]
+
+    # -- helpers -----------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with _immediate(self._conn) as conn:
+                    yield conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"could not write history database: {exc}") from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"could not read history database: {exc}") from exc
+
+    @staticmethod
+    def _require_conversation(conn: sqlite3.Connection, conversation_id: int) -> str:
+        """Return the conversation's title, or raise if there is no such conversation."""
+        row = conn.execute(
+            "SELECT title FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no conversation with id {conversation_id}")
+        return row[0]
+
+    def _now(self) -> str:
+        """UTC timestamp, strictly increasing per Store.
+
+        "Most recently active" ordering compares these strings; two writes
+        within one clock tick must still sort in the order they happened.
+        """
+        with self._lock:
+            now = _utc_now()
+            if self._last_now is not None and now <= self._last_now:
+                now = self._last_now + timedelta(microseconds=1)
+            self._last_now = now
+        return now.isoformat(timespec="microseconds")
+
+
+def default_title(content: str) -> str:
+    """A conversation title from its first user message: one line, at most TITLE_MAX_CHARS."""
+    line = " ".join(content.split())
+    if len(line) <= TITLE_MAX_CHARS:
+        return line
+    return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
+
+
+def _configure(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    # First, because the statements after it may have to wait for a lock.
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA foreign_keys = ON")  # per connection; needed for ON DELETE CASCADE
+    _enable_wal(conn, busy_timeout_ms)
+    conn.create_function("casefold", 1, _casefold, deterministic=True)
+
+
+def _enable_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    """Switch the file to WAL (a persistent mode: a no-op once done).
+
+    Switching needs an exclusive lock, and when two processes open a new
+    database at once SQLite answers "database is locked" at once rather than
+    wait in the busy handler (which could deadlock). So retry, for as long as
+    the busy timeout allows.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _looks_corrupt(path: Path, busy_timeout_ms: int) -> bool:
+    """True if the database at `path` is not SQLite or fails `PRAGMA quick_check`.
+
+    The probe is read-only: a writable connection to a corrupt file would, on
+    close, checkpoint into it and delete its -wal, and the file must be moved
+    aside exactly as it was. Failures that are not corruption (locked, no
+    permission, a hot journal to roll back) are left for the real open.
+    """
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as conn:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            return conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]
+    except sqlite3.DatabaseError as exc:
+        return _is_corruption(exc)
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """True for SQLITE_CORRUPT / SQLITE_NOTADB ("file is not a database", "malformed").
+
+    Python raises exactly DatabaseError for those; busy, locked, I/O and
+    permission errors are OperationalError and must not get a healthy
+    database moved aside.
+    """
+    return type(exc) is sqlite3.DatabaseError
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a corrupt database (and its -wal/-shm) to <name>.corrupt-<UTC time>."""
+    stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    counter = 1
+    while any(Path(f"{target}{suffix}").exists() for suffix in ("", *_SIBLING_SUFFIXES)):
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
+        counter += 1
+    try:
+        path.rename(target)
+        for suffix in _SIBLING_SUFFIXES:
+            sibling = Path(f"{path}{suffix}")
+            if sibling.exists():
+                sibling.rename(f"{target}{suffix}")
+    except OSError as exc:
+        raise StoreError(
+            f"history database {path} is corrupt and could not be moved aside: {exc}"
+        ) from exc
+    return target
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _casefold(text: str | None) -> str | None:
+    return None if text is None else text.casefold()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _dump_json(value: Mapping[str, Any] | Any) -> str | None:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.dumps(dict(value), sort_keys=True)
+
+
+def _load_json(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else json.loads(text)
+
+
+def _conversation(row: tuple) -> Conversation:
+    id_, title, created, updated, model, template, system_prompt, sampling = row
+    return Conversation(
+        id=id_,
+        title=title,
+        created_at=datetime.fromisoformat(created),
+        updated_at=datetime.fromisoformat(updated),
+        model=model,
+        template=template,
+        system_prompt=system_prompt,
+        sampling=_load_json(sampling) or {},
+    )
+
+
+def _message(row: tuple) -> Message:
+    (id_, conversation_id, seq, role, content, created, status,
+     model, template, sampling, stats) = row
+    return Message(
+        id=id_,
+        conversation_id=conversation_id,
+        seq=seq,
+        role=role,
+        content=content,
+        created_at=datetime.fromisoformat(created),
+        status=status,
+        model=model,
+        template=template,
+        sampling=_load_json(sampling),
+        stats=_load_json(stats),
+    )
