@@ -21,8 +21,10 @@ machine has available.
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
+import sys
 import stat
 import struct
 from collections.abc import Mapping
@@ -30,11 +32,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from alpaca_chat.errors import InsufficientMemoryError, InvalidModelFileError, ModelNotFoundError
 
 SUPPORTED_VERSIONS = (2, 3)
+
+
+def _gguf_constants():
+    """The `gguf` package's constants module, without the rest of the package.
+
+    `import gguf` also loads its reader, writer and numpy: ~150 ms that every
+    `alpaca-chat --prompt` would pay. constants.py needs only the stdlib.
+    """
+    name = "gguf.constants"
+    if name not in sys.modules:
+        package_dir = importlib.util.find_spec("gguf").submodule_search_locations[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(package_dir, "constants.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+gguf = _gguf_constants()
+
 KNOWN_ARCHITECTURES: tuple[str, ...] = tuple(gguf.MODEL_ARCH_NAMES.values())
 _NOT_LANGUAGE_MODELS = {"clip": "a vision projector (mmproj) file, not a language model"}
 
