@@ -28,3 +28,27 @@ def engine(default_model_path):
 
     with Engine(default_model_path, n_ctx=2048) as loaded:
         yield loaded
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(default_model_path, tmp_path_factory):
+    """A real Hugging Face checkpoint of SmolLM2-135M-Instruct, made offline.
+
+    transformers dequantizes the bundled Q4_1 GGUF; its weights go into a fresh
+    LlamaForCausalLM saved as safetensors, with the tokenizer beside it. Built
+    once per test session (about 10 s).
+    """
+    transformers = pytest.importorskip("transformers", reason="needs the convert extra")
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    kwargs = dict(gguf_file=default_model_path.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(default_model_path.parent, **kwargs)
+    model = transformers.LlamaForCausalLM(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    import torch
+
+    model = model.to(torch.bfloat16)  # bf16, as the published checkpoint
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_path.parent, **kwargs)
+    tokenizer.save_pretrained(out)
+    return out
