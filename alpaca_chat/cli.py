@@ -59,10 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog=f"{PROG} export", description="Export a saved conversation.")
+    p.add_argument("id", type=int, metavar="ID", help="conversation id (see the app's sidebar)")
+    p.add_argument("--format", choices=("md", "json"), default=None, help="md (default) or json")
+    p.add_argument("-o", "--output", metavar="PATH", help="write to PATH (atomically) instead of stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
+        if argv[:1] == ["export"]:
+            return _export(build_export_parser().parse_args(argv[1:]))
         return _run(build_parser().parse_args(argv))
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -98,9 +109,26 @@ def _run(args) -> int:
         raise UsageError("use either --continue or --conversation, not both")
     settings = _settings(args)
     if args.prompt is None and sys.stdin.isatty():
-        return _interactive(args, settings)
+        if args.plain or not sys.stdout.isatty() or os.environ.get("TERM") == "dumb":
+            return _line_mode(args, settings)
+        return _full_screen(args, settings)
     prompt, context = _read_prompt(args.prompt)
     return _one_shot(args, settings, prompt, context)
+
+
+def _export(args) -> int:
+    from alpaca_chat import export
+    from alpaca_chat.store import Store
+
+    with Store() as store:
+        if args.output:
+            fmt = args.format or export.format_for_path(args.output)
+            conversation = store.get_conversation(args.id)
+            export.write_atomic(args.output, export.render(conversation, store.messages(args.id), fmt))
+        else:
+            conversation = store.get_conversation(args.id)
+            sys.stdout.write(export.render(conversation, store.messages(args.id), args.format or "md"))
+    return 0
 
 
 def _open_session(args, settings):
@@ -115,10 +143,24 @@ def _open_session(args, settings):
     )
 
 
-def _interactive(args, settings) -> int:
+def _line_mode(args, settings) -> int:
     from alpaca_chat import repl
+    from alpaca_chat.loading import load_model
 
-    return repl.run(_open_session(args, settings))
+    return repl.run(
+        _open_session(args, settings),
+        load_model=lambda spec: load_model(spec, settings, verbose=args.verbose),
+    )
+
+
+def _full_screen(args, settings) -> int:
+    """The Textual app: the model loads inside it, so only the history is opened here."""
+    from alpaca_chat.loading import open_store, saved_conversation
+    from alpaca_chat.tui import run_app
+
+    store = open_store(not args.no_history, warn=False)
+    saved = saved_conversation(store, args.continue_last, args.conversation)
+    return run_app(settings, store, saved, verbose=args.verbose)
 
 
 def _settings(args):
@@ -198,9 +240,6 @@ def _print_error_stats(args, reply) -> None:
 
 
 def format_stats(stats) -> str:
-    return (
-        f"prompt: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), "
-        f"{stats.prompt_tokens_per_s:.1f} tok/s | "
-        f"reply: {stats.generated_tokens} tokens, {stats.generation_tokens_per_s:.1f} tok/s | "
-        f"first token: {stats.time_to_first_token_s * 1000:.0f} ms | stop: {stats.stop_reason}"
-    )
+    from alpaca_chat.commands import format_stats as describe
+
+    return describe(stats)

@@ -43,3 +43,15 @@ class EngineError(AlpacaChatError):
 
 class StoreError(AlpacaChatError):
     """The history database could not be read or written."""
+
+
+class ConversionError(AlpacaChatError):
+    """alpaca-convert could not export, quantize or evaluate a model (bad checkpoint, output...)."""
+
+
+class DataError(AlpacaChatError):
+    """Training data is missing, malformed or unusable; the message names the file and row."""
+
+
+class TrainingError(AlpacaChatError):
+    """alpaca-convert could not fine-tune or merge (bad base checkpoint, mismatched adapter...)."""

@@ -5,13 +5,30 @@ Shared by the one-shot CLI, the TUI and the line mode.
 """
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from alpaca_chat import gguf_check, models
 from alpaca_chat.config import Settings
 from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import StoreError
 from alpaca_chat.session import ChatSession
-from alpaca_chat.templates import resolve_template
+from alpaca_chat.templates import ChatTemplate, resolve_template
+
+
+@dataclass
+class LoadedModel:
+    """A loaded engine with its chat template, and how to name the model."""
+
+    engine: Any
+    template: ChatTemplate
+    label: str  # saved with a conversation: what --continue resolves again
+    name: str  # short, for display
+    quant: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name} {self.quant}" if self.quant and self.quant not in self.name else self.name
 
 
 def load_engine(model_spec: str | None, *, n_ctx: int | None, threads: int | None, verbose: bool):
@@ -34,13 +51,32 @@ def choose_template(engine, choice: str, registry_hint: str | None):
     return resolve_template(choice, engine.chat_template, engine.bos_token, engine.eos_token)
 
 
-def open_store(save_history: bool):
+def load_model(model_spec: str | None, settings: Settings, *, verbose: bool = False) -> LoadedModel:
+    """Resolve, check and load a model, and pick its chat template."""
+    engine, resolved = load_engine(model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose)
+    try:
+        template = choose_template(engine, settings.template, resolved.template)
+    except BaseException:
+        engine.close()
+        raise
+    return LoadedModel(
+        engine,
+        template,
+        # What --continue will pass back to resolve_model: a path for local files.
+        label=str(resolved.path) if resolved.source == "local" else resolved.name,
+        name=resolved.name,
+        quant=resolved.quant or models.parse_quant(resolved.path.name),
+    )
+
+
+def open_store(save_history: bool, *, warn: bool = True):
+    """The history store (None with --no-history); `warn` reports a recovered corrupt file on stderr."""
     if not save_history:
         return None
     from alpaca_chat.store import Store
 
     store = Store()
-    if store.recovered_from is not None:
+    if warn and store.recovered_from is not None:
         print(
             f"alpaca-chat: warning: the history database was corrupt; it was moved to {store.recovered_from}",
             file=sys.stderr,
@@ -62,6 +98,30 @@ def saved_conversation(store, continue_last: bool, conversation_id: int | None):
     return conversation
 
 
+def kept_rows(rows) -> list:
+    """The saved messages a conversation resumes with: not system rows nor empty replies."""
+    return [m for m in rows if m.role != "system" and (m.content or m.role == "user")]
+
+
+def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None) -> ChatSession:
+    """A session on a loaded model: a new conversation, or `saved` with its settings restored."""
+    history, sampling, system = [], settings.sampling, settings.system
+    if saved is not None:
+        history = [Message(m.role, m.content) for m in kept_rows(store.messages(saved.id))]
+        sampling = SamplingParams.from_dict({**(saved.sampling or {}), **_explicit_sampling(settings)})
+        system = settings.system if settings.system is not None else saved.system_prompt
+    return ChatSession(
+        loaded.engine,
+        loaded.template,
+        model_label=loaded.label,
+        sampling=sampling,
+        system_prompt=system,
+        store=store,
+        conversation_id=saved.id if saved else None,
+        history=history,
+    )
+
+
 def open_session(
     settings: Settings,
     *,
@@ -72,25 +132,8 @@ def open_session(
 ) -> ChatSession:
     store = open_store(save_history)
     saved = saved_conversation(store, continue_last, conversation_id)
-    model_spec = settings.model or (saved.model if saved else None)
-    engine, resolved = load_engine(model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose)
-    template = choose_template(engine, settings.template, resolved.template)
-    history, sampling, system = [], settings.sampling, settings.system
-    if saved is not None:
-        history = [Message(m.role, m.content) for m in store.messages(saved.id) if m.content or m.role == "user"]
-        sampling = SamplingParams.from_dict({**(saved.sampling or {}), **_explicit_sampling(settings)})
-        system = settings.system if settings.system is not None else saved.system_prompt
-    return ChatSession(
-        engine,
-        template,
-        # What --continue will pass back to resolve_model: a path for local files.
-        model_label=str(resolved.path) if resolved.source == "local" else resolved.name,
-        sampling=sampling,
-        system_prompt=system,
-        store=store,
-        conversation_id=saved.id if saved else None,
-        history=history,
-    )
+    loaded = load_model(settings.model or (saved.model if saved else None), settings, verbose=verbose)
+    return new_session(loaded, settings, store, saved)
 
 
 def _explicit_sampling(settings: Settings) -> dict:

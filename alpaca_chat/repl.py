@@ -1,59 +1,39 @@
 """Line mode: a prompt-toolkit REPL for dumb terminals, screen readers and slow SSH.
 
 Replies stream as plain text. Ctrl+C during a reply stops it (the partial reply
-is kept and saved); Ctrl+C or Ctrl+D at an empty prompt exits.
+is kept and saved); Ctrl+C or Ctrl+D at the prompt exits.
 """
 
 import sys
 import threading
 
 from alpaca_chat import paths
+from alpaca_chat.commands import command_lines, format_sampling, format_stats, is_command, parse_command
+from alpaca_chat.commands import parse_set  # noqa: F401 - re-exported: `/set` parsing lives in commands
 from alpaca_chat.errors import AlpacaChatError, UsageError
 
-HELP = """\
-Commands:
-  /help              this help
-  /new               start a new conversation
-  /system TEXT       set the system prompt (empty TEXT clears it)
-  /set NAME VALUE    sampling: temp, top_p, top_k, min_p, repeat_penalty, seed, max_tokens
-  /stats             stats of the last reply
-  /clear             clear the screen
-  /exit              quit (or Ctrl+D)
-Enter sends; Esc then Enter (or Alt+Enter) inserts a newline."""
-
-SET_NAMES = {
-    "temp": ("temperature", float), "temperature": ("temperature", float),
-    "top_p": ("top_p", float), "top-p": ("top_p", float),
-    "top_k": ("top_k", int), "top-k": ("top_k", int),
-    "min_p": ("min_p", float), "min-p": ("min_p", float),
-    "repeat_penalty": ("repeat_penalty", float), "repeat-penalty": ("repeat_penalty", float),
-    "seed": ("seed", int), "max_tokens": ("max_tokens", int), "max-tokens": ("max_tokens", int),
-}
-
-
-def parse_set(args: str) -> dict:
-    """'/set temp 0.7' -> {'temperature': 0.7}; UsageError on anything else."""
-    parts = args.split()
-    if len(parts) != 2 or parts[0].lower() not in SET_NAMES:
-        raise UsageError(f"usage: /set NAME VALUE, NAME one of {', '.join(sorted(set(SET_NAMES)))}")
-    name, kind = SET_NAMES[parts[0].lower()]
-    try:
-        return {name: kind(parts[1])}
-    except ValueError:
-        raise UsageError(f"/set {parts[0]}: {parts[1]!r} is not a valid {kind.__name__}") from None
+HELP = (
+    "Commands:\n"
+    + "\n".join(f"  {usage:<20} {text}" for usage, text in command_lines())
+    + "\nEnter sends; Esc then Enter (or Alt+Enter) inserts a newline. Start a message with // to send a leading /."
+    + "\nCtrl+C stops a reply; Ctrl+C or Ctrl+D at the prompt quits."
+)
 
 
 class LineChat:
-    def __init__(self, session, output=sys.stdout):
+    """The commands and the streaming of one line-mode chat; `run` adds the prompt."""
+
+    def __init__(self, session, output=sys.stdout, *, load_model=None):
         self.session = session
         self.out = output
         self.last_stats = None
+        # (spec) -> LoadedModel, for /model; None: /model is not available.
+        self.load_model = load_model
 
     def handle_command(self, line: str) -> bool:
         """Run a slash command; return False when the user asked to quit."""
-        name, _, args = line[1:].partition(" ")
-        name = name.lower()
-        if name in ("exit", "quit", "q"):
+        name, args = parse_command(line)
+        if name == "exit":
             return False
         if name == "help":
             self._say(HELP)
@@ -61,19 +41,22 @@ class LineChat:
             self.session.start_new()
             self._say("(new conversation)")
         elif name == "system":
-            self.session.set_system_prompt(args.strip() or None)
-            self._say("(system prompt set)" if args.strip() else "(system prompt cleared)")
+            self.session.set_system_prompt(args or None)
+            self._save_settings()
+            self._say("(system prompt set)" if args else "(system prompt cleared)")
         elif name == "set":
             self.session.sampling = self.session.sampling.with_changes(**parse_set(args))
-            self._say(f"({', '.join(f'{k}={v}' for k, v in self.session.sampling.to_dict().items())})")
+            self._save_settings()
+            self._say(f"({format_sampling(self.session.sampling)})")
+        elif name == "model":
+            self._switch_model(args)
         elif name == "stats":
-            from alpaca_chat.cli import format_stats
-
             self._say(format_stats(self.last_stats) if self.last_stats else "(no reply yet)")
+        elif name == "export":
+            self._export(args)
         elif name == "clear":
             self.out.write("\033[2J\033[H")
-        else:
-            raise UsageError(f"unknown command /{name} (try /help)")
+            self.out.flush()
         return True
 
     def reply_to(self, text: str) -> None:
@@ -84,27 +67,57 @@ class LineChat:
                 self.out.write(delta)
                 self.out.flush()
         except KeyboardInterrupt:
-            reply.deltas.close()
+            reply.deltas.close()  # saves the partial reply, marked stopped
             self.out.write(" [stopped]")
         self.out.write("\n")
+        self.out.flush()
         self.last_stats = reply.stats
         if reply.dropped:
             self._say(f"({len(reply.dropped)} old message(s) no longer fit the context; the model forgot them)")
+
+    def _switch_model(self, spec: str) -> None:
+        if not spec:
+            raise UsageError("usage: /model NAME_OR_PATH")
+        if self.load_model is None:
+            raise UsageError("/model is not available here")
+        self._say(f"(loading {spec}...)")
+        loaded = self.load_model(spec)
+        old = self.session.engine
+        self.session.switch_model(loaded.engine, loaded.template, loaded.label)
+        if old is not loaded.engine and hasattr(old, "close"):
+            old.close()
+        self._say(f"(now chatting with {loaded.display_name})")
+
+    def _export(self, path: str) -> None:
+        from alpaca_chat.export import export_conversation
+
+        if self.session.store is None or self.session.conversation_id is None:
+            raise UsageError("nothing to export yet (or history is off)")
+        written = export_conversation(self.session.store, self.session.conversation_id, path or None)
+        self._say(f"(saved to {written})")
+
+    def _save_settings(self) -> None:
+        save = getattr(self.session, "save_settings", None)
+        if save is not None:
+            save()
 
     def _say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
 
-def run(session) -> int:
+def run(session, *, load_model=None) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
     history_file = paths.data_dir() / "input_history"
     history_file.parent.mkdir(parents=True, exist_ok=True)
     prompt = PromptSession(history=FileHistory(str(history_file)))
-    chat = LineChat(session)
+    chat = LineChat(session, load_model=load_model)
     chat._say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
+    for message in session.messages:
+        if message.role != "system":
+            chat._say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
     while True:
         try:
             line = prompt.prompt(">>> ")
@@ -113,10 +126,10 @@ def run(session) -> int:
         if not line.strip():
             continue
         try:
-            if line.startswith("/"):
+            if is_command(line):
                 if not chat.handle_command(line.strip()):
                     return 0
             else:
-                chat.reply_to(line)
+                chat.reply_to(line[1:] if line.startswith("//") else line)
         except AlpacaChatError as exc:
             chat._say(f"error: {exc}")

@@ -76,6 +76,44 @@ class ChatSession:
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self.engine.tokenize(self.template.render(messages)))
 
+    def context_tokens(self) -> int:
+        """Tokens the conversation still in the model's memory takes, before a reply."""
+        in_memory = self._in_memory()
+        return self.count_prompt_tokens(in_memory) if in_memory else 0
+
+    def rewind(self) -> Message | None:
+        """Take back the last exchange, to regenerate it or to edit the message.
+
+        Removes the last user message and everything after it, here and in the
+        store, and returns that message (None when there is none).
+        """
+        last_user = next((i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i].role == "user"), None)
+        if last_user is None:
+            return None
+        user = self.messages[last_user]
+        del self.messages[last_user:]
+        self.memory_start = min(self.memory_start, sum(m.role != "system" for m in self.messages))
+        if self.store is not None and self.conversation_id is not None:
+            self.store.delete_last_turn(self.conversation_id)
+        return user
+
+    def switch_model(self, engine: Engine, template: ChatTemplate, model_label: str) -> None:
+        """Carry on the conversation with another model (the caller closes the old engine)."""
+        self.engine, self.template, self.model_label = engine, template, model_label
+        self.save_settings()
+
+    def save_settings(self) -> None:
+        """Write the system prompt, sampling, model and template to the saved conversation."""
+        if self.store is None or self.conversation_id is None:
+            return
+        self.store.update_conversation_settings(
+            self.conversation_id,
+            system_prompt=self.system_prompt,
+            sampling=self.sampling.to_dict(),
+            model=self.model_label,
+            template=self.template.name,
+        )
+
     def send(self, text: str, *, input: str = "", cancel: threading.Event | None = None) -> Reply:
         """Add a user message and start the reply (saved as it streams)."""
         user = Message("user", text, input=input)

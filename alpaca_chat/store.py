@@ -427,6 +427,27 @@ class Store:
             )
             conn.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, row[0]))
 
+    def delete_last_turn(self, conversation_id: int) -> int:
+        """Delete the last user message and everything after it; return how many rows went.
+
+        Used to regenerate a reply or to edit the last message and send it again.
+        """
+        with self._write() as conn:
+            self._require_conversation(conn, conversation_id)
+            (seq,) = conn.execute(
+                "SELECT MAX(seq) FROM messages WHERE conversation_id = ? AND role = 'user'",
+                (conversation_id,),
+            ).fetchone()
+            if seq is None:
+                return 0
+            cursor = conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND seq >= ?", (conversation_id, seq)
+            )
+            conn.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (self._now(), conversation_id)
+            )
+        return cursor.rowcount
+
     def get_message(self, message_id: int) -> Message:
         with self._read() as conn:
             row = conn.execute(

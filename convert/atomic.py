@@ -1,0 +1,84 @@
+"""Write an output file atomically: to a temp file beside it, renamed at the end.
+
+A crash, Ctrl+C or a full disk leaves the destination untouched (no partial
+`.gguf` that llama.cpp would later choke on): the temp file is removed on any
+exception and only a complete file is renamed into place with `os.replace`.
+"""
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alpaca_chat.errors import ConversionError
+
+
+class OutputError(ConversionError):
+    """The output file cannot be written (missing directory, permissions, full disk)."""
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any long work, if `path` cannot be created."""
+    parent = path.parent
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if not parent.exists():
+        raise OutputError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: permission denied in {parent}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path in the destination's directory; rename it to `path` on success."""
+    final = Path(path)
+    check_writable(final)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
+    except OSError as exc:
+        raise _output_error(final, exc) from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno in _DISK_ERRORS:
+            raise _output_error(final, exc) from exc
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _output_error(final: Path, exc: OSError) -> OutputError:
+    reason = _DISK_ERRORS.get(exc.errno) or exc.strerror or str(exc)
+    return OutputError(f"cannot write {final}: {reason}")
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,372 @@
+"""How much a quantized GGUF differs from its reference (F16), measured on text.
+
+The measures are those of llama.cpp's `llama-perplexity --kl-divergence`:
+the text is tokenized with the reference's vocabulary and cut into chunks of
+`ctx` tokens (the first one replaced by BOS when the model adds one). Both
+models evaluate each chunk; only the second half of a chunk is scored, so
+every scored token has at least ctx/2 tokens of context. Over the scored
+tokens we report:
+
+- perplexity of each model: exp(mean negative log-likelihood of the next token);
+- mean KL divergence KL(reference || model) between the next-token distributions;
+- top-1 agreement: how often both models rank the same token first.
+
+A text shorter than two chunks is scored as one chunk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from alpaca_chat import gguf_check
+from alpaca_chat.errors import ConversionError
+
+DEFAULT_CTX = 512
+
+
+class EvaluationError(ConversionError):
+    """The models cannot be compared (different vocabularies, text too short, llama.cpp failure)."""
+
+
+def sample_text() -> str:
+    """The built-in evaluation text: English prose, Q&A, a table and a little Python."""
+    return resources.files("convert").joinpath("eval_sample.txt").read_text(encoding="utf-8")
+
+
+# -- llama.cpp: logits for every position ----------------------------------------
+
+
+class LogitsModel:
+    """A GGUF loaded in llama.cpp, returning the logits of every position of a sequence."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int = DEFAULT_CTX,
+        threads: int | None = None,
+        exact: bool = False,
+    ):
+        import llama_cpp
+
+        from convert import llama_log
+
+        self._lib = llama_cpp
+        llama_log.install()
+        llama_cpp.llama_backend_init()
+        self.path = Path(path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise EvaluationError(f"llama.cpp could not load {self.path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx = n_ctx
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_threads = cparams.n_threads_batch = threads or _cores()
+        cparams.no_perf = True
+        if exact:
+            # For comparisons at F32 precision: llama.cpp's default KV cache and its CPU
+            # flash-attention kernel both round to F16.
+            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EvaluationError(f"llama.cpp could not create a {n_ctx}-token context for {self.path}")
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def bos(self) -> int:
+        return self._lib.llama_vocab_bos(self._vocab)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        tokens = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if n < 0:
+            raise EvaluationError(f"tokenization failed ({n})")
+        return list(tokens[:n])
+
+    def logits(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
+        """float32 [len(tokens) - start, n_vocab]: next-token logits after each prefix from `start` on.
+
+        Only the rows asked for are computed: the output projection over the
+        whole vocabulary is a large part of the cost.
+        """
+        if not 0 <= start < len(tokens) <= self.n_ctx:
+            raise EvaluationError(f"cannot evaluate {len(tokens)} tokens in a {self.n_ctx}-token context")
+        lib, batch = self._lib, self._batch
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i >= start
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EvaluationError(f"llama.cpp failed to evaluate {self.path.name} (llama_decode returned {status})")
+        pointer = lib.llama_get_logits(self._ctx)
+        n_rows = len(tokens) - start
+        flat = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_rows * self.n_vocab,))
+        return flat.reshape(n_rows, self.n_vocab).copy()
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self._lib.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _cores() -> int:
+    from alpaca_chat.engine import physical_cores
+
+    return physical_cores()
+
+
+# -- the measures ------------------------------------------------------------------
+
+
+@dataclass
+class _Totals:
+    n: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kld: float = 0.0
+    kld_sq: float = 0.0
+    kld_max: float = 0.0
+    same_top: int = 0
+
+    def add(self, ref_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+        for start in range(0, len(targets), 64):  # bounded float64 temporaries
+            stop = start + 64
+            ref_lp = _log_softmax(ref_logits[start:stop])
+            lp = _log_softmax(logits[start:stop])
+            rows = np.arange(len(ref_lp))
+            t = targets[start:stop]
+            kld = np.sum(np.exp(ref_lp) * (ref_lp - lp), axis=-1).clip(min=0.0)
+            self.n += len(t)
+            self.nll -= float(lp[rows, t].sum())
+            self.ref_nll -= float(ref_lp[rows, t].sum())
+            self.kld += float(kld.sum())
+            self.kld_sq += float((kld**2).sum())
+            self.kld_max = max(self.kld_max, float(kld.max()))
+            self.same_top += int((ref_lp.argmax(-1) == lp.argmax(-1)).sum())
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    model: Path
+    reference: Path
+    n_tokens: int  # scored tokens
+    perplexity: float
+    reference_perplexity: float
+    kl_divergence: float  # mean KL(reference || model), nats
+    kl_divergence_stderr: float
+    kl_divergence_max: float
+    top1_agreement: float  # 0..1
+    size_bytes: int
+    n_params: int
+    label: str = ""  # e.g. the quant type
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.size_bytes * 8 / self.n_params if self.n_params else float("nan")
+
+    def summary(self) -> str:
+        """The one-line quality report printed after a quantization."""
+        return (
+            f"KL divergence {self.kl_divergence:.5f}, top-1 agreement {self.top1_agreement:.1%}, "
+            f"perplexity {self.perplexity:.3f} (reference {self.reference_perplexity:.3f}) "
+            f"over {self.n_tokens} tokens"
+        )
+
+
+def compare(
+    model: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    text: str | None = None,
+    *,
+    ctx: int = DEFAULT_CTX,
+    max_chunks: int | None = None,
+    threads: int | None = None,
+    label: str = "",
+) -> QualityReport:
+    """Perplexity, KL divergence and top-1 agreement of `model` against `reference`."""
+    model, reference = Path(model), Path(reference)
+    info = gguf_check.check_gguf(model)
+    gguf_check.check_gguf(reference)
+    text = sample_text() if text is None else text
+    totals = _Totals()
+    # Both models are loaded at once (memory-mapped): each chunk is compared as it is evaluated.
+    with (
+        LogitsModel(reference, n_ctx=ctx, threads=threads) as ref,
+        LogitsModel(model, n_ctx=ctx, threads=threads) as quant,
+    ):
+        if ref.n_vocab != quant.n_vocab:
+            raise EvaluationError(
+                f"{model.name} and {reference.name} have different vocabularies ({quant.n_vocab} vs {ref.n_vocab} tokens)"
+            )
+        for chunk in _chunks(ref.tokenize(text), ctx, ref.bos if ref.add_bos else None, max_chunks):
+            first = len(chunk) // 2 if len(chunk) > 8 else 0
+            targets = np.asarray(chunk[first + 1 :])
+            totals.add(ref.logits(chunk, first)[:-1], quant.logits(chunk, first)[:-1], targets)
+    if totals.n == 0:
+        raise EvaluationError("the evaluation text is too short (it must be at least a few tokens)")
+    mean = totals.kld / totals.n
+    variance = max(totals.kld_sq / totals.n - mean * mean, 0.0)
+    return QualityReport(
+        model=model,
+        reference=reference,
+        n_tokens=totals.n,
+        perplexity=math.exp(totals.nll / totals.n),
+        reference_perplexity=math.exp(totals.ref_nll / totals.n),
+        kl_divergence=mean,
+        kl_divergence_stderr=math.sqrt(variance / max(totals.n - 1, 1)),
+        kl_divergence_max=totals.kld_max,
+        top1_agreement=totals.same_top / totals.n,
+        size_bytes=model.stat().st_size,
+        n_params=info.n_params,
+        label=label,
+    )
+
+
+def _chunks(tokens: list[int], ctx: int, bos: int | None, max_chunks: int | None) -> list[list[int]]:
+    if len(tokens) < 2 * ctx:
+        chunks = [tokens[:ctx]]
+    else:
+        chunks = [tokens[i : i + ctx] for i in range(0, len(tokens) - ctx + 1, ctx)]
+    if bos is not None:
+        chunks = [[bos, *chunk[1:]] for chunk in chunks]
+    return chunks[:max_chunks] if max_chunks else chunks
+
+
+# -- the ladder: one reference, several quant types --------------------------------
+
+
+@dataclass
+class LadderRow:
+    label: str
+    report: QualityReport
+
+
+@dataclass
+class Ladder:
+    reference: Path
+    reference_size: int
+    reference_perplexity: float
+    rows: list[LadderRow] = field(default_factory=list)
+
+
+def ladder(
+    reference: str | os.PathLike[str],
+    quant_types: Sequence[str],
+    text: str | None = None,
+    *,
+    ctx: int = DEFAULT_CTX,
+    max_chunks: int | None = None,
+    imatrix: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    on_row: Callable[[LadderRow], None] | None = None,
+) -> Ladder:
+    """Quantize `reference` to each type (in a temp dir, deleted after) and measure each."""
+    from convert.quantize import parse_quant_type, quantize
+
+    reference = Path(reference)
+    gguf_check.check_gguf(reference)
+    types = [parse_quant_type(t) for t in quant_types]  # fail on a typo before any work
+    result = Ladder(reference, reference.stat().st_size, float("nan"))
+    with tempfile.TemporaryDirectory(prefix="alpaca-ladder-", dir=reference.parent) as tmp:
+        for qtype in types:
+            out = Path(tmp) / f"{reference.stem}.{qtype.name}.gguf"
+            quantize(reference, out, qtype.name, imatrix=imatrix, threads=threads)
+            report = compare(out, reference, text, ctx=ctx, max_chunks=max_chunks, threads=threads, label=qtype.name)
+            out.unlink()
+            row = LadderRow(qtype.name, report)
+            result.rows.append(row)
+            result.reference_perplexity = report.reference_perplexity
+            if on_row is not None:
+                on_row(row)
+    return result
+
+
+def format_table(reports: Sequence[QualityReport], reference_size: int | None = None) -> str:
+    header = f"{'type':<10} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>8} {'KLD':>9} {'top-1':>7}"
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        lines.append(
+            f"{r.label or r.model.name:<10} {_mib(r.size_bytes):>10} {r.bits_per_weight:>6.2f} "
+            f"{r.perplexity:>9.3f} {r.perplexity - r.reference_perplexity:>+8.3f} "
+            f"{r.kl_divergence:>9.5f} {r.top1_agreement:>7.1%}"
+        )
+    if reports:
+        ref = reports[0]
+        size = f", {_mib(reference_size)}" if reference_size else ""
+        lines.append(f"reference {ref.reference.name}{size}: PPL {ref.reference_perplexity:.3f}")
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def plot_ladder(result: Ladder, png: str | os.PathLike[str]) -> Path:
+    """Size vs KL divergence, one labelled point per quant type, as a PNG (written atomically)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise ConversionError("the plot needs matplotlib (pip install 'alpaca-chat[convert]')") from None
+    from convert.atomic import atomic_output
+
+    rows = sorted(result.rows, key=lambda r: r.report.size_bytes)
+    sizes = [r.report.size_bytes / 2**20 for r in rows]
+    klds = [max(r.report.kl_divergence, 1e-6) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(sizes, klds, "o-", color="#1f6feb")
+    for size, kld, row in zip(sizes, klds, rows):
+        ax.annotate(row.label, (size, kld), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel(f"mean KL divergence vs {result.reference.name}")
+    ax.set_title("Quantization ladder: size vs quality")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png

@@ -1,0 +1,84 @@
+"""Llama family: Llama 2/3, SmolLM, TinyLlama (and Mistral, which subclasses it).
+
+Two things differ from the shared base:
+- llama.cpp applies rotary embeddings to adjacent pairs of each head's
+  dimensions, Hugging Face to its two halves, so q and k rows are permuted
+  (per head, per KV head for k under GQA) to keep the same model;
+- Llama 3.1's "llama3" rope scaling becomes a `rope_freqs` tensor of
+  per-frequency divisors, computed from the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import gguf
+import numpy as np
+
+from convert.export.base import ArchModel, register
+
+
+@register("LlamaForCausalLM")
+class LlamaModel(ArchModel):
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
+
+    def set_parameters(self, writer: gguf.GGUFWriter) -> None:
+        super().set_parameters(writer)
+        writer.add_vocab_size(int(self.hparams["vocab_size"]))
+        writer.add_rope_dimension_count(self.head_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hparams.get("head_dim") or self.hparams["hidden_size"] // self.n_head)
+
+    def modify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return permute_rope_rows(data, self.n_head)
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return permute_rope_rows(data, self.n_head_kv)
+        return data
+
+    def extra_rope_types(self) -> tuple[str, ...]:
+        return ("llama3",)
+
+    def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
+        rope = self.rope
+        if (rope.get("rope_type") or "").lower() == "llama3":
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            yield name, llama3_rope_factors(rope, self.head_dim)
+
+
+def permute_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from (half, half) to interleaved pairs; shape is kept."""
+    rows = data.shape[0]
+    return (
+        data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(data.shape)
+    )
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rope scaling (long wavelengths slowed by `factor`)."""
+    base = float(rope.get("rope_theta") or 10000.0)
+    factor = float(rope.get("factor", 8.0))
+    low_freq_factor = float(rope.get("low_freq_factor", 1.0))
+    high_freq_factor = float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    freqs = 1.0 / (np.float32(base) ** exponents)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)

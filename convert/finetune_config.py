@@ -1,0 +1,102 @@
+"""What `alpaca-convert finetune` takes: its settings and the LoRA defaults per architecture.
+
+Plain data, no torch: the command line builds its flags from `FinetuneConfig`
+(help text included) without loading the training stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...] | str  # or "all-linear": every linear layer but the output head
+
+
+# LoRA defaults by `model_type`. Every linear projection of attention and MLP is
+# adapted (QLoRA's finding: which layers matters more than r); a mixture of
+# experts adapts attention only, or each expert would carry its own adapter.
+# r=16, alpha=32 (scale 2) and dropout 0.05 are the common LoRA recipe for
+# instruction tuning. Anything not listed gets LORA_FALLBACK.
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NEOX_LIKE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_DEFAULTS: dict[str, LoraSettings] = {
+    "llama": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "mistral": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "mixtral": LoraSettings(16, 32, 0.05, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "qwen2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "qwen3": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "gemma": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "gemma2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "gemma3_text": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "granite": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "olmo2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "smollm3": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "phi3": LoraSettings(16, 32, 0.05, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "phi": LoraSettings(16, 32, 0.05, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+    "gpt2": LoraSettings(16, 32, 0.05, ("c_attn", "c_proj", "c_fc")),
+    "gpt_neox": LoraSettings(16, 32, 0.05, _NEOX_LIKE),
+    "falcon": LoraSettings(16, 32, 0.05, _NEOX_LIKE),
+}
+LORA_FALLBACK = LoraSettings(16, 32, 0.05, "all-linear")
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `alpaca-convert finetune` takes; the help text is the flag's."""
+
+    base: str = field(metadata={"help": "base model: a Hugging Face directory or hub id", "metavar": "DIR|ID"})
+    data: str = field(
+        metadata={"help": "Alpaca JSON/JSONL, a `datasets` directory, a hub dataset id, or chat data", "metavar": "DATA"}
+    )
+    out: Path = field(metadata={"help": "output directory for the adapter, metrics and checkpoints", "metavar": "DIR"})
+    val_data: str | None = field(
+        default=None, metadata={"help": "validation data (default: hold out --val-size of --data)", "metavar": "DATA"}
+    )
+    val_size: float = field(default=0.1, metadata={"help": "rows held out for eval loss: a fraction below 1, or a count"})
+    max_length: int = field(default=512, metadata={"help": "longest example in tokens; longer ones are truncated"})
+    train_on_inputs: bool = field(default=False, metadata={"help": "also take loss on the prompt, not only the response"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training data (ignored with --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "learning rate schedule: cosine, linear, constant..."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming the learning rate up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch (packed into one row)"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default: per architecture, 16)"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: per architecture, 32)"})
+    lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (default: per architecture, 0.05)"})
+    target_modules: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "modules to adapt (default: per architecture; 'all-linear' for all)"}
+    )
+    seed: int = field(default=42, metadata={"help": "random seed: the same seed gives the same adapter"})
+    save_steps: int = field(default=50, metadata={"help": "save a checkpoint every N steps"})
+    eval_steps: int | None = field(default=None, metadata={"help": "eval loss every N steps (default: 5 times a run)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last checkpoint"})
+
+    def run_settings(self) -> dict:
+        """What must match for --resume to continue a run (all but where and whether to resume)."""
+        settings = asdict(self)
+        for name in ("out", "resume"):
+            settings.pop(name)
+        settings["target_modules"] = list(self.target_modules) if self.target_modules else None
+        return settings
+
+
+def lora_settings(model_type: str, config: FinetuneConfig) -> LoraSettings:
+    """The architecture's defaults, with the config's overrides on top."""
+    default = LORA_DEFAULTS.get(model_type, LORA_FALLBACK)
+    targets = config.target_modules or default.target_modules
+    return LoraSettings(
+        r=config.lora_r or default.r,
+        alpha=config.lora_alpha or default.alpha,
+        dropout=default.dropout if config.lora_dropout is None else config.lora_dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else targets,
+    )

@@ -1,0 +1,375 @@
+"""finetune -> merge -> export -> quantize -> eval, as one resumable command.
+
+    run_pipeline(PipelineOptions(finetune=FinetuneConfig(..., out=DIR), quants=("Q4_K_M",)))
+
+Every step writes its artifact under DIR and a manifest in DIR/manifests/STEP.json:
+its inputs with their sha256, its settings, its outputs with their sha256,
+and whether it finished. Running the pipeline again skips a step whose inputs,
+settings and outputs are unchanged, redoes one whose inputs changed (and so
+everything after it), and resumes a fine-tune that was interrupted from its
+last checkpoint. Hashes are cached by (path, size, mtime), so a re-run does
+not read gigabytes again.
+
+    DIR/adapter/                  the LoRA adapter, metrics.json, loss.png (finetune)
+    DIR/merged/                   the merged checkpoint (merge)
+    DIR/gguf/NAME.F16.gguf        the unquantized GGUF (export)
+    DIR/gguf/NAME.Q4_K_M.gguf     one per quantization type (quantize)
+    DIR/eval.json                 eval losses and quantization quality (eval)
+    DIR/summary.txt               what the last run printed
+
+Export, quantization and the quality measure are the converter's
+(`convert.export`, `convert.quantize`, `convert.evaluate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from alpaca_chat import __version__
+from convert import finetune as ft
+from convert.atomic import atomic_output
+
+MANIFESTS = "manifests"
+HASH_CACHE = ".hash-cache.json"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    finetune: ft.FinetuneConfig  # its `out` is the pipeline's directory
+    quants: tuple[str, ...] = ("Q4_K_M",)
+    merge_dtype: str = "auto"
+    evaluate: bool = True
+    export_type: str = "f16"
+
+    @property
+    def out(self) -> Path:
+        return Path(self.finetune.out)
+
+    @property
+    def name(self) -> str:
+        return f"{Path(str(self.finetune.base).rstrip('/')).name}-alpaca"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.out / "adapter"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.out / "merged"
+
+    @property
+    def exported(self) -> Path:
+        return self.out / "gguf" / f"{self.name}.{self.export_type.upper()}.gguf"
+
+    def quantized(self, qtype: str) -> Path:
+        return self.out / "gguf" / f"{self.name}.{qtype}.gguf"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.out / "eval.json"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: what it reads, how it is set, what it writes, and how to do it."""
+
+    name: str
+    inputs: dict[str, Path | str]  # a path is hashed; a string (a hub id) is taken as is
+    settings: dict
+    outputs: tuple[Path, ...]
+    run: Callable[[bool], dict]  # resume? -> facts for the summary
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    skipped: bool
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    options: PipelineOptions
+    steps: list[StepOutcome]
+
+    def step(self, name: str) -> StepOutcome | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    @property
+    def chat_model(self) -> Path:
+        return self.options.quantized(self.options.quants[0])
+
+    @property
+    def chat_command(self) -> str:
+        return f"alpaca-chat --model {self.chat_model.resolve()}"
+
+    def format(self) -> str:
+        lines = [f"pipeline in {self.options.out}:"]
+        for s in self.steps:
+            lines.append(f"  {s.name:<18} {'up to date, skipped' if s.skipped else f'done in {s.seconds:.1f} s'}")
+        lines.append("files:")
+        for path in self._files():
+            lines.append(f"  {_size(path):>10}  {path}")
+        trained = self.step("finetune").info
+        if trained.get("base_eval_loss") is not None:
+            lines.append(
+                f"eval loss on {trained['val_rows']} held-out rows: {trained['base_eval_loss']:.4f} (base) -> "
+                f"{trained['final_eval_loss']:.4f} (fine-tuned)"
+            )
+        evaluation = self.step("eval")
+        lines.extend(evaluation.info.get("quality", []) if evaluation else [])
+        lines.append("chat with it:")
+        lines.append(f"  {self.chat_command}")
+        return "\n".join(lines)
+
+    def _files(self) -> list[Path]:
+        o = self.options
+        files = [o.adapter_dir / "adapter_model.safetensors", *sorted(o.merged_dir.glob("*.safetensors")), o.exported]
+        return [p for p in (*files, *(o.quantized(q) for q in o.quants)) if p.exists()]
+
+
+# -- running -----------------------------------------------------------------------------
+
+
+def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = lambda line: None) -> Summary:
+    from convert.quantize import parse_quant_type
+
+    for qtype in options.quants:
+        parse_quant_type(qtype)  # an unknown type fails now, not after the fine-tune
+    options.out.mkdir(parents=True, exist_ok=True)
+    hasher = Hasher(options.out / MANIFESTS / HASH_CACHE)
+    base = ft.resolve_base(options.finetune.base)
+    outcomes = []
+    for step in build_steps(options, base):
+        outcomes.append(run_step(step, options.out, hasher, report))
+        hasher.save()
+    summary = Summary(options, outcomes)
+    text = summary.format()
+    with atomic_output(options.out / "summary.txt") as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return summary
+
+
+def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
+    config = options.finetune
+    adapter = options.adapter_dir
+    adapter_files = [adapter / name for name in (*ft.ADAPTER_FILES, ft.TRAINING_FILE)]
+    data_inputs = {"data": _input(config.data)}
+    if config.val_data:
+        data_inputs["val_data"] = _input(config.val_data)
+    steps = [
+        Step(
+            "finetune",
+            {"base": base, **data_inputs},
+            {k: v for k, v in config.run_settings().items() if k not in ("base", "data", "val_data")},
+            (*adapter_files, adapter / ft.METRICS_FILE),
+            lambda resume: _finetune(options, resume),
+        ),
+        Step(
+            "merge",
+            {"base": base, **{f"adapter/{p.name}": p for p in adapter_files}},
+            {"dtype": options.merge_dtype},
+            (options.merged_dir,),
+            lambda resume: _merge(options, base),
+        ),
+        Step(
+            "export",
+            {"merged": options.merged_dir},
+            {"outtype": options.export_type},
+            (options.exported,),
+            lambda resume: _export(options),
+        ),
+    ]
+    for qtype in options.quants:
+        steps.append(
+            Step(
+                f"quantize {qtype}",
+                {"source": options.exported},
+                {"type": qtype},
+                (options.quantized(qtype),),
+                lambda resume, qtype=qtype: _quantize(options, qtype),
+            )
+        )
+    if options.evaluate:
+        steps.append(
+            Step(
+                "eval",
+                {"metrics": adapter / ft.METRICS_FILE, "reference": options.exported}
+                | {qtype: options.quantized(qtype) for qtype in options.quants},
+                {"quants": list(options.quants)},
+                (options.eval_file,),
+                lambda resume: _evaluate(options),
+            )
+        )
+    return steps
+
+
+def run_step(step: Step, out: Path, hasher: Hasher, report: Callable[[str], None]) -> StepOutcome:
+    manifest_file = out / MANIFESTS / f"{_slug(step.name)}.json"
+    inputs = {name: _describe(value, hasher) for name, value in step.inputs.items()}
+    previous = _read_json(manifest_file)
+    same = previous is not None and previous.get("inputs") == inputs and previous.get("settings") == step.settings
+    if same and previous.get("status") == "done" and _outputs_intact(previous, out, hasher):
+        report(f"{step.name}: up to date, skipped")
+        return StepOutcome(step.name, True, 0.0, previous.get("info") or {})
+    resume = same and previous.get("status") == "running"
+    report(f"{step.name}: {'resuming' if resume else 'running'}")
+    manifest = {"step": step.name, "version": __version__, "status": "running", "inputs": inputs, "settings": step.settings}
+    _write_json(manifest_file, manifest)
+    started = time.perf_counter()
+    info = step.run(resume)
+    seconds = time.perf_counter() - started
+    outputs = {str(p.relative_to(out)): _describe(p, hasher) for p in step.outputs}
+    _write_json(manifest_file, {**manifest, "status": "done", "outputs": outputs, "seconds": seconds, "info": info})
+    report(f"{step.name}: done in {seconds:.1f} s")
+    return StepOutcome(step.name, False, seconds, info)
+
+
+def _outputs_intact(manifest: dict, out: Path, hasher: Hasher) -> bool:
+    recorded = manifest.get("outputs") or {}
+    return bool(recorded) and all(
+        (out / name).exists() and _describe(out / name, hasher) == value for name, value in recorded.items()
+    )
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+
+def _finetune(options: PipelineOptions, resume: bool) -> dict:
+    adapter = options.adapter_dir
+    can_resume = resume and any((adapter / ft.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    if not can_resume and adapter.exists():
+        shutil.rmtree(adapter)  # a run with other inputs: start over
+    result = ft.finetune(replace(options.finetune, out=adapter, resume=can_resume))
+    m = result.metrics
+    return {
+        "base_eval_loss": m.get("base_eval_loss"),
+        "final_eval_loss": m.get("final_eval_loss"),
+        "val_rows": m["data"]["val_examples"],
+        "tokens_per_second": m.get("tokens_per_second"),
+        "steps": m.get("steps"),
+    }
+
+
+def _merge(options: PipelineOptions, base: Path) -> dict:
+    from convert.merge import merge
+
+    result = merge(str(base), options.adapter_dir, options.merged_dir, dtype=options.merge_dtype)
+    return {"max_logit_difference": result.max_logit_difference, "dtype": result.dtype, "template": result.template}
+
+
+def _export(options: PipelineOptions) -> dict:
+    from convert.export import export
+
+    options.exported.parent.mkdir(parents=True, exist_ok=True)
+    result = export(options.merged_dir, options.exported, options.export_type)
+    return {"architecture": result.architecture, "bytes": result.n_bytes}
+
+
+def _quantize(options: PipelineOptions, qtype: str) -> dict:
+    from convert.quantize import quantize
+
+    result = quantize(options.exported, options.quantized(qtype), qtype)
+    return {"bytes": result.output_bytes}
+
+
+def _evaluate(options: PipelineOptions) -> dict:
+    from convert.evaluate import compare
+
+    metrics = json.loads((options.adapter_dir / ft.METRICS_FILE).read_text(encoding="utf-8"))
+    quality = []
+    for qtype in options.quants:
+        report = compare(options.quantized(qtype), options.exported, ctx=512, max_chunks=1)
+        quality.append(f"quality of {qtype} vs {options.export_type.upper()}: {report.summary()}")
+    info = {
+        "eval_loss": {
+            "rows": metrics["data"]["val_examples"],
+            "base": metrics.get("base_eval_loss"),
+            "finetuned": metrics.get("final_eval_loss"),
+        },
+        "quality": quality,
+    }
+    _write_json(options.eval_file, info)
+    return info
+
+
+# -- hashing and manifests -------------------------------------------------------------------------
+
+
+class Hasher:
+    """sha256 of files and directories, cached by (size, mtime) across runs."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = cache_file
+        self.cache = _read_json(cache_file) or {}
+        self.dirty = False
+
+    def digest(self, path: Path) -> str:
+        if path.is_dir():
+            h = hashlib.sha256()
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                h.update(f"{file.relative_to(path).as_posix()}\0{self._file(file)}\n".encode())
+            return h.hexdigest()
+        return self._file(path)
+
+    def _file(self, path: Path) -> str:
+        stat = path.stat()
+        key = str(path.resolve())
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        cached = self.cache.get(key)
+        if cached and cached[:2] == stamp:
+            return cached[2]
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self.cache[key] = [*stamp, h.hexdigest()]
+        self.dirty = True
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.dirty:
+            _write_json(self.cache_file, self.cache)
+            self.dirty = False
+
+
+def _input(spec: str) -> Path | str:
+    """A data source: a local path is hashed, anything else (a hub id) is recorded by name."""
+    path = Path(spec).expanduser()
+    return path if path.exists() else spec
+
+
+def _describe(value: Path | str, hasher: Hasher) -> dict:
+    if isinstance(value, str):
+        return {"id": value}
+    if not value.exists():
+        return {"path": str(value), "missing": True}
+    return {"path": str(value), "sha256": hasher.digest(value)}
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-").lower()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"

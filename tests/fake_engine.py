@@ -1,0 +1,110 @@
+"""A scripted stand-in for Engine: what ChatSession needs, and nothing of llama.cpp.
+
+    engine = FakeEngine()
+    engine.enqueue(["Hello", " there"])            # the next reply, in deltas
+    engine.enqueue(["slow"] * 100, delay=0.01)      # one delta every 10 ms
+    engine.enqueue(["a", "b"], error=EngineError("boom"))   # fails after its deltas
+    gate = engine.enqueue(["a", "b"], gated=True).gate
+    gate.release(1)                                 # lets one delta through
+
+Tokens are words (whitespace-split), so context budgeting is easy to reason about.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from alpaca_chat.conversation import GenerationStats
+from alpaca_chat.loading import LoadedModel
+from alpaca_chat.templates import chatml_template
+
+FAKE_TOKENS_PER_S = 42.0
+
+
+@dataclass
+class Script:
+    deltas: list[str]
+    delay: float = 0.0
+    error: Exception | None = None
+    gate: threading.Semaphore | None = None  # one permit per delta
+    started: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeGeneration:
+    def __init__(self, script: Script, prompt_tokens: int, cancel: threading.Event | None):
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens, stop_reason="eos")
+        self.text = ""
+        self._script, self._cancel, self._i = script, cancel, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        script = self._script
+        script.started.set()
+        if self._i < len(script.deltas):
+            while script.gate is not None and not script.gate.acquire(timeout=0.01):
+                if self._cancelled():
+                    break
+        if self._cancelled():
+            self.stats.stop_reason = "cancelled"
+            self._finish()
+        if self._i >= len(script.deltas):
+            if script.error is not None:
+                raise script.error
+            self._finish()
+        if script.delay:
+            time.sleep(script.delay)
+        delta = script.deltas[self._i]
+        self._i += 1
+        self.stats.generated_tokens += 1
+        self.text += delta
+        return delta
+
+    def _cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
+    def _finish(self):
+        self.stats.generation_tokens_per_s = FAKE_TOKENS_PER_S
+        raise StopIteration
+
+    def close(self) -> None:
+        pass
+
+
+class FakeEngine:
+    bos_token = ""
+    eos_token = "<|im_end|>"
+    chat_template = None
+
+    def __init__(self, n_ctx: int = 2048):
+        self.n_ctx = n_ctx
+        self.scripts: deque[Script] = deque()
+        self.prompts: list[str] = []
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def enqueue(self, deltas, *, delay=0.0, error=None, gated=False) -> Script:
+        script = Script(list(deltas), delay, error, threading.Semaphore(0) if gated else None)
+        self.scripts.append(script)
+        return script
+
+    def tokenize(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    def generate(self, prompt, sampling, *, stop_strings=(), cancel=None) -> FakeGeneration:
+        self.prompts.append(prompt)
+        script = self.scripts.popleft() if self.scripts else Script(["ok"])
+        return FakeGeneration(script, len(self.tokenize(prompt)), cancel)
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_loaded(engine: FakeEngine | None = None, name: str = "fake-model", quant: str = "Q4_0") -> LoadedModel:
+    engine = engine or FakeEngine()
+    return LoadedModel(engine, chatml_template(engine.bos_token, engine.eos_token), label=name, name=name, quant=quant)

@@ -1,0 +1,196 @@
+"""The pipeline on a tiny model: every step, manifests, skipping unchanged work, resuming."""
+
+import json
+import re
+
+import pytest
+
+from finetune_helpers import fast_config, make_tiny_llama, seed_rows, write_json
+
+pytest.importorskip("peft", reason="needs the convert extra")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from alpaca_chat.templates import ALPACA_JINJA  # noqa: E402
+from convert import cli, compare, finetune, pipeline  # noqa: E402
+from convert.finetune import TrainingInterrupted  # noqa: E402
+from convert.pipeline import PipelineOptions, run_pipeline  # noqa: E402
+
+STEPS = ["finetune", "merge", "export", "quantize Q4_K_M", "quantize Q8_0", "eval"]
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_checkpoint, tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    return write_json(tmp_path_factory.mktemp("data") / "rows.json", seed_rows(32))
+
+
+def options(tiny, rows_file, out, quants=("Q4_K_M", "Q8_0"), **overrides):
+    return PipelineOptions(finetune=fast_config(tiny, rows_file, out, **overrides), quants=quants)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, rows_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    lines = []
+    summary = run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    return out, summary, lines
+
+
+def test_runs_every_step_and_ends_with_the_chat_command(first_run):
+    out, summary, lines = first_run
+    assert [s.name for s in summary.steps] == STEPS and not any(s.skipped for s in summary.steps)
+    text = summary.format()
+    name = summary.options.name
+    assert name == f"{tiny_name(summary)}-alpaca"
+    for path in ("adapter/adapter_model.safetensors", "merged/model.safetensors", f"gguf/{name}.F16.gguf",
+                 f"gguf/{name}.Q4_K_M.gguf", f"gguf/{name}.Q8_0.gguf"):
+        assert (out / path).is_file() and str(out / path) in text
+    assert re.search(r"eval loss on \d held-out rows: \d+\.\d{4} \(base\) -> \d+\.\d{4} \(fine-tuned\)", text)
+    assert "quality of Q4_K_M vs F16: KL divergence" in text and "quality of Q8_0 vs F16" in text
+    assert text.endswith(f"alpaca-chat --model {(out / 'gguf' / f'{name}.Q4_K_M.gguf').resolve()}")
+    assert (out / "summary.txt").read_text().strip() == text
+
+
+def tiny_name(summary):
+    from pathlib import Path
+
+    return Path(summary.options.finetune.base).name
+
+
+def gguf(out, qtype):
+    return next((out / "gguf").glob(f"*.{qtype}.gguf"))
+
+
+def test_each_step_records_inputs_hashes_and_settings(first_run):
+    out, _, _ = first_run
+    manifest = json.loads((out / "manifests" / "finetune.json").read_text())
+    assert manifest["status"] == "done"
+    assert set(manifest["inputs"]) == {"base", "data"} and len(manifest["inputs"]["data"]["sha256"]) == 64
+    assert manifest["settings"]["learning_rate"] == 1e-3 and manifest["settings"]["max_steps"] == 4
+    assert "adapter/adapter_model.safetensors" in manifest["outputs"]
+    quantize = json.loads((out / "manifests" / "quantize-q4_k_m.json").read_text())
+    export = json.loads((out / "manifests" / "export.json").read_text())
+    (exported,) = export["outputs"].values()
+    assert quantize["inputs"]["source"]["sha256"] == exported["sha256"]
+    assert quantize["settings"] == {"type": "Q4_K_M"}
+
+
+def test_the_gguf_carries_the_alpaca_template(first_run):
+    from alpaca_chat.engine import Engine
+    from alpaca_chat.templates import resolve_template
+
+    out, _, _ = first_run
+    with Engine(gguf(out, "Q4_K_M"), n_ctx=256) as engine:
+        assert engine.chat_template == ALPACA_JINJA
+        assert resolve_template("auto", engine.chat_template).name == "alpaca"
+
+
+def test_running_again_does_no_work(first_run, tiny, rows_file, monkeypatch):
+    out, _, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.txt"}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a step ran again")
+
+    for name in ("_finetune", "_merge", "_export", "_quantize", "_evaluate"):
+        monkeypatch.setattr(pipeline, name, fail)
+    lines = []
+    summary = run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    assert all(s.skipped for s in summary.steps)
+    assert lines == [f"{name}: up to date, skipped" for name in STEPS]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "held-out rows" in summary.format()
+
+
+def test_a_new_quant_type_redoes_only_what_depends_on_it(first_run, tiny, rows_file, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run[0], out)
+    # The copy's paths differ, so hash it under its own name: rewrite the manifests' paths.
+    for manifest in (out / "manifests").glob("*.json"):
+        manifest.write_text(manifest.read_text().replace(str(first_run[0]), str(out)))
+    summary = run_pipeline(options(tiny, rows_file, out, quants=("Q4_K_M", "Q8_0", "Q5_K_M")))
+    ran = [s.name for s in summary.steps if not s.skipped]
+    assert ran == ["quantize Q5_K_M", "eval"]
+
+
+def test_interrupted_finetune_resumes_on_the_next_run(first_run, tiny, rows_file, tmp_path, monkeypatch):
+    real_finetune = finetune.finetune
+
+    class SigintAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGINT)
+
+    calls = []
+
+    def finetune_interrupted_once(config, **kwargs):
+        calls.append(config.resume)
+        callbacks = [SigintAtStep2()] if len(calls) == 1 else []
+        return real_finetune(config, callbacks=callbacks, progress=False)
+
+    monkeypatch.setattr(finetune, "finetune", finetune_interrupted_once)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run_pipeline(options(tiny, rows_file, out))
+    assert json.loads((out / "manifests" / "finetune.json").read_text())["status"] == "running"
+    lines = []
+    run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    assert calls == [False, True] and lines[0] == "finetune: resuming"
+    assert gguf(out, "Q8_0").read_bytes() == gguf(first_run[0], "Q8_0").read_bytes()
+
+
+def test_changed_settings_start_the_fine_tune_over(first_run, tiny, rows_file, tmp_path):
+    out = tmp_path / "run"
+    run_pipeline(options(tiny, rows_file, out, quants=("Q8_0",), max_steps=2))
+    summary = run_pipeline(options(tiny, rows_file, out, quants=("Q8_0",), max_steps=3))
+    assert not any(s.skipped for s in summary.steps)
+    assert json.loads((out / "adapter" / "metrics.json").read_text())["steps"] == 3
+
+
+def test_cli_pipeline_then_compare(first_run, tiny, rows_file, capsys):
+    out, _, _ = first_run
+    code = cli.main([
+        "pipeline", "--base", str(tiny), "--data", str(rows_file), "--out", str(out), "--quant", "Q4_K_M", "Q8_0",
+        "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1", "--max-length", "96", "--val-size", "4",
+        "--learning-rate", "1e-3", "--save-steps", "2", "--eval-steps", "4",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "finetune: up to date, skipped" in captured.err
+    assert "alpaca-chat --model" in captured.out
+
+    code = cli.main(["compare", "--pipeline", str(out), "-n", "2", "--max-tokens", "4", "--width", "150"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    header = next(line for line in captured.out.splitlines() if line.startswith("BASE"))
+    assert [h.strip() for h in header.split("|")] == ["BASE", "FINE-TUNED", "Q4_K_M", "Q8_0", "REFERENCE"]
+    assert captured.out.count("[1] ") == 1 and captured.out.count("[2] ") == 1
+
+
+def test_compare_needs_models_and_prompts(tmp_path):
+    from alpaca_chat.errors import UsageError
+
+    with pytest.raises(UsageError, match="nothing to compare"):
+        compare.models_from()
+    with pytest.raises(UsageError, match="--prompts"):
+        compare.load_prompts(None)
+    with pytest.raises(UsageError, match="not a pipeline directory"):
+        compare.models_from(pipeline=tmp_path)
+
+
+def test_unknown_quant_type_fails_before_training(tiny, rows_file, tmp_path):
+    from convert.quantize import UnknownQuantTypeError
+
+    with pytest.raises(UnknownQuantTypeError):
+        run_pipeline(options(tiny, rows_file, tmp_path / "run", quants=("Q9_Z",)))
+    assert not (tmp_path / "run" / "adapter").exists()
