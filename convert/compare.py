@@ -188,11 +188,16 @@ def format_side_by_side(rows: Sequence[Row], labels: Sequence[str], *, width: in
         texts = [*row.answers, textwrap.shorten(row.prompt.reference, width=REFERENCE_CHARS, placeholder=" ...")]
         title = textwrap.shorten(f"[{number}] {row.prompt.title}", width=max(width, 20), placeholder=" ...")
         if column < 24:
-            body = "\n".join(f"--- {h}\n{textwrap.fill(t or '(empty)', width=max(width, 20))}" for h, t in zip(headers, texts))
+            body = "\n".join(
+                f"--- {h}\n{textwrap.fill(t or '(empty)', width=max(width, 20))}" for h, t in zip(headers, texts)
+            )
         else:
             cells = [[h.upper()[:column], "-" * min(column, 12)] + _wrap(t, column) for h, t in zip(headers, texts)]
             height = max(len(c) for c in cells)
-            lines = [gap.join(c[i].ljust(column) if i < len(c) else " " * column for c in cells).rstrip() for i in range(height)]
+            lines = [
+                gap.join(c[i].ljust(column) if i < len(c) else " " * column for c in cells).rstrip()
+                for i in range(height)
+            ]
             body = "\n".join(lines)
         blocks.append(f"{title}\n{body}")
     return "\n\n".join(blocks)

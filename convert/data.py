@@ -21,6 +21,7 @@ No I/O here apart from reading the data source, and no torch. Every problem is a
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -182,6 +183,8 @@ def _dataset_dir_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _hub_rows(dataset_id: str) -> Iterator[tuple[str, object]]:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise DataError(f"{dataset_id} is not a local file or directory, and HF_HUB_OFFLINE is set")
     import datasets
 
     try:

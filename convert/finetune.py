@@ -89,7 +89,9 @@ class FinetuneResult:
 # -- the entry point ---------------------------------------------------------------
 
 
-def finetune(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> FinetuneResult:
+def finetune(
+    config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = (), progress: bool = True
+) -> FinetuneResult:
     """Train a LoRA adapter; see the module docstring for what is written."""
     started = time.perf_counter()
     out = Path(config.out)
@@ -115,8 +117,9 @@ def finetune(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = (
     model = add_lora(load_model(base_path, device), lora)
     interrupt = _InterruptToCheckpoint()
     args = training_arguments(config, out, device, prepared, resuming=checkpoint is not None)
+    chunk_tokens = max(max_length, PACKED_ROW_TOKENS)
     trainer = build_trainer(
-        model, args, prepared, chunk_tokens=max(max_length, PACKED_ROW_TOKENS), callbacks=[interrupt, *callbacks], progress=progress
+        model, args, prepared, chunk_tokens=chunk_tokens, callbacks=[interrupt, *callbacks], progress=progress
     )
     if checkpoint is not None:
         _print(f"resuming from {checkpoint}")
@@ -413,7 +416,7 @@ def training_arguments(config: FinetuneConfig, out: Path, device: str, prepared:
         logging_strategy="steps",
         logging_steps=1,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_steps or max(1, steps // 5),
+        eval_steps=config.eval_steps or math.ceil(steps / 5),
         eval_on_start=has_eval and not resuming,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -541,7 +544,9 @@ class ProgressReport(TrainerCallback):
         if self.stream.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, unit="step", file=self.stream, dynamic_ncols=True
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None and state.is_world_process_zero:
@@ -557,7 +562,8 @@ class ProgressReport(TrainerCallback):
             done = state.global_step - self.first_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
-            print(f"step {state.global_step}/{state.max_steps}: {speed}, ETA {_duration(eta)}", file=self.stream, flush=True)
+            line = f"step {state.global_step}/{state.max_steps}: {speed}, ETA {_duration(eta)}"
+            print(line, file=self.stream, flush=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and metrics and "eval_loss" in metrics:
@@ -587,10 +593,17 @@ def _evaluated_at(state, step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in state.log_history)
 
 
-def collect_metrics(state, prepared: PreparedData, train_started: float, started: float, checkpoint, interrupted) -> dict:
+def collect_metrics(
+    state, prepared: PreparedData, train_started: float, started: float, checkpoint: Path | None, interrupted: bool
+) -> dict:
     """metrics.json: per-step losses from the Trainer's log, plus throughput and timings."""
     train = [
-        {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "tokens": e.get("num_input_tokens_seen")}
+        {
+            "step": e["step"],
+            "loss": e["loss"],
+            "learning_rate": e.get("learning_rate"),
+            "tokens": e.get("num_input_tokens_seen"),
+        }
         for e in state.log_history
         if "loss" in e
     ]
@@ -628,7 +641,9 @@ def _tokens_at(state, checkpoint: Path | None) -> int:
     step = _step_of(checkpoint)
     if step is None:
         return 0
-    seen = [e["num_input_tokens_seen"] for e in state.log_history if e.get("step") == step and "num_input_tokens_seen" in e]
+    seen = [
+        e["num_input_tokens_seen"] for e in state.log_history if e.get("step") == step and "num_input_tokens_seen" in e
+    ]
     return seen[-1] if seen else 0
 
 
@@ -672,11 +687,15 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
         },
         "template": prepared.template,
         "max_length": max_length,
-        "lora": {**asdict(lora), "target_modules": lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)},
+        "lora": {**asdict(lora), "target_modules": _as_json(lora.target_modules)},
         "data_sha256": prepared.fingerprint,
         "heldout": HELDOUT_FILE,
         "settings": config.run_settings(),
     }
+
+
+def _as_json(target_modules: tuple[str, ...] | str) -> list[str] | str:
+    return target_modules if isinstance(target_modules, str) else list(target_modules)
 
 
 def read_training_meta(adapter_dir: Path) -> dict | None:

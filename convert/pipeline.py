@@ -221,7 +221,9 @@ def run_step(step: Step, out: Path, hasher: Hasher, report: Callable[[str], None
         return StepOutcome(step.name, True, 0.0, previous.get("info") or {})
     resume = same and previous.get("status") == "running"
     report(f"{step.name}: {'resuming' if resume else 'running'}")
-    manifest = {"step": step.name, "version": __version__, "status": "running", "inputs": inputs, "settings": step.settings}
+    manifest = {
+        "step": step.name, "version": __version__, "status": "running", "inputs": inputs, "settings": step.settings
+    }
     _write_json(manifest_file, manifest)
     started = time.perf_counter()
     info = step.run(resume)

@@ -68,7 +68,9 @@ def _add_pipeline(sub, common) -> None:
         "running it again redoes only what changed and resumes an interrupted fine-tune.",
     )
     add_config_flags(p, skip=("resume",))  # the pipeline resumes an interrupted fine-tune by itself
-    p.add_argument("-q", "--quant", nargs="+", default=["Q4_K_M"], metavar="TYPE", help="quantization type(s) (default Q4_K_M)")
+    p.add_argument(
+        "-q", "--quant", nargs="+", default=["Q4_K_M"], metavar="TYPE", help="quantization type(s) (default Q4_K_M)"
+    )
     p.add_argument("--merge-dtype", default="auto", help="dtype of the merged checkpoint (default: the base's)")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the quantized GGUFs against the F16")
     p.set_defaults(run=cmd_pipeline)
@@ -113,7 +115,12 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             default = None if required else f.default
             shown = "" if required or default is None else f" (default {default})"
             parser.add_argument(
-                flag, type=kind, required=required, default=default, metavar=f.metadata.get("metavar"), help=help_text + shown
+                flag,
+                type=kind,
+                required=required,
+                default=default,
+                metavar=f.metadata.get("metavar"),
+                help=help_text + shown,
             )
 
 

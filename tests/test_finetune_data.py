@@ -101,7 +101,7 @@ def test_empty_file(tmp_path, content):
 def test_missing_data_and_offline_hub_dataset(tmp_path):
     with pytest.raises(DataError, match="data not found"):
         data.load_records(tmp_path / "nope.json")
-    with pytest.raises(DataError, match="cannot load the hub dataset someone/alpaca-data"):
+    with pytest.raises(DataError, match="someone/alpaca-data is not a local file or directory, and HF_HUB_OFFLINE is set"):
         data.load_records("someone/alpaca-data")  # HF_HUB_OFFLINE=1 in the tests
 
 

@@ -131,6 +131,29 @@ async def test_escape_stops_and_keeps_the_partial_reply(engine, store):
         assert app.state == "ready"
 
 
+async def test_typing_while_a_reply_streams_neither_starves_the_stream_nor_loses_keys(engine, store):
+    script = engine.enqueue(["one", " two", " three"], gated=True)
+    app = make_app(engine, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "count")
+        reply = app.transcript.last_reply()
+        script.gate.release(1)
+        await until(pilot, lambda: reply.text == "one")
+        script.gate.release(1)
+        # Keys faster than the typing pause: the due batch goes out right after one of them.
+        typed = ""
+        while reply.text != "one two":
+            assert len(typed) < 40, "the stream stalled while the user typed"
+            await pilot.press("x")
+            typed += "x"
+            await pilot.pause(0.05)
+        assert app.state == "generating" and app.prompt.text == typed
+        script.gate.release(1)
+        await until(pilot, lambda: app.state == "ready")
+        assert reply.text == "one two three" and app.prompt.text == typed
+
+
 async def test_regenerate_replaces_the_last_reply(engine, store):
     engine.enqueue(["first answer"])
     engine.enqueue(["second answer"])

@@ -6,6 +6,8 @@ reply's text goes into a StreamBuffer that a UI timer drains into the Markdown
 stream, and everything else comes back as messages.
 """
 
+import gc
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,13 +30,25 @@ from alpaca_chat.tui.commands import CommandsMixin
 from alpaca_chat.tui.screens import ConfirmScreen, HelpScreen, TextPromptScreen
 from alpaca_chat.tui.widgets import PromptInput, Sidebar, StatusBar, StreamBuffer, Transcript
 
-# Streamed text moves from the generation thread to the screen at most every
-# FLUSH_MIN_S. When drawing is slow (a small CPU, a long transcript) the app
-# flushes less often, keeping its own CPU use near UI_CPU_BUDGET of one core:
-# on a laptop every cycle the UI spends is a cycle llama.cpp does not get.
-FLUSH_MIN_S = 0.1
-FLUSH_MAX_S = 0.5
-UI_CPU_BUDGET = 0.05
+# Streamed text moves from the generation thread to the screen in batches.
+# A batch costs a re-layout and a redraw of the transcript, and on a laptop
+# every cycle the UI thread spends is one llama.cpp's threads do not get. So
+# the next batch waits until the UI thread's CPU time since the last one
+# (the batch, the redraw it caused, and anything else the app did meanwhile)
+# is at most UI_CPU_BUDGET of the time between them, and never less than
+# FLUSH_MIN_S, never more than FLUSH_MAX_S.
+FLUSH_MIN_S = 0.15
+FLUSH_MAX_S = 1.0
+UI_CPU_BUDGET = 0.04
+# While a reply streams, the generation thread needs the GIL briefly for every
+# token. By default a thread waits up to 5 ms for the GIL, which the UI thread
+# holds while it draws a batch: at 100 tok/s that alone costs several percent.
+GIL_SWITCH_S = 0.0005
+# A batch keeps the UI thread busy for tens of ms, and a key pressed meanwhile
+# waits. So while the user types, a batch that falls due waits for the next key
+# press to be drawn and goes right after it (keys are rarely under 100 ms
+# apart), or for a pause of TYPING_PAUSE_S.
+TYPING_PAUSE_S = 0.3
 SPINNER_INTERVAL_S = 0.25
 SIDEBAR_LIMIT = 200
 
@@ -70,7 +84,9 @@ class ChatApp(CommandsMixin, App[int]):
     CSS_PATH = "chat.tcss"
     TITLE = "alpaca-chat"
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
+        # Hidden: the status bar says when Esc stops something. Showing it in the
+        # footer would rebuild the footer as every reply starts, while llama.cpp works.
+        Binding("escape", "stop", "Stop", show=False),
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+b", "toggle_sidebar", "Chats"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
@@ -107,6 +123,10 @@ class ChatApp(CommandsMixin, App[int]):
         self._reply_view = None
         self._flush_timer = None
         self._spinner = None
+        self._ui_cpu = 0.0
+        self._typed_at = 0.0
+        self._flush_after_key = False
+        self._switch_interval = sys.getswitchinterval()
 
     # -- layout --------------------------------------------------------------
 
@@ -158,7 +178,6 @@ class ChatApp(CommandsMixin, App[int]):
         elif not busy and self._spinner is not None:
             self._spinner.stop()
             self._spinner = None
-        self.refresh_bindings()
 
     def _spin(self) -> None:
         self.status.spin += 1
@@ -222,6 +241,11 @@ class ChatApp(CommandsMixin, App[int]):
             self.report(exc)
         if old is not None and old.engine is not self.loaded.engine:
             old.engine.close()
+        if old is None:
+            # What is alive now (modules, widgets, the model's objects) lasts as long as the
+            # app. Take it out of the collector's full passes: with it they take tens of ms,
+            # a pause in the middle of a streaming reply.
+            gc.freeze()
         self.status.model = self.loaded.display_name
         self.status.ctx_total = self.loaded.engine.n_ctx
         self.set_state("ready")
@@ -266,7 +290,14 @@ class ChatApp(CommandsMixin, App[int]):
         self._buffer = StreamBuffer()
         self._cancel = threading.Event()
         self.set_state("generating")
+        # Start once the new messages are drawn: mounting them is the UI's costliest
+        # moment, best not spent racing llama.cpp for the CPU.
+        self.call_after_refresh(self._start_generating, text, input)
+
+    def _start_generating(self, text: str, input: str) -> None:
         self._ui_cpu = time.thread_time()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_S)
         self._flush_timer = self.set_timer(FLUSH_MIN_S, self._flush_tick)
         self._generate(text, input, self._buffer, self._cancel)
 
@@ -284,12 +315,24 @@ class ChatApp(CommandsMixin, App[int]):
             error = describe_error(exc)
         self.post_message(ReplyFinished(reply, error))
 
-    async def _flush_tick(self) -> None:
-        """Show what streamed in, then pick the next interval from what drawing has cost."""
+    def on_text_area_changed(self) -> None:
+        self._typed_at = time.perf_counter()
+        if self._flush_after_key:
+            self._flush_after_key = False
+            self._flush_timer.stop()
+            self.call_after_refresh(self._flush_tick, True)
+
+    async def _flush_tick(self, after_key: bool = False) -> None:
+        """Show what streamed in; wait longer before the next batch if the UI has been busy."""
+        if not after_key and self.generating and time.perf_counter() - self._typed_at < TYPING_PAUSE_S:
+            self._flush_after_key = True
+            self._flush_timer = self.set_timer(TYPING_PAUSE_S, self._flush_tick)
+            return
+        self._flush_after_key = False
         await self._flush()
-        now = time.thread_time()  # CPU time of this, the UI thread
-        spent, self._ui_cpu = now - self._ui_cpu, now
         if self.generating:
+            now = time.thread_time()  # CPU time of this, the UI thread
+            spent, self._ui_cpu = now - self._ui_cpu, now
             delay = min(FLUSH_MAX_S, max(FLUSH_MIN_S, spent / UI_CPU_BUDGET))
             self._flush_timer = self.set_timer(delay, self._flush_tick)
 
@@ -303,6 +346,8 @@ class ChatApp(CommandsMixin, App[int]):
         if self._flush_timer is not None:
             self._flush_timer.stop()
             self._flush_timer = None
+        self._flush_after_key = False
+        sys.setswitchinterval(self._switch_interval)
         await self._flush()
         view, self._reply_view = self._reply_view, None
         reply = message.reply
@@ -310,7 +355,7 @@ class ChatApp(CommandsMixin, App[int]):
             await view.remove()
         else:
             stopped = reply.stats is not None and reply.stats.stop_reason == "cancelled"
-            await view.finish("error" if message.error else "stopped" if stopped else "complete")
+            view.set_status("error" if message.error else "stopped" if stopped else "complete")
             if reply.stats is not None:
                 self.last_stats = reply.stats
                 self.status.tokens_per_s = reply.stats.generation_tokens_per_s
@@ -372,12 +417,10 @@ class ChatApp(CommandsMixin, App[int]):
         self.editing = True
         self.prompt.border_title = "editing your last message: Enter sends it again, Esc cancels"
         self.prompt.focus()
-        self.refresh_bindings()
 
     def _end_editing(self) -> None:
         self.editing = False
         self.prompt.border_title = None
-        self.refresh_bindings()
 
     def action_copy_reply(self) -> None:
         reply = self.transcript.last_reply()

@@ -44,19 +44,18 @@ class UserMessage(Static):
     """A message the user sent, shown as typed (no markup)."""
 
     def __init__(self, text: str):
-        super().__init__(Text(text), classes="message")
+        super().__init__(Text(text))
         self.text = text
         self.border_title = "you"
 
 
 class AssistantMessage(Vertical):
-    """A reply: Markdown (code blocks highlighted), streamed in batches."""
+    """A reply: Markdown (code blocks highlighted), streamed in batches the app times."""
 
     def __init__(self, text: str = "", status: str = "complete"):
-        super().__init__(classes="message")
+        super().__init__()
         self.text = text
         self._markdown = Markdown(text)
-        self._stream = None
         self.set_status(status)
 
     def compose(self):
@@ -70,17 +69,9 @@ class AssistantMessage(Vertical):
         self.set_class(status == "error", "-error")
 
     async def write(self, text: str) -> None:
-        """Append streamed text; Textual's MarkdownStream batches what arrives while it renders."""
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self._markdown)
+        """Append streamed text: Markdown.append re-parses only from the last block on."""
         self.text += text
-        await self._stream.write(text)
-
-    async def finish(self, status: str) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
-        self.set_status(status)
+        await self._markdown.append(text)
 
 
 class MemoryDivider(Static):
@@ -232,6 +223,8 @@ class StatusBar(Static):
         state = self.state
         if state.startswith("loading") or state == "generating":  # turns as loading ticks, or text arrives
             state = f"{SPINNER[self.spin % len(SPINNER)]} {state}"
+        if state.endswith("generating"):
+            state += " (Esc stops)"
         parts = [self.model or "no model"]
         if self.ctx_total:
             parts.append(f"ctx {self.ctx_used}/{self.ctx_total}")
