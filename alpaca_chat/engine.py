@@ -15,7 +15,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import llama_cpp
+# llama.cpp's threads meet at an OpenMP barrier many times per token, and by
+# default libgomp waits there by spinning 300,000 times before it sleeps. That
+# buys nothing on an idle machine, but when anything else wants the cores (a
+# browser, a fine-tune) the spinning threads starve the ones they wait for:
+# beside a 2-thread torch job on 2 cores, 1-3 tok/s instead of 35-40 with 1,000
+# spins. libgomp reads this as llama_cpp loads it: it must be set before.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import llama_cpp  # noqa: E402 - after GOMP_SPINCOUNT
 
 from alpaca_chat.conversation import GenerationStats, SamplingParams, StopStringFilter
 from alpaca_chat.errors import EngineError

@@ -1,5 +1,8 @@
 """The real llama.cpp engine on the real default model."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -115,3 +118,17 @@ def test_stop_strings_end_the_reply(engine):
     text = "".join(cut)
     assert stop not in text and full.startswith(text)
     assert cut.stats.stop_reason == "stop_string"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1000"), ("50000", "50000")])
+def test_openmp_waits_briefly_unless_the_user_says_otherwise(preset, expected):
+    # libgomp reads GOMP_SPINCOUNT when llama_cpp loads it: it must be set by then.
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = (
+        "import os; before = 'libgomp' in open('/proc/self/maps').read(); import alpaca_chat.engine; "
+        "after = 'libgomp' in open('/proc/self/maps').read(); print(before, after, os.environ['GOMP_SPINCOUNT'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", expected]
