@@ -70,18 +70,30 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
+
+    def run() -> int:
         if argv[:1] == ["export"]:
             return _export(build_export_parser().parse_args(argv[1:]))
         return _run(build_parser().parse_args(argv))
+
+    return run_reporting_errors(PROG, run, debug="--debug" in argv)
+
+
+def run_reporting_errors(prog: str, run, *, debug: bool, interrupted: str = "") -> int:
+    """Call run(); turn what it raises into one line on stderr and an exit code.
+
+    The one boundary where errors become exit codes, shared by alpaca-convert.
+    With --debug, errors propagate with their traceback.
+    """
+    try:
+        return run()
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print(f"\n{prog}: {interrupted}" if interrupted else "", file=sys.stderr)
         return EXIT_INTERRUPTED
     except AlpacaChatError as exc:
         if debug:
             raise
-        _print_error(str(exc))
+        _print_error(prog, str(exc))
         return exc.exit_code
     except BrokenPipeError:
         # Reader went away (e.g. `| head`): not an error worth a message.
@@ -90,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last line of defence for a one-line error
         if debug:
             raise
-        _print_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)")
+        _print_error(prog, f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)")
         return 1
 
 
-def _print_error(message: str) -> None:
+def _print_error(prog: str, message: str) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    print(f"{PROG}: error: {first_line}", file=sys.stderr)
+    print(f"{prog}: error: {first_line}", file=sys.stderr)
 
 
 def _run(args) -> int:

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from alpaca_chat import __version__
-from alpaca_chat.errors import AlpacaChatError, UsageError
+from alpaca_chat.cli import run_reporting_errors
+from alpaca_chat.errors import UsageError
 
 PROG = "alpaca-convert"
-EXIT_INTERRUPTED = 130
 DEFAULT_COMMAND = "convert"
 
 
@@ -167,9 +167,9 @@ def _quantize_args(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
     _terminate_as_interrupt()
-    try:
+
+    def run() -> int:
         parser = build_parser(plugins=_needs_plugins(argv))
         args = parser.parse_args(_with_default_command(argv, parser))
         if not getattr(args, "run", None):
@@ -177,22 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _configure_logging(getattr(args, "verbose", False))
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; no partial output was left behind", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except AlpacaChatError as exc:
-        if debug:
-            raise
-        _print_error(str(exc))
-        return exc.exit_code
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as exc:  # noqa: BLE001 - last line of defence for a one-line error
-        if debug:
-            raise
-        _print_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)")
-        return 1
+
+    return run_reporting_errors(
+        PROG, run, debug="--debug" in argv, interrupted="interrupted; no partial output was left behind"
+    )
 
 
 def _needs_plugins(argv: list[str]) -> bool:
@@ -240,11 +228,6 @@ def _configure_logging(verbose: bool) -> None:
         from convert import llama_log
 
         llama_log.install(verbose=True)
-
-
-def _print_error(message: str) -> None:
-    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    print(f"{PROG}: error: {first_line}", file=sys.stderr)
 
 
 def _note(message: str) -> None:
