@@ -45,9 +45,9 @@ UI_CPU_BUDGET = 0.04
 # holds while it draws a batch: at 100 tok/s that alone costs several percent.
 GIL_SWITCH_S = 0.0005
 # A batch keeps the UI thread busy for tens of ms, and a key pressed meanwhile
-# waits. So while the user types, a batch that falls due waits for the next key
-# press to be drawn and goes right after it (keys are rarely under 100 ms
-# apart), or for a pause of TYPING_PAUSE_S.
+# waits. So while the user types, a batch that falls due (or the end of the
+# reply) waits for the next key press to be drawn and goes right after it (keys
+# are rarely under 100 ms apart), or for a pause of TYPING_PAUSE_S.
 TYPING_PAUSE_S = 0.3
 SPINNER_INTERVAL_S = 0.25
 SIDEBAR_LIMIT = 200
@@ -125,7 +125,8 @@ class ChatApp(CommandsMixin, App[int]):
         self._spinner = None
         self._ui_cpu = 0.0
         self._typed_at = 0.0
-        self._flush_after_key = False
+        self._after_key = None  # what waits for the next key press (or a pause in typing)
+        self._after_key_timer = None
         self._switch_interval = sys.getswitchinterval()
 
     # -- layout --------------------------------------------------------------
@@ -316,19 +317,40 @@ class ChatApp(CommandsMixin, App[int]):
         self.post_message(ReplyFinished(reply, error))
 
     def on_text_area_changed(self) -> None:
-        self._typed_at = time.perf_counter()
-        if self._flush_after_key:
-            self._flush_after_key = False
-            self._flush_timer.stop()
-            self.call_after_refresh(self._flush_tick, True)
+        if self.prompt.text:  # typing, not the box emptied as a message is sent
+            self._typed_at = time.perf_counter()
+        if self._after_key is not None:
+            self.call_after_refresh(self._run_after_key)
 
-    async def _flush_tick(self, after_key: bool = False) -> None:
+    def _wait_for_typing(self, callback) -> bool:
+        """While the user types, hold callback until just after the next key press is drawn
+        (or a pause in typing) and return True; otherwise return False."""
+        if time.perf_counter() - self._typed_at >= TYPING_PAUSE_S:
+            return False
+        self._drop_after_key()
+        self._after_key = callback
+        self._after_key_timer = self.set_timer(TYPING_PAUSE_S, self._run_after_key)
+        return True
+
+    async def _run_after_key(self) -> None:
+        callback = self._after_key
+        self._drop_after_key()
+        if callback is not None:
+            await callback()
+
+    def _drop_after_key(self) -> None:
+        self._after_key = None
+        if self._after_key_timer is not None:
+            self._after_key_timer.stop()
+            self._after_key_timer = None
+
+    async def _flush_tick(self) -> None:
         """Show what streamed in; wait longer before the next batch if the UI has been busy."""
-        if not after_key and self.generating and time.perf_counter() - self._typed_at < TYPING_PAUSE_S:
-            self._flush_after_key = True
-            self._flush_timer = self.set_timer(TYPING_PAUSE_S, self._flush_tick)
+        if self._wait_for_typing(self._flush_and_schedule):
             return
-        self._flush_after_key = False
+        await self._flush_and_schedule()
+
+    async def _flush_and_schedule(self) -> None:
         await self._flush()
         if self.generating:
             now = time.thread_time()  # CPU time of this, the UI thread
@@ -346,7 +368,11 @@ class ChatApp(CommandsMixin, App[int]):
         if self._flush_timer is not None:
             self._flush_timer.stop()
             self._flush_timer = None
-        self._flush_after_key = False
+        if not self._wait_for_typing(partial(self._finish_reply, message)):
+            await self._finish_reply(message)
+
+    async def _finish_reply(self, message: ReplyFinished) -> None:
+        self._drop_after_key()  # a batch still waiting for a key press: this final one covers it
         sys.setswitchinterval(self._switch_interval)
         await self._flush()
         view, self._reply_view = self._reply_view, None
@@ -364,8 +390,8 @@ class ChatApp(CommandsMixin, App[int]):
                 await self.transcript.set_memory_start(self.session.memory_start - self.hidden)
         if message.error:
             self.notify(message.error, title="Error", severity="error", timeout=8, markup=False)
-        self.set_state("ready")
         await self._after_change()
+        self.set_state("ready")  # last: whoever waits for "ready" finds the sidebar up to date too
 
     async def _after_change(self) -> None:
         """The saved conversation changed: follow it in the sidebar."""
