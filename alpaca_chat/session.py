@@ -21,12 +21,17 @@ SAVE_INTERVAL_S = 1.0
 
 @dataclass
 class Reply:
-    """One streamed reply. Iterate for text deltas; `stats`, `text` when done."""
+    """One streamed reply. Iterate for text deltas; `stats`, `text` when done.
+
+    `progress` is the same stats object while it fills in: prompt tokens from
+    the start, generated tokens as they come (for a status bar).
+    """
 
     deltas: Iterator[str]
     dropped: list[Message] = field(default_factory=list)
     text: str = ""
     stats: GenerationStats | None = None
+    progress: GenerationStats | None = None
     message_id: int | None = None
 
     def __iter__(self):
@@ -131,7 +136,7 @@ class ChatSession:
         generation = self.engine.generate(
             prompt, self.sampling, stop_strings=self.template.stop_strings, cancel=cancel
         )
-        reply = Reply(deltas=iter(()), dropped=fit.dropped)
+        reply = Reply(deltas=iter(()), dropped=fit.dropped, progress=generation.stats)
         reply.deltas = self._stream(generation, reply)
         return reply
 

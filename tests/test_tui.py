@@ -99,6 +99,9 @@ async def test_send_streams_in_batches_and_saves(engine, store):
         reply = app.transcript.last_reply()
         await until(pilot, lambda: reply.text == "Hello **world**", what="the first deltas on screen")
         assert app.state == "generating" and reply.status == "streaming"
+        # The status bar counts the context as it fills: the prompt plus the tokens so far.
+        prompt_tokens = len(engine.tokenize(engine.prompts[0]))
+        await until(pilot, lambda: app.status.ctx_used == prompt_tokens + 2, what="the context count")
         script.gate.release(1)
         await until(pilot, lambda: app.state == "ready")
         assert shown(app) == [("UserMessage", "hi there"),

@@ -308,6 +308,7 @@ class ChatApp(CommandsMixin, App[int]):
         reply, error = None, None
         try:
             reply = self.session.send(text, input=input, cancel=cancel)
+            buffer.progress = reply.progress
             for delta in reply:
                 buffer.append(delta)
                 if worker.is_cancelled:
@@ -363,6 +364,9 @@ class ChatApp(CommandsMixin, App[int]):
         if text and self._reply_view is not None:
             await self._reply_view.write(text)
             self.status.spin += 1
+        progress = self._buffer.progress
+        if progress is not None:
+            self.status.ctx_used = progress.prompt_tokens + progress.generated_tokens
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         if self._flush_timer is not None:

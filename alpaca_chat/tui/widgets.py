@@ -29,6 +29,7 @@ class StreamBuffer:
     def __init__(self):
         self._parts: list[str] = []
         self._lock = threading.Lock()
+        self.progress = None  # the reply's live GenerationStats, once it has started
 
     def append(self, text: str) -> None:
         with self._lock:
