@@ -120,9 +120,10 @@ def _run(args) -> int:
     if args.continue_last and args.conversation is not None:
         raise UsageError("use either --continue or --conversation, not both")
     settings = _settings(args)
-    if args.prompt is None and sys.stdin.isatty():
-        if args.plain or not sys.stdout.isatty() or os.environ.get("TERM") == "dumb":
-            return _line_mode(args, settings)
+    if args.prompt is None:
+        terminal = sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+        if args.plain or not terminal:
+            return _line_mode(args, settings)  # also reads a pipe, a line per message or command
         return _full_screen(args, settings)
     prompt, context = _read_prompt(args.prompt)
     return _one_shot(args, settings, prompt, context)

@@ -107,22 +107,20 @@ class LineChat:
 
 
 def run(session, *, load_model=None) -> int:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+    """Chat line by line: typed at a prompt-toolkit prompt, or read from a pipe.
 
-    history_file = paths.data_dir() / "input_history"
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    prompt = PromptSession(history=FileHistory(str(history_file)))
+    From a pipe (`printf 'hi\n/stats\n' | alpaca-chat`) every line is a
+    message or a command, and stdout carries only the replies and what the
+    commands print.
+    """
     chat = LineChat(session, load_model=load_model)
-    chat._say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
-    for message in session.messages:
-        if message.role != "system":
-            chat._say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
-    while True:
-        try:
-            line = prompt.prompt(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        chat._say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
+        for message in session.messages:
+            if message.role != "system":
+                chat._say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
+    for line in _prompted_lines() if interactive else _piped_lines():
         if not line.strip():
             continue
         try:
@@ -133,3 +131,23 @@ def run(session, *, load_model=None) -> int:
                 chat.reply_to(line[1:] if line.startswith("//") else line)
         except AlpacaChatError as exc:
             chat._say(f"error: {exc}")
+    return 0
+
+
+def _prompted_lines():
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    history_file = paths.data_dir() / "input_history"
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt = PromptSession(history=FileHistory(str(history_file)))
+    while True:
+        try:
+            yield prompt.prompt(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            return
+
+
+def _piped_lines():
+    for line in sys.stdin:
+        yield line.rstrip("\n")

@@ -158,3 +158,17 @@ def test_stdout_not_a_terminal_uses_line_mode(terminals):
     time.sleep(0.5)  # let prompt-toolkit take the terminal before Ctrl+D
     term.type("\x04")
     assert term.close() == 0
+
+
+def test_piped_stdin_is_a_line_per_message_or_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "alpaca_chat", "--max-tokens", "8"],
+        input="Say hi.\n/set temp 0.5\n/stats\nSay bye.\n",
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "line mode" not in result.stdout and ">>>" not in result.stdout  # replies and command output only
+    assert "temperature=0.5" in result.stdout and "tok/s" in result.stdout
+    [[hi, first_reply, bye, second_reply]] = saved()
+    assert hi[:2] == ("user", "Say hi.") and bye[:2] == ("user", "Say bye.")
+    assert first_reply[0] == second_reply[0] == "assistant" and first_reply[1] and second_reply[1]
