@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
         prog=PROG,
         description="Chat with a local GGUF model on the CPU, offline. "
-        "Without --prompt, opens the full-screen chat.",
+        "Without --prompt, opens the full-screen chat "
+        "(line mode with --plain, or when stdin or stdout is not a terminal).",
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("-m", "--model", help="a .gguf path, a registry name (see --list-models) or a hub id owner/repo[:QUANT]")
@@ -200,10 +201,10 @@ def _settings(args):
     return config.build_settings(file_layer, config.env_overrides(os.environ), flags)
 
 
-def _read_prompt(prompt: str | None) -> tuple[str, str]:
-    """Return (prompt, context): piped stdin is the prompt, or context for --prompt."""
+def _read_prompt(prompt: str) -> tuple[str, str]:
+    """Return (prompt, context): with --prompt -, piped stdin is the prompt; else it is context."""
     piped = "" if sys.stdin.isatty() else sys.stdin.read()
-    if prompt is None or prompt == "-":
+    if prompt == "-":
         prompt, piped = piped, ""
     if not prompt.strip():
         raise UsageError("the prompt is empty")
