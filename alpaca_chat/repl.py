@@ -4,8 +4,10 @@ Replies stream as plain text. Ctrl+C during a reply stops it (the partial reply
 is kept and saved); Ctrl+C or Ctrl+D at the prompt exits.
 """
 
+import io
 import sys
 import threading
+from contextlib import contextmanager
 
 from alpaca_chat import paths
 from alpaca_chat.commands import command_lines, format_sampling, format_stats, is_command, parse_command
@@ -63,9 +65,10 @@ class LineChat:
         cancel = threading.Event()
         reply = self.session.send(text, cancel=cancel)
         try:
-            for delta in reply:
-                self.out.write(delta)
-                self.out.flush()
+            with _typing_not_echoed(sys.stdin):
+                for delta in reply:
+                    self.out.write(delta)
+                    self.out.flush()
         except KeyboardInterrupt:
             reply.deltas.close()  # saves the partial reply, marked stopped
             self.out.write(" [stopped]")
@@ -132,6 +135,29 @@ def run(session, *, load_model=None) -> int:
         except AlpacaChatError as exc:
             chat._say(f"error: {exc}")
     return 0
+
+
+@contextmanager
+def _typing_not_echoed(stream):
+    """While a reply streams, keys typed ahead are not echoed into it (the next prompt gets them)."""
+    try:
+        import termios
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, io.UnsupportedOperation, termios.error):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = saved[3] & ~termios.ECHO  # lflags; Ctrl+C still interrupts (ISIG stays)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _prompted_lines():

@@ -172,3 +172,18 @@ def test_piped_stdin_is_a_line_per_message_or_command():
     [[hi, first_reply, bye, second_reply]] = saved()
     assert hi[:2] == ("user", "Say hi.") and bye[:2] == ("user", "Say bye.")
     assert first_reply[0] == second_reply[0] == "assistant" and first_reply[1] and second_reply[1]
+
+
+def test_keys_typed_during_a_reply_are_not_echoed_into_it(terminals):
+    term = terminals("--plain", "--temp", "0", "--max-tokens", "300", "--repeat-penalty", "1.3")
+    term.read_until(r">>>\s*$")
+    start = term.mark()
+    term.type("Write a long story about a dragon.\r")
+    term.read_until(r"dragon\.\n.{20,}", start=start)
+    term.type("zqzq")  # typed ahead while the reply streams
+    term.read_until(r"\n>>>", timeout=120, start=start)
+    reply = term.screen[start:].split("dragon.\n", 1)[1].split("\n>>>", 1)[0]
+    assert "zqzq" not in reply
+    term.read_until(r">>>\s*zqzq", timeout=10, start=start)  # typed ahead: waiting at the next prompt
+    term.type("\x03")
+    assert term.close() == 0
