@@ -52,3 +52,11 @@ def smollm2_checkpoint(default_model_path, tmp_path_factory):
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_path.parent, **kwargs)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2_checkpoint, tmp_path_factory):
+    """A random two-layer Llama with SmolLM2's tokenizer, to train in seconds. Tests only read it."""
+    from finetune_helpers import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)

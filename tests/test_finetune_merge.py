@@ -18,15 +18,10 @@ from convert import cli, finetune, merge  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2_checkpoint, tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny, tmp_path_factory):
+def adapter(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter")
     data = write_json(root / "rows.json", seed_rows(24))
-    finetune.finetune(fast_config(tiny, data, root / "run", max_steps=3, val_size=0), progress=False)
+    finetune.finetune(fast_config(tiny_llama, data, root / "run", max_steps=3, val_size=0), progress=False)
     return root / "run"
 
 
@@ -35,15 +30,15 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_merged_checkpoint_reproduces_base_plus_adapter(tiny, adapter, tmp_path):
+def test_merged_checkpoint_reproduces_base_plus_adapter(tiny_llama, adapter, tmp_path):
     out = tmp_path / "merged"
-    result = merge.merge(str(tiny), adapter, out)
+    result = merge.merge(str(tiny_llama), adapter, out)
     assert result.max_logit_difference < 1e-4 and result.adapter_effect > 1e-3
     assert result.template == "alpaca" and result.dtype == "float32"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert not list(out.glob("*.bin")) and not list(out.parent.glob(".merged.*"))
     for name in ("tokenizer.json", "generation_config.json"):
-        assert (out / name).read_bytes() == (tiny / name).read_bytes()
+        assert (out / name).read_bytes() == (tiny_llama / name).read_bytes()
     assert (out / "chat_template.jinja").read_text() == ALPACA_JINJA
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == ALPACA_JINJA
 
@@ -51,18 +46,18 @@ def test_merged_checkpoint_reproduces_base_plus_adapter(tiny, adapter, tmp_path)
 
     ids = torch.tensor([[1, 520, 1430, 314, 2536, 30, 2]])
     merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     expected = _logits(peft.PeftModel.from_pretrained(base, str(adapter)).eval(), ids)
     torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_wrong_merge_fails_loudly_and_writes_nothing(tiny, adapter, tmp_path, monkeypatch):
+def test_a_wrong_merge_fails_loudly_and_writes_nothing(tiny_llama, adapter, tmp_path, monkeypatch):
     from peft.tuners.lora import LoraModel
 
     # A merge that silently drops the adapter: the merged logits are the base's.
     monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
     with pytest.raises(merge.MergeCheckError, match="does not reproduce base \\+ adapter.*nothing was written"):
-        merge.merge(str(tiny), adapter, tmp_path / "merged")
+        merge.merge(str(tiny_llama), adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.iterdir())
 
 
@@ -97,31 +92,31 @@ def test_adapter_for_another_base_is_refused(smollm2_checkpoint, adapter, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_base_or_adapter(tiny, adapter, tmp_path):
+def test_missing_base_or_adapter(tiny_llama, adapter, tmp_path):
     with pytest.raises(TrainingError, match="base model: checkpoint directory not found"):
         merge.merge(str(tmp_path / "no-base"), adapter, tmp_path / "out")
     with pytest.raises(TrainingError, match="adapter directory not found"):
-        merge.merge(str(tiny), tmp_path / "no-adapter", tmp_path / "out")
+        merge.merge(str(tiny_llama), tmp_path / "no-adapter", tmp_path / "out")
     (tmp_path / "half").mkdir()
     with pytest.raises(TrainingError, match="not a LoRA adapter: no adapter_model.safetensors"):
-        merge.merge(str(tiny), tmp_path / "half", tmp_path / "out")
+        merge.merge(str(tiny_llama), tmp_path / "half", tmp_path / "out")
 
 
-def test_chat_trained_adapter_keeps_the_base_template(tiny, tmp_path):
+def test_chat_trained_adapter_keeps_the_base_template(tiny_llama, tmp_path):
     rows = [
         {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
         for r in seed_rows(12)
     ]
     data = write_json(tmp_path / "chat.json", rows)
-    finetune.finetune(fast_config(tiny, data, tmp_path / "run", max_steps=2, val_size=0, max_length=256), progress=False)
-    assert json.loads((tmp_path / "run" / "training.json").read_text())["template"] == (tiny / "chat_template.jinja").read_text()
-    result = merge.merge(str(tiny), tmp_path / "run", tmp_path / "merged")
+    finetune.finetune(fast_config(tiny_llama, data, tmp_path / "run", max_steps=2, val_size=0, max_length=256), progress=False)
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["template"] == (tiny_llama / "chat_template.jinja").read_text()
+    result = merge.merge(str(tiny_llama), tmp_path / "run", tmp_path / "merged")
     assert result.template == "base"
-    assert (tmp_path / "merged" / "chat_template.jinja").read_text() == (tiny / "chat_template.jinja").read_text()
+    assert (tmp_path / "merged" / "chat_template.jinja").read_text() == (tiny_llama / "chat_template.jinja").read_text()
 
 
-def test_cli_merge(tiny, adapter, tmp_path, capsys):
-    code = cli.main(["merge", "--base", str(tiny), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--dtype", "bfloat16"])
+def test_cli_merge(tiny_llama, adapter, tmp_path, capsys):
+    code = cli.main(["merge", "--base", str(tiny_llama), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert code == 0
     assert "bfloat16, chat template: alpaca" in out and "logits check: merged vs base+adapter differ by at most" in out

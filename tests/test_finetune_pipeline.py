@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from finetune_helpers import fast_config, make_tiny_llama, seed_rows, write_json
+from finetune_helpers import fast_config, seed_rows, write_json
 
 pytest.importorskip("peft", reason="needs the convert extra")
 
@@ -20,24 +20,19 @@ STEPS = ["finetune", "merge", "export", "quantize Q4_K_M", "quantize Q8_0", "eva
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2_checkpoint, tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     return write_json(tmp_path_factory.mktemp("data") / "rows.json", seed_rows(32))
 
 
-def options(tiny, rows_file, out, quants=("Q4_K_M", "Q8_0"), **overrides):
-    return PipelineOptions(finetune=fast_config(tiny, rows_file, out, **overrides), quants=quants)
+def options(tiny_llama, rows_file, out, quants=("Q4_K_M", "Q8_0"), **overrides):
+    return PipelineOptions(finetune=fast_config(tiny_llama, rows_file, out, **overrides), quants=quants)
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny, rows_file, tmp_path_factory):
+def first_run(tiny_llama, rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     lines = []
-    summary = run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    summary = run_pipeline(options(tiny_llama, rows_file, out), report=lines.append)
     return out, summary, lines
 
 
@@ -90,7 +85,7 @@ def test_the_gguf_carries_the_alpaca_template(first_run):
         assert resolve_template("auto", engine.chat_template).name == "alpaca"
 
 
-def test_running_again_does_no_work(first_run, tiny, rows_file, monkeypatch):
+def test_running_again_does_no_work(first_run, tiny_llama, rows_file, monkeypatch):
     out, _, _ = first_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.txt"}
 
@@ -100,14 +95,14 @@ def test_running_again_does_no_work(first_run, tiny, rows_file, monkeypatch):
     for name in ("_finetune", "_merge", "_export", "_quantize", "_evaluate"):
         monkeypatch.setattr(pipeline, name, fail)
     lines = []
-    summary = run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    summary = run_pipeline(options(tiny_llama, rows_file, out), report=lines.append)
     assert all(s.skipped for s in summary.steps)
     assert lines == [f"{name}: up to date, skipped" for name in STEPS]
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert "held-out rows" in summary.format()
 
 
-def test_a_new_quant_type_redoes_only_what_depends_on_it(first_run, tiny, rows_file, tmp_path):
+def test_a_new_quant_type_redoes_only_what_depends_on_it(first_run, tiny_llama, rows_file, tmp_path):
     import shutil
 
     out = tmp_path / "copy"
@@ -115,12 +110,12 @@ def test_a_new_quant_type_redoes_only_what_depends_on_it(first_run, tiny, rows_f
     # The copy's paths differ, so hash it under its own name: rewrite the manifests' paths.
     for manifest in (out / "manifests").glob("*.json"):
         manifest.write_text(manifest.read_text().replace(str(first_run[0]), str(out)))
-    summary = run_pipeline(options(tiny, rows_file, out, quants=("Q4_K_M", "Q8_0", "Q5_K_M")))
+    summary = run_pipeline(options(tiny_llama, rows_file, out, quants=("Q4_K_M", "Q8_0", "Q5_K_M")))
     ran = [s.name for s in summary.steps if not s.skipped]
     assert ran == ["quantize Q5_K_M", "eval"]
 
 
-def test_interrupted_finetune_resumes_on_the_next_run(first_run, tiny, rows_file, tmp_path, monkeypatch):
+def test_interrupted_finetune_resumes_on_the_next_run(first_run, tiny_llama, rows_file, tmp_path, monkeypatch):
     real_finetune = finetune.finetune
 
     class SigintAtStep2(TrainerCallback):
@@ -141,26 +136,26 @@ def test_interrupted_finetune_resumes_on_the_next_run(first_run, tiny, rows_file
     monkeypatch.setattr(finetune, "finetune", finetune_interrupted_once)
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
-        run_pipeline(options(tiny, rows_file, out))
+        run_pipeline(options(tiny_llama, rows_file, out))
     assert json.loads((out / "manifests" / "finetune.json").read_text())["status"] == "running"
     lines = []
-    run_pipeline(options(tiny, rows_file, out), report=lines.append)
+    run_pipeline(options(tiny_llama, rows_file, out), report=lines.append)
     assert calls == [False, True] and lines[0] == "finetune: resuming"
     assert gguf(out, "Q8_0").read_bytes() == gguf(first_run[0], "Q8_0").read_bytes()
 
 
-def test_changed_settings_start_the_fine_tune_over(first_run, tiny, rows_file, tmp_path):
+def test_changed_settings_start_the_fine_tune_over(first_run, tiny_llama, rows_file, tmp_path):
     out = tmp_path / "run"
-    run_pipeline(options(tiny, rows_file, out, quants=("Q8_0",), max_steps=2))
-    summary = run_pipeline(options(tiny, rows_file, out, quants=("Q8_0",), max_steps=3))
+    run_pipeline(options(tiny_llama, rows_file, out, quants=("Q8_0",), max_steps=2))
+    summary = run_pipeline(options(tiny_llama, rows_file, out, quants=("Q8_0",), max_steps=3))
     assert not any(s.skipped for s in summary.steps)
     assert json.loads((out / "adapter" / "metrics.json").read_text())["steps"] == 3
 
 
-def test_cli_pipeline_then_compare(first_run, tiny, rows_file, capsys):
+def test_cli_pipeline_then_compare(first_run, tiny_llama, rows_file, capsys):
     out, _, _ = first_run
     code = cli.main([
-        "pipeline", "--base", str(tiny), "--data", str(rows_file), "--out", str(out), "--quant", "Q4_K_M", "Q8_0",
+        "pipeline", "--base", str(tiny_llama), "--data", str(rows_file), "--out", str(out), "--quant", "Q4_K_M", "Q8_0",
         "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1", "--max-length", "96", "--val-size", "4",
         "--learning-rate", "1e-3", "--save-steps", "2", "--eval-steps", "4",
     ])
@@ -188,9 +183,9 @@ def test_compare_needs_models_and_prompts(tmp_path):
         compare.models_from(pipeline=tmp_path)
 
 
-def test_unknown_quant_type_fails_before_training(tiny, rows_file, tmp_path):
+def test_unknown_quant_type_fails_before_training(tiny_llama, rows_file, tmp_path):
     from convert.quantize import UnknownQuantTypeError
 
     with pytest.raises(UnknownQuantTypeError):
-        run_pipeline(options(tiny, rows_file, tmp_path / "run", quants=("Q9_Z",)))
+        run_pipeline(options(tiny_llama, rows_file, tmp_path / "run", quants=("Q9_Z",)))
     assert not (tmp_path / "run" / "adapter").exists()

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from finetune_helpers import fast_config, make_tiny_llama, seed_rows, write_json
+from finetune_helpers import fast_config, seed_rows, write_json
 
 pytest.importorskip("peft", reason="needs the convert extra")
 
@@ -21,20 +21,15 @@ from convert.finetune import PackedCollator, TrainingInterrupted, packed_loss  #
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2_checkpoint, tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     return write_json(tmp_path_factory.mktemp("data") / "rows.json", seed_rows(40))
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny, rows_file, tmp_path_factory):
+def finished_run(tiny_llama, rows_file, tmp_path_factory):
     """One uninterrupted 6-step run, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    return finetune.finetune(fast_config(tiny, rows_file, out, max_steps=6), progress=False)
+    return finetune.finetune(fast_config(tiny_llama, rows_file, out, max_steps=6), progress=False)
 
 
 class SigintAtStep(TrainerCallback):
@@ -67,11 +62,11 @@ def test_writes_adapter_metrics_plot_and_held_out_rows(finished_run):
     assert len((out / "heldout.jsonl").read_text().splitlines()) == 4
 
 
-def test_packed_batch_loss_equals_the_per_example_loss(tiny):
+def test_packed_batch_loss_equals_the_per_example_loss(tiny_llama):
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     records = [data.parse_row(row, f"row {i}") for i, row in enumerate(seed_rows(4), 1)]
     examples, _ = data.tokenize(records, tokenizer, max_length=96)
     batch = PackedCollator()(examples)
@@ -100,8 +95,8 @@ def test_chunks_are_cut_between_examples():
     assert finetune.chunk_bounds(positions(8, 2, 2), 5) == [(0, 8), (8, 12)]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_adapter(tiny, rows_file, tmp_path, finished_run):
-    config = fast_config(tiny, rows_file, tmp_path / "run", max_steps=6)
+def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_adapter(tiny_llama, rows_file, tmp_path, finished_run):
+    config = fast_config(tiny_llama, rows_file, tmp_path / "run", max_steps=6)
     with pytest.raises(TrainingInterrupted) as caught:
         finetune.finetune(config, callbacks=[SigintAtStep(3)], progress=False)
     assert caught.value.exit_code == 130 and "--resume" in str(caught.value)
@@ -126,9 +121,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_adapter(tiny, row
     assert resumed.final_eval_loss == pytest.approx(finished_run.final_eval_loss, rel=1e-5)
 
 
-def test_resume_without_a_checkpoint_is_a_usage_error(tiny, rows_file, tmp_path):
+def test_resume_without_a_checkpoint_is_a_usage_error(tiny_llama, rows_file, tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
-        finetune.finetune(fast_config(tiny, rows_file, tmp_path / "new", resume=True), progress=False)
+        finetune.finetune(fast_config(tiny_llama, rows_file, tmp_path / "new", resume=True), progress=False)
 
 
 def test_base_checkpoint_that_does_not_exist(rows_file, tmp_path):
@@ -136,10 +131,10 @@ def test_base_checkpoint_that_does_not_exist(rows_file, tmp_path):
         finetune.finetune(fast_config(tmp_path / "nowhere", rows_file, tmp_path / "out"), progress=False)
 
 
-def test_base_with_only_pickled_weights_is_refused(tiny, rows_file, tmp_path):
+def test_base_with_only_pickled_weights_is_refused(tiny_llama, rows_file, tmp_path):
     base = tmp_path / "pickled"
     base.mkdir()
-    (base / "config.json").write_bytes((tiny / "config.json").read_bytes())
+    (base / "config.json").write_bytes((tiny_llama / "config.json").read_bytes())
     (base / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(TrainingError, match="no .safetensors weights"):
         finetune.finetune(fast_config(base, rows_file, tmp_path / "out"), progress=False)
@@ -156,10 +151,10 @@ def test_lora_defaults_per_architecture_and_overrides():
     assert finetune.lora_settings("llama", custom) == finetune.LoraSettings(4, 8, 0.0, ("q_proj", "v_proj"))
 
 
-def test_cli_finetune_prints_progress_and_the_loss_line(tiny, rows_file, tmp_path, capsys):
+def test_cli_finetune_prints_progress_and_the_loss_line(tiny_llama, rows_file, tmp_path, capsys):
     out = tmp_path / "cli-run"
     code = cli.main([
-        "finetune", "--base", str(tiny), "--data", str(rows_file), "--out", str(out),
+        "finetune", "--base", str(tiny_llama), "--data", str(rows_file), "--out", str(out),
         "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--val-size", "2",
         "--learning-rate", "1e-3", "--target-modules", "q_proj", "v_proj", "--lora-r", "4",
     ])
@@ -171,10 +166,10 @@ def test_cli_finetune_prints_progress_and_the_loss_line(tiny, rows_file, tmp_pat
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
-def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
+def test_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n', encoding="utf-8")
-    code = cli.main(["finetune", "--base", str(tiny), "--data", str(bad), "--out", str(tmp_path / "o")])
+    code = cli.main(["finetune", "--base", str(tiny_llama), "--data", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1
     assert err.strip() == f"alpaca-convert: error: {bad}: line 2: 'output' must be a string, not a number"
