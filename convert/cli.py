@@ -238,20 +238,10 @@ def _note(message: str) -> None:
 
 
 def cmd_export(args) -> int:
-    from convert.export import export
-
     label = args.outtype.upper()
     output = Path(args.output) if args.output else Path(f"{_checkpoint_name(args.checkpoint)}.{label}.gguf")
     _note(f"exporting {args.checkpoint} -> {output} ({label})")
-    result = export(
-        args.checkpoint,
-        output,
-        args.outtype,
-        allow_pickle=args.allow_pickle,
-        chat_template=_chat_template(args.chat_template),
-        pre_tokenizer=args.pre_tokenizer,
-        progress=_Progress("exporting"),
-    )
+    result = _export_checkpoint(args, output, args.outtype)
     print(f"wrote {result.path} ({result.architecture}, {label}, {_size(result.n_bytes)}) in {result.seconds:.1f} s")
     return 0
 
@@ -267,7 +257,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from convert.export import export
     from convert.quantize import parse_quant_type
 
     types = list(dict.fromkeys(parse_quant_type(t).name for t in args.quant))  # validate before exporting
@@ -278,15 +267,7 @@ def cmd_convert(args) -> int:
     intermediate = _intermediate_path(outputs, middle_type, name, keep)
     _note(f"converting {args.checkpoint} -> {', '.join(str(p) for p in outputs.values())}")
     try:
-        result = export(
-            args.checkpoint,
-            intermediate,
-            args.intermediate,
-            allow_pickle=args.allow_pickle,
-            chat_template=_chat_template(args.chat_template),
-            pre_tokenizer=args.pre_tokenizer,
-            progress=_Progress("exporting"),
-        )
+        result = _export_checkpoint(args, intermediate, args.intermediate)
         where = result.path if keep else "a temporary file"
         print(f"wrote {where} ({result.architecture}, {middle_type}, {_size(result.n_bytes)}) in {result.seconds:.1f} s")
         for qtype, output in outputs.items():
@@ -296,6 +277,21 @@ def cmd_convert(args) -> int:
         if not keep:
             intermediate.unlink(missing_ok=True)
     return 0
+
+
+def _export_checkpoint(args, output: Path, outtype: str):
+    """Export args.checkpoint with the export flags export and convert share."""
+    from convert.export import export
+
+    return export(
+        args.checkpoint,
+        output,
+        outtype,
+        allow_pickle=args.allow_pickle,
+        chat_template=_chat_template(args.chat_template),
+        pre_tokenizer=args.pre_tokenizer,
+        progress=_Progress("exporting"),
+    )
 
 
 def _intermediate_path(outputs: dict[str, Path], middle_type: str, name: str, keep: bool) -> Path:
