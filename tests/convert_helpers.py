@@ -30,6 +30,8 @@ MIXED_TEXT = (
     "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 )
 
+# Written out here, not imported from convert.export.pretokenizers: the tests build
+# tokenizers with the regexes real models ship and check that the exporter recognizes them.
 LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
