@@ -2,8 +2,8 @@
 
 The app owns the session, the store and two kinds of thread workers: one that
 loads a model and one that streams a reply. Workers never touch a widget: a
-reply's text goes into a StreamBuffer that a UI timer drains into the Markdown
-stream, and everything else comes back as messages.
+reply's text goes into a StreamBuffer that a UI timer drains into the reply's
+Markdown, and everything else comes back as messages.
 """
 
 import gc
