@@ -60,3 +60,11 @@ def tiny_llama(smollm2_checkpoint, tmp_path_factory):
     from finetune_helpers import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tmp_path_factory):
+    """Tiny random checkpoints of every family (tests/arch_cases/) and their F32/F16 GGUFs, built on first use."""
+    from convert_helpers import TinyBuilds
+
+    return TinyBuilds(tmp_path_factory.mktemp("tiny-models"))

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,37 +122,50 @@ def write_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> int:
 
 @dataclass(frozen=True)
 class TinyCase:
+    """One tiny random checkpoint of a family, and what the tests may expect of it.
+
+    Cases live in `tests/arch_cases/<family>.py` (one module per family, like the
+    exporter); `TINY_CASES` below collects them all.
+    """
+
     name: str
     architecture: str  # HF class name
-    tokenizer: str  # "spm" or a BPE pre-tokenizer name
-    config: dict = field(default_factory=dict)
-    oracle: bool = False  # llama.cpp's converter can read it (it refuses unknown BPE tokenizers)
+    tokenizer: str | Callable[[Path], "TokenizerInfo"]  # "spm", a BPE pre-tokenizer name, or a writer
+    config: dict = field(default_factory=dict)  # overrides the tiny defaults (hidden 64, 2 layers...)
+    config_class: str | None = None  # transformers config class, when not <Arch>Config
+    oracle: bool = True  # compare with llama.cpp's converter
+    # GGUF keys whose value may legitimately differ from llama.cpp's converter, each with
+    # its reason; the README's difference table lists the same.
+    metadata_differences: dict[str, str] = field(default_factory=dict)
 
 
-TINY_CASES = [
-    TinyCase("llama-spm-gqa", "LlamaForCausalLM", "spm", oracle=True),
-    TinyCase(
-        "llama3-bpe-tied",
-        "LlamaForCausalLM",
-        "llama-bpe",
-        {
-            "tie_word_embeddings": True,
-            "rope_parameters": {
-                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-            },
-        },
-    ),
-    TinyCase(
-        "mistral-spm-linear-rope",
-        "MistralForCausalLM",
-        "spm",
-        {"sliding_window": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
-        oracle=True,
-    ),
-    TinyCase("qwen2-bpe-tied", "Qwen2ForCausalLM", "qwen2", {"tie_word_embeddings": True}),
-    TinyCase("qwen2-spm", "Qwen2ForCausalLM", "spm", oracle=True),
-]
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What a tokenizer writer reports: its size and the special token ids for config.json."""
+
+    n_vocab: int
+    special_ids: dict[str, int]
+
+
+def write_tokenizer(out: Path, case: TinyCase) -> TokenizerInfo:
+    if callable(case.tokenizer):
+        return case.tokenizer(out)
+    if case.tokenizer == "spm":
+        return TokenizerInfo(write_sentencepiece_tokenizer(out), {"bos_token_id": 1, "eos_token_id": 2})
+    n_vocab = write_bpe_tokenizer(out, case.tokenizer)
+    return TokenizerInfo(n_vocab, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+
+
+def _collect_cases() -> list[TinyCase]:
+    import importlib
+    import pkgutil
+
+    import arch_cases
+
+    cases: list[TinyCase] = []
+    for module in sorted(pkgutil.iter_modules(arch_cases.__path__), key=lambda m: m.name):
+        cases.extend(importlib.import_module(f"arch_cases.{module.name}").CASES)
+    return cases
 
 
 def build_tiny_model(out: Path, case: TinyCase, *, dtype: str = "float32", seed: int = 0) -> Path:
@@ -160,25 +174,22 @@ def build_tiny_model(out: Path, case: TinyCase, *, dtype: str = "float32", seed:
     import transformers
 
     out.mkdir(parents=True, exist_ok=True)
-    if case.tokenizer == "spm":
-        n_vocab = write_sentencepiece_tokenizer(out)
-        special = {"bos_token_id": 1, "eos_token_id": 2}
-    else:
-        n_vocab = write_bpe_tokenizer(out, case.tokenizer)
-        special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    config_class = getattr(transformers, case.architecture.replace("ForCausalLM", "Config"))
-    config = config_class(
+    info = write_tokenizer(out, case)
+    config_class = getattr(transformers, case.config_class or case.architecture.replace("ForCausalLM", "Config"))
+    settings = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=n_vocab,
+        vocab_size=info.n_vocab,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        **special,
-        **case.config,
+        **info.special_ids,
     )
+    settings.update(case.config)
+    config = config_class(**settings)
+    config.architectures = [case.architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, case.architecture)(config)
     with torch.no_grad():
@@ -191,6 +202,30 @@ def build_tiny_model(out: Path, case: TinyCase, *, dtype: str = "float32", seed:
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+class TinyBuilds:
+    """Tiny checkpoints and their F32/F16 exports, built on first use and kept for the session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(self, name: str) -> tuple[Path, Path, Path]:
+        """(checkpoint dir, F32 GGUF, F16 GGUF) of the case called `name`."""
+        if name not in self._built:
+            from convert.export import export
+
+            case = CASES[name]
+            checkpoint = build_tiny_model(self.root / name, case)
+            f32 = export(checkpoint, self.root / f"{name}.F32.gguf", "f32").path
+            f16 = export(checkpoint, self.root / f"{name}.F16.gguf", "f16").path
+            self._built[name] = (checkpoint, f32, f16)
+        return self._built[name]
+
+
+TINY_CASES: list[TinyCase] = _collect_cases()
+CASES: dict[str, TinyCase] = {case.name: case for case in TINY_CASES}
 
 
 def hf_last_logits(checkpoint: Path, sequences: list[list[int]]) -> list[np.ndarray]:
@@ -246,22 +281,39 @@ def reference_converter(cache_dir: Path) -> Path | None:
     return script if script.is_file() else None
 
 
-def reference_converter_or_skip(request, tmp_path_factory) -> Path:
-    """The oracle script, cached in pytest's cache dir across runs (or a tmp dir without one)."""
+def reference_converter_or_fail(request, tmp_path_factory) -> Path:
+    """The oracle script, cached in pytest's cache dir across runs (or a tmp dir without one).
+
+    The oracle is part of the suite's promise (byte parity with llama.cpp's converter), so a
+    machine that cannot fetch it fails the test instead of skipping it.
+    """
     import pytest
 
     cache = getattr(request.config, "cache", None)
     cache_dir = cache.mkdir("llama-cpp-python-sdist") if cache is not None else tmp_path_factory.mktemp("sdist")
     script = reference_converter(Path(cache_dir))
     if script is None:
-        pytest.skip("llama.cpp's converter is unavailable (no network to PyPI, nothing cached)")
+        pytest.fail(
+            f"llama.cpp's converter is unavailable: could not download the llama-cpp-python=="
+            f"{LLAMA_CPP_PYTHON_VERSION} sdist from PyPI into {cache_dir}"
+        )
     return script
 
 
-def run_reference_converter(script: Path, checkpoint: Path, out: Path, outtype: str = "f16") -> subprocess.CompletedProcess:
+ORACLE_WRAPPER = Path(__file__).with_name("oracle_convert.py")
+
+
+def run_reference_converter(
+    script: Path, checkpoint: Path, out: Path, outtype: str = "f16", *, pre_tokenizer: str | None = None
+) -> subprocess.CompletedProcess:
+    """llama.cpp's converter on `checkpoint`. With `pre_tokenizer`, its hash lookup of the BPE
+    pre-tokenizer is answered with that name (see oracle_convert.py); nothing else changes."""
+    env = {**os.environ, "ORACLE_SCRIPT": str(script)}
+    if pre_tokenizer is not None:
+        env["ORACLE_PRE_TOKENIZER"] = pre_tokenizer
     return subprocess.run(
-        [sys.executable, str(script), str(checkpoint), "--outtype", outtype, "--outfile", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
+        [sys.executable, str(ORACLE_WRAPPER), str(checkpoint), "--outtype", outtype, "--outfile", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=script.parent, env=env,
     )
 
 
@@ -314,3 +366,22 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=False)
     return dst
+
+
+def end_of_generation_tokens(gguf_path: Path) -> set[str]:
+    """The texts of the tokens llama.cpp stops generating at (its end-of-generation set)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+    assert model, f"llama.cpp could not load {gguf_path}"
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return {
+            llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+            for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
+            if llama_cpp.llama_vocab_is_eog(vocab, token)
+        }
+    finally:
+        llama_cpp.llama_model_free(model)

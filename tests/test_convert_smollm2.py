@@ -23,7 +23,7 @@ from convert_helpers import (  # noqa: E402
     gguf_tensors,
     hf_last_logits,
     random_sequences,
-    reference_converter_or_skip,
+    reference_converter_or_fail,
     run_reference_converter,
     same_bytes,
     without_quantization_config,
@@ -128,7 +128,7 @@ def test_metadata(f16, smollm2_checkpoint):
 
 
 def test_same_file_as_llama_cpp_converter(request, tmp_path_factory, smollm2_checkpoint, f16, tmp_path):
-    script = reference_converter_or_skip(request, tmp_path_factory)
+    script = reference_converter_or_fail(request, tmp_path_factory)
     # llama.cpp's converter refuses the quantization_config transformers leaves in config.json
     # after dequantizing a GGUF; the weights themselves are plain bf16.
     source = without_quantization_config(smollm2_checkpoint, tmp_path / smollm2_checkpoint.name)
