@@ -56,16 +56,34 @@ def training_text() -> str:
 # -- tokenizers ----------------------------------------------------------------------
 
 
-def write_bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 400) -> int:
-    """Train a byte-level BPE tokenizer (tokenizers library) and save it HF-style. Returns its size."""
+def write_bpe_tokenizer(
+    out: Path,
+    pre: str = "gpt-2",
+    vocab_size: int = 400,
+    *,
+    regex: str | None = None,
+    pre_tokenizer=None,
+    specials: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    roles: dict[str, str] | None = None,
+    chat_template: str = CHATML,
+) -> int:
+    """Train a byte-level BPE tokenizer (tokenizers library) and save it HF-style. Returns its size.
+
+    The split comes from `pre` (a name known here), or `regex` (Split + ByteLevel, as Llama 3
+    and Qwen ship), or a whole `pre_tokenizer` object. `specials` become added special tokens
+    with ids 0, 1, 2...; `roles` maps bos_token/eos_token/unk_token/pad_token to their text
+    (default: ChatML's markers).
+    """
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    if pre == "gpt-2":
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    elif pre == "gpt-2" and regex is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
+        regex = regex or {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
@@ -73,16 +91,15 @@ def write_bpe_tokenizer(out: Path, pre: str = "gpt-2", vocab_size: int = 400) ->
             ]
         )
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([training_text()], trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+    roles = roles or dict(
+        bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    fast.chat_template = CHATML
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    fast.chat_template = chat_template
     fast.save_pretrained(out)
     return tok.get_vocab_size()
 
