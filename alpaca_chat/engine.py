@@ -12,8 +12,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # llama.cpp's threads meet at an OpenMP barrier many times per token, and by
 # default libgomp waits there by spinning 300,000 times before it sleeps. That
@@ -54,6 +56,27 @@ def configure_logging(verbose: bool) -> None:
         # Keep a reference: ctypes callbacks are freed with their Python object.
         _log_state["callback"] = llama_cpp.llama_log_callback(_on_llama_log)
         llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+def model_load_params():
+    """llama.cpp's model parameters for CPU inference: every load goes through here.
+
+    Where llama.cpp was built with AMX kernels and the CPU has AMX, its AMX
+    weight layout is refused (`use_extra_bufts` off): ggml's AMX matmul
+    segfaults on some of these machines, inside llama_decode, on the bundled
+    model's very first prompt (llama.cpp issue 20824, closed unfixed). The
+    plain AVX-512 kernels run instead; the CPU repack layouts go with it.
+    """
+    params = llama_cpp.llama_model_default_params()
+    params.use_mmap = True
+    params.n_gpu_layers = 0
+    if _amx_kernels_active():
+        params.use_extra_bufts = False
+    return params
+
+
+def _amx_kernels_active() -> bool:
+    return b"AMX_INT8 = 1" in (llama_cpp.llama_print_system_info() or b"")
 
 
 def physical_cores() -> int:
@@ -109,6 +132,7 @@ class Engine:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_batch: int = DEFAULT_N_BATCH,
+        n_seq_max: int = 1,
         verbose: bool = False,
     ):
         configure_logging(verbose)
@@ -121,6 +145,7 @@ class Engine:
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_ctx_train = n_ctx_train
         self.n_batch = n_batch
+        self.n_seq_max = max(1, n_seq_max)
         self._ctx = self._new_context(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -134,10 +159,7 @@ class Engine:
     # -- loading -----------------------------------------------------------
 
     def _load_model(self):
-        params = llama_cpp.llama_model_default_params()
-        params.use_mmap = True
-        params.n_gpu_layers = 0
-        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), model_load_params())
         if not model:
             raise EngineError(f"llama.cpp could not load {self.model_path} (run with --verbose for its log)")
         return model
@@ -150,6 +172,11 @@ class Engine:
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.no_perf = True
+        if self.n_seq_max > 1:
+            # Parallel sequences share one pool of n_ctx cells (instead of n_ctx / n_seq_max
+            # each), so a long request can use what short ones leave free.
+            params.n_seq_max = self.n_seq_max
+            params.kv_unified = True
         ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not create a {n_ctx}-token context for {self.model_path}")
@@ -366,3 +393,242 @@ class Engine:
             yield tail
         elapsed = time.perf_counter() - prompt_done
         stats.generation_tokens_per_s = stats.generated_tokens / max(elapsed, 1e-9)
+
+    # -- parallel sequences ----------------------------------------------------------
+    #
+    # Several independent requests decode together: each has its own sequence id in
+    # the KV cache and its own sampler, and one llama_decode evaluates a token of
+    # every running request. On a CPU a batch of K tokens costs far less than K
+    # single-token steps (the weights are read once per batch).
+
+    def next_token_logits(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Next-token logits after each prompt, all prompts evaluated in shared batches.
+
+        Each prompt is its own sequence, so none can see another: the result must
+        match evaluating each prompt alone (up to batched-kernel rounding).
+        """
+        if len(prompts) > self.n_seq_max:
+            raise EngineError(f"{len(prompts)} prompts, but the context holds {self.n_seq_max} sequences")
+        if sum(len(p) for p in prompts) > self.n_ctx:
+            raise EngineError(f"the prompts are {sum(len(p) for p in prompts)} tokens; the context holds {self.n_ctx}")
+        with self._exclusive():
+            self.reset()
+            logits: dict[int, list[float]] = {}
+            segments = [_Segment(seq, list(tokens), 0) for seq, tokens in enumerate(prompts)]
+            self._decode_segments(segments, lambda seg, idx: logits.__setitem__(seg.seq, self._logits_at(idx)))
+            self.reset()
+        return [logits[seq] for seq in range(len(prompts))]
+
+    def generate_parallel(
+        self,
+        next_request: Callable[[], "ParallelRequest | None"],
+        *,
+        cancel: threading.Event | None = None,
+    ) -> Iterator["ParallelResult"]:
+        """Run requests up to `n_seq_max` at a time, yielding each result as it completes.
+
+        `next_request` is called whenever a sequence is free; None means no more for
+        now. The KV cache is cleared before and after (the chat's cached prefix is lost).
+        """
+        with self._exclusive():
+            self.reset()
+            try:
+                yield from _ParallelRun(self, next_request, cancel).results()
+            finally:
+                self.reset()
+
+    def _exclusive(self):
+        engine = self
+
+        class _Held:
+            def __enter__(self):
+                if not engine._lock.acquire(blocking=False):
+                    raise EngineError("the engine is already generating")
+
+            def __exit__(self, *exc):
+                engine._lock.release()
+
+        return _Held()
+
+    def _logits_at(self, idx: int) -> list[float]:
+        row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
+        return row[: self.n_vocab]
+
+    def _decode_segments(self, segments: list["_Segment"], on_last: Callable[["_Segment", int], None]) -> None:
+        """Evaluate each segment's tokens in its own sequence, packing segments into shared
+        batches; `on_last(segment, batch index)` runs while that segment's last logits are
+        readable (before the next llama_decode overwrites them)."""
+        batch = self._batch
+        pending: list[tuple[_Segment, int]] = []
+        n = 0
+        for seg in segments:
+            for offset, token in enumerate(seg.tokens):
+                if n == self.n_batch:
+                    self._decode_batch(n, pending, on_last)
+                    pending, n = [], 0
+                batch.token[n] = token
+                batch.pos[n] = seg.start_pos + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seg.seq
+                last = offset == len(seg.tokens) - 1
+                batch.logits[n] = last
+                if last:
+                    pending.append((seg, n))
+                n += 1
+        if n:
+            self._decode_batch(n, pending, on_last)
+
+    def _decode_batch(self, n_tokens: int, pending, on_last) -> None:
+        self._batch.n_tokens = n_tokens
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise EngineError(f"llama.cpp failed to evaluate a batch (llama_decode returned {status})")
+        for seg, idx in pending:
+            on_last(seg, idx)
+
+
+@dataclass
+class ParallelRequest:
+    """One request of a parallel run: a tokenized prompt and how to sample its reply."""
+
+    tokens: list[int]
+    sampling: SamplingParams
+    stop_strings: tuple[str, ...] = ()
+    tag: Any = None  # the caller's, handed back with the result
+
+
+@dataclass
+class ParallelResult:
+    request: ParallelRequest
+    text: str
+    stats: GenerationStats
+
+
+@dataclass
+class _Segment:
+    seq: int
+    tokens: list[int]
+    start_pos: int
+
+
+@dataclass
+class _Slot:
+    """A running request: its sequence, sampler and text so far."""
+
+    seq: int
+    request: ParallelRequest
+    sampler: Any
+    pos: int
+    stops: StopStringFilter
+    started: float
+    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    parts: list[str] = field(default_factory=list)
+    next_token: int | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class _ParallelRun:
+    """The loop of Engine.generate_parallel: admit requests into free sequences, decode one
+    token of every running request per batch, hand back each request as it ends."""
+
+    def __init__(self, engine: Engine, next_request, cancel):
+        self.engine = engine
+        self.next_request = next_request
+        self.cancel = cancel
+        self.slots: dict[int, _Slot] = {}
+        self.done: list[ParallelResult] = []
+        self.exhausted = False
+        self.held: ParallelRequest | None = None  # pulled, waiting for room in the context
+
+    def results(self) -> Iterator[ParallelResult]:
+        try:
+            while True:
+                new = self._admit()
+                if not self.slots:
+                    return
+                segments = [_Segment(s.seq, s.request.tokens, 0) for s in new]
+                segments += [_Segment(s.seq, [s.next_token], s.pos) for s in self.slots.values() if s not in new]
+                self.engine._decode_segments(segments, self._sample)
+                for s in new:
+                    s.stats.prompt_tokens_per_s = len(s.request.tokens) / max(time.perf_counter() - s.started, 1e-9)
+                yield from self._take_done()
+                if self.cancel is not None and self.cancel.is_set():
+                    for slot in list(self.slots.values()):
+                        slot.stats.stop_reason = "cancelled"
+                        self._finish(slot)
+                    yield from self._take_done()
+                    return
+        finally:
+            for slot in self.slots.values():
+                llama_cpp.llama_sampler_free(slot.sampler)
+
+    def _reserved(self) -> int:
+        return sum(len(s.request.tokens) + s.request.sampling.max_tokens for s in self.slots.values())
+
+    def _admit(self) -> list[_Slot]:
+        """Pull requests into free sequences while the context has room for them."""
+        new: list[_Slot] = []
+        free = [seq for seq in range(self.engine.n_seq_max) if seq not in self.slots]
+        while free and not self.exhausted:
+            request, self.held = self.held or self.next_request(), None
+            if request is None:
+                self.exhausted = True
+                break
+            need = len(request.tokens) + request.sampling.max_tokens
+            if not request.tokens or need > self.engine.n_ctx:
+                raise EngineError(
+                    f"a request needs {need} tokens (prompt + max_tokens); the context holds {self.engine.n_ctx}"
+                )
+            if self.slots and self._reserved() + need > self.engine.n_ctx:
+                self.held = request  # admitted once running requests have finished
+                break
+            slot = self._open(free.pop(0), request)
+            new.append(slot)
+        return new
+
+    def _open(self, seq: int, request: ParallelRequest) -> _Slot:
+        sampler = self.engine._sampler(request.sampling)
+        for token in request.tokens[-REPEAT_PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(sampler, token)
+        slot = _Slot(seq, request, sampler, len(request.tokens), StopStringFilter(request.stop_strings),
+                     time.perf_counter())
+        slot.stats.prompt_tokens = len(request.tokens)
+        self.slots[seq] = slot
+        return slot
+
+    def _sample(self, seg: _Segment, idx: int) -> None:
+        slot = self.slots[seg.seq]
+        engine = self.engine
+        if seg.start_pos:  # a generated token was just evaluated
+            slot.pos += 1
+        token = llama_cpp.llama_sampler_sample(slot.sampler, engine._ctx, idx)
+        stats = slot.stats
+        if stats.generated_tokens == 0:
+            stats.time_to_first_token_s = time.perf_counter() - slot.started
+        if llama_cpp.llama_vocab_is_eog(engine._vocab, token):
+            stats.stop_reason = "eos"
+            return self._finish(slot)
+        stats.generated_tokens += 1
+        slot.parts.append(slot.stops.feed(slot.utf8.decode(engine._piece(token))))
+        if slot.stops.stopped:
+            stats.stop_reason = "stop_string"
+            return self._finish(slot)
+        if stats.generated_tokens >= slot.request.sampling.max_tokens:
+            stats.stop_reason = "length"
+            return self._finish(slot)
+        slot.next_token = token
+
+    def _finish(self, slot: _Slot) -> None:
+        slot.parts.append(slot.stops.feed(slot.utf8.decode(b"", final=True)) + slot.stops.flush())
+        elapsed = time.perf_counter() - slot.started - slot.stats.time_to_first_token_s
+        slot.stats.generation_tokens_per_s = slot.stats.generated_tokens / max(elapsed, 1e-9)
+        memory = llama_cpp.llama_get_memory(self.engine._ctx)
+        llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
+        llama_cpp.llama_sampler_free(slot.sampler)
+        del self.slots[slot.seq]
+        self.done.append(ParallelResult(slot.request, "".join(slot.parts), slot.stats))
+
+    def _take_done(self) -> Iterator[ParallelResult]:
+        done, self.done = self.done, []
+        yield from done
+

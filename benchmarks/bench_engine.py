@@ -35,8 +35,10 @@ class ReferenceLoop:
 
     def __init__(self, path: str, n_threads: int, n_ctx: int = 2048, n_batch: int = 512):
         llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+        # The engine's load parameters (AMX guard included), so both sides run the same kernels.
+        from alpaca_chat.engine import model_load_params
+
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), model_load_params())
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
@@ -143,7 +145,9 @@ def bench_startup(path: str, runs: int) -> tuple[float, float]:
         "cb = llama_cpp.llama_log_callback(lambda *a: None)  # kept alive: llama.cpp calls it later\n"
         "llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))\n"
         "llama_cpp.llama_backend_init()\n"
-        f"m = llama_cpp.llama_model_load_from_file({path!r}.encode(), llama_cpp.llama_model_default_params())\n"
+        "mp = llama_cpp.llama_model_default_params()\n"
+        "mp.use_extra_bufts = b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info()  # the engine's AMX guard\n"
+        f"m = llama_cpp.llama_model_load_from_file({path!r}.encode(), mp)\n"
         "p = llama_cpp.llama_context_default_params(); p.n_ctx = 4096\n"
         "c = llama_cpp.llama_init_from_model(m, p)\n"
     )

@@ -58,15 +58,14 @@ class LogitsModel:
     ):
         import llama_cpp
 
+        from alpaca_chat.engine import model_load_params
         from convert import llama_log
 
         self._lib = llama_cpp
         llama_log.install()
         llama_cpp.llama_backend_init()
         self.path = Path(path)
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_load_params())
         if not self._model:
             raise EvaluationError(f"llama.cpp could not load {self.path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
