@@ -31,8 +31,13 @@ class LoadedModel:
         return f"{self.name} {self.quant}" if self.quant and self.quant not in self.name else self.name
 
 
-def load_engine(model_spec: str | None, *, n_ctx: int | None, threads: int | None, verbose: bool):
-    """Resolve and validate a model, then load it. Returns (engine, resolved model)."""
+def load_engine(
+    model_spec: str | None, *, n_ctx: int | None, threads: int | None, verbose: bool, n_seq_max: int = 1
+):
+    """Resolve and validate a model, then load it. Returns (engine, resolved model).
+
+    `n_seq_max` > 1 sizes the context for that many parallel sequences sharing `n_ctx` cells.
+    """
     resolved = models.resolve_model(model_spec)
     info = gguf_check.check_gguf(resolved.path)
     wanted_ctx = n_ctx or min(4096, info.context_length or 4096)
@@ -40,7 +45,7 @@ def load_engine(model_spec: str | None, *, n_ctx: int | None, threads: int | Non
 
     from alpaca_chat.engine import Engine  # imports llama_cpp: only once the file is known good
 
-    engine = Engine(resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose)
+    engine = Engine(resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose, n_seq_max=n_seq_max)
     return engine, resolved
 
 

@@ -6,6 +6,7 @@
     alpaca-convert eval QUANT.gguf --reference F16.gguf [--text FILE]
     alpaca-convert eval F16.gguf --ladder Q8_0,Q5_K_M,Q4_K_M [--plot ladder.png]
     alpaca-convert inspect FILE.gguf
+    alpaca-convert generate --teacher MODEL --seed-tasks alpaca-seed -n N -o OUT.json
 
 This module parses, calls the library and prints; it is the only place that
 turns errors into exit codes: 0 success, 1 failure, 2 usage error, 130
@@ -43,7 +44,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 # -- the parser ------------------------------------------------------------------
 
 
-OWN_COMMANDS = (DEFAULT_COMMAND, "export", "quantize", "eval", "inspect")
+OWN_COMMANDS = (DEFAULT_COMMAND, "export", "quantize", "eval", "inspect", "generate")
 
 
 def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
@@ -64,6 +65,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     _add_quantize(sub, common)
     _add_eval(sub, common)
     _add_inspect(sub, common)
+    _add_generate(sub, common)
     if plugins:
         _add_plugins(sub)
     return parser
@@ -143,6 +145,33 @@ def _add_inspect(sub, common) -> None:
     p.add_argument("file", metavar="FILE.gguf")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.set_defaults(run=cmd_inspect)
+
+
+def _add_generate(sub, common) -> None:
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="self-instruct: a local teacher model writes new Alpaca tasks from seed tasks",
+        description="Stanford Alpaca's data step, offline: the teacher (any model alpaca-chat takes) is shown "
+        "a few seed and generated tasks per request and writes new ones; each is kept only if it passes "
+        "Stanford's filters (length, blacklist, not a seed, ROUGE-L <= 0.7 against all kept). Rerunning with "
+        "a larger -n adds to OUT.json; Ctrl+C keeps every task accepted so far.",
+    )
+    p.add_argument("--teacher", metavar="MODEL", help="registry name, GGUF path or hub id (default: the bundled model)")
+    p.add_argument("--seed-tasks", default="alpaca-seed", metavar="FILE",
+                   help="Alpaca JSON/JSONL of seed tasks, or alpaca-seed (built in, the default)")
+    p.add_argument("-n", type=int, required=True, metavar="N", help="rows wanted in OUT.json (counting those there)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="the Alpaca JSON list to write or extend")
+    p.add_argument("--parallel", type=int, default=4, metavar="K", help="requests decoded at once (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and teacher give the same rows")
+    p.add_argument("--tasks-per-request", type=int, default=5, metavar="M", help="new tasks asked per request")
+    p.add_argument("--max-tokens", type=int, default=768, help="token limit of one answer (default 768)")
+    p.add_argument("--temperature", type=float, default=0.9, help="teacher sampling temperature (default 0.9)")
+    p.add_argument("--max-requests", type=int, metavar="N",
+                   help="give up after N requests (default 20 per wanted task)")
+    p.add_argument("--ctx", type=int, default=2048, help="context tokens per parallel request (default 2048)")
+    p.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
+    p.set_defaults(run=cmd_generate)
 
 
 def _checkpoint_args(p) -> None:
@@ -335,6 +364,68 @@ def cmd_inspect(args) -> int:
 
     print(describe(args.file, tensors=args.tensors))
     return 0
+
+
+def cmd_generate(args) -> int:
+    from convert import generate
+
+    options = generate.GenerateOptions(
+        teacher=args.teacher, seed_tasks=args.seed_tasks, n=args.n, output=Path(args.output),
+        parallel=args.parallel, seed=args.seed, tasks_per_request=args.tasks_per_request,
+        max_tokens=args.max_tokens, temperature=args.temperature, max_requests=args.max_requests,
+        ctx_per_sequence=args.ctx, threads=args.threads,
+    )
+    _note(f"generating {args.output} (-n {args.n}) with {args.teacher or 'the bundled model'} as teacher")
+    bar = _GenerateProgress()
+    try:
+        tally = generate.run(options, progress=bar, verbose=args.verbose)
+    except KeyboardInterrupt:
+        bar.finish()
+        _note(f"interrupted; every task accepted so far is in {args.output}")
+        raise
+    except generate.TeacherYieldsNothing:
+        bar.finish()
+        raise
+    bar.finish()
+    if tally.requests == 0:
+        print(f"{args.output} already holds {tally.had} rows (-n {args.n}): nothing to do")
+        return 0
+    print(tally.summary())
+    print(f"wrote {args.output}: {tally.had + tally.accepted} rows ({tally.accepted} new)")
+    return 0
+
+
+class _GenerateProgress:
+    """accepted/wanted, acceptance rate, tasks per minute and ETA on a terminal's stderr."""
+
+    def __init__(self):
+        self.live = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, tally) -> None:
+        if not self.live:
+            return
+        done = tally.had + tally.accepted
+        rate = tally.per_minute()
+        eta = (tally.wanted - done) / rate * 60 if rate > 0 else None
+        sys.stderr.write(
+            f"\r\033[Kgenerate: {done}/{tally.wanted} rows  acceptance {tally.acceptance:.0%}  "
+            f"{rate:.1f} tasks/min  ETA {_duration(eta)}"
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            self.shown = False
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 # -- helpers ------------------------------------------------------------------------

@@ -35,6 +35,13 @@ IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch's cross
 ALPACA = "alpaca"  # the template name recorded for Alpaca rows
 CHAT_ROLES = ("system", "user", "assistant")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Data that ships inside the package, by name (see builtin_data/README.md for its license).
+BUILTIN_DATA = {"alpaca-seed": Path(__file__).with_name("builtin_data") / "alpaca_seed_tasks.json"}
+
+
+def resolve_data_name(source: str | Path) -> str | Path:
+    """A built-in data set's file for its name (`alpaca-seed`); anything else unchanged."""
+    return BUILTIN_DATA.get(str(source), source)
 
 
 # -- rows --------------------------------------------------------------------------
@@ -63,7 +70,7 @@ class Record:
 
 def load_records(source: str | Path) -> list[Record]:
     """Read and validate every row of a data source (see the module docstring)."""
-    text = str(source)
+    text = str(resolve_data_name(source))
     path = Path(text).expanduser()
     if path.is_dir():
         rows = _dataset_dir_rows(path)
