@@ -149,11 +149,14 @@ class TinyCase:
     architecture: str  # HF class name
     tokenizer: str | Callable[[Path], "TokenizerInfo"]  # "spm", a BPE pre-tokenizer name, or a writer
     config: dict = field(default_factory=dict)  # overrides the tiny defaults (hidden 64, 2 layers...)
-    config_class: str | None = None  # transformers config class, when not <Arch>Config
+    config_class: str | Callable | None = None  # transformers config class (or a factory), when not <Arch>Config
     oracle: bool = True  # compare with llama.cpp's converter
     # GGUF keys whose value may legitimately differ from llama.cpp's converter, each with
     # its reason; the README's difference table lists the same.
     metadata_differences: dict[str, str] = field(default_factory=dict)
+    # Largest F32 logit difference from transformers. Above 1e-4 only with a reason: llama.cpp's
+    # CPU GELU reads an f16 table (GGML_GELU_FP16), so GELU families (Gemma) differ by ~1e-2 there.
+    f32_tolerance: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,9 @@ def build_tiny_model(out: Path, case: TinyCase, *, dtype: str = "float32", seed:
 
     out.mkdir(parents=True, exist_ok=True)
     info = write_tokenizer(out, case)
-    config_class = getattr(transformers, case.config_class or case.architecture.replace("ForCausalLM", "Config"))
+    config_class = case.config_class if callable(case.config_class) else getattr(
+        transformers, case.config_class or case.architecture.replace("ForCausalLM", "Config")
+    )
     settings = dict(
         hidden_size=64,
         intermediate_size=128,

@@ -5,6 +5,10 @@ itself by its Hugging Face `architectures` name when imported here.
 """
 
 from convert.export import llama, mistral, qwen2  # noqa: F401 - registers the architectures
+from convert.export import mixtral, qwen3, qwen3_moe  # noqa: F401 - registers the architectures
+from convert.export import gemma  # noqa: F401 - registers the architectures
+from convert.export import glm, phi3  # noqa: F401 - registers the architectures
+from convert.export import granite, olmo2, smollm3  # noqa: F401 - registers the architectures
 from convert.export.base import UnsupportedArchitectureError, supported_architectures
 from convert.export.checkpoint import CheckpointError
 from convert.export.exporter import OUTTYPES, ExportResult, export

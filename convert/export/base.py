@@ -7,7 +7,8 @@ the Hugging Face `architectures` names it handles, overriding only hooks:
 - `set_vocab(writer)`: the tokenizer;
 - `skip_tensor(name)`: checkpoint tensors that are not part of the GGUF;
 - `modify_tensor(name, gguf_name, data)`: rewrite one tensor (e.g. Llama's q/k permutation);
-- `extra_tensors()`: tensors computed from the config (e.g. Llama 3 rope factors).
+- `extra_tensors()`: tensors computed from the config (e.g. Llama 3 rope factors);
+- `combined_tensors()`: GGUF tensors assembled from several checkpoint tensors (e.g. experts).
 
 Tensor names come from gguf's `TensorNameMap` (the same table llama.cpp's
 converter uses), hyperparameter keys from `GGUFWriter`'s helpers.
@@ -15,8 +16,11 @@ converter uses), hyperparameter keys from `GGUFWriter`'s helpers.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gguf
@@ -24,7 +28,7 @@ import numpy as np
 
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
-from convert.export.vocab import load_vocab
+from convert.export.vocab import TokenizerError, Vocab, load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +59,51 @@ def model_class_for(config: dict[str, Any]) -> type[ArchModel]:
         if name in _REGISTRY:
             return _REGISTRY[name]
     found = ", ".join(names) if names else f"none listed (model_type {config.get('model_type', '?')})"
+    closest = closest_supported(names or [str(config.get("model_type") or "")])
+    hint = f" (the closest supported family, {closest}, is a different architecture)" if closest else ""
     raise UnsupportedArchitectureError(
-        f"unsupported architecture: {found}; supported: {', '.join(supported_architectures())}"
+        f"unsupported architecture: {found}{hint}; supported: {', '.join(supported_architectures())}; "
+        "for other architectures, use llama.cpp's convert_hf_to_gguf.py"
     )
+
+
+_HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Model")
+
+
+def closest_supported(names: Iterable[str]) -> str | None:
+    """The supported architecture whose family name the given names suggest, e.g.
+    Qwen3NextForCausalLM -> Qwen3ForCausalLM: the longest family name one starts with,
+    else a close spelling (Olmo3 -> Olmo2); None when nothing is near."""
+
+    def family(name: str) -> str:
+        for suffix in _HEAD_SUFFIXES:
+            if name.endswith(suffix) and name != suffix:
+                return name[: -len(suffix)].lower()
+        return name.replace("_", "").lower()
+
+    families = {family(supported): supported for supported in supported_architectures()}
+    for name in names:
+        wanted = family(name)
+        if not wanted:
+            continue
+        prefixes = [f for f in families if wanted.startswith(f)]
+        if prefixes:
+            return families[max(prefixes, key=len)]
+        close = difflib.get_close_matches(wanted, list(families), n=1, cutoff=0.75)
+        if close:
+            return families[close[0]]
+    return None
 
 
 class ArchModel:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    # The tokenizer kinds (tokenizer.ggml.model: "llama" = SentencePiece, "gpt2" = byte-level BPE)
+    # the family's checkpoints ship; empty = any. Another kind fails before anything is written.
+    expected_tokenizers: ClassVar[tuple[str, ...]] = ()
+    # llama.cpp's own name for the family's tokenizer where it splits text exactly like a name the
+    # pre-tokenizer table detects: llama.cpp names a tokenizer by hashing the ids its real
+    # vocabulary gives, so one split has several names (Granite 3's is "refact", SmolLM's "smollm").
+    pre_tokenizer_names: ClassVar[dict[str, str]] = {}
     # Checkpoint tensors that are derived state, never weights.
     _SKIP_SUFFIXES: ClassVar[tuple[str, ...]] = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 
@@ -141,8 +183,21 @@ class ArchModel:
         return ()
 
     def set_vocab(self, writer: gguf.GGUFWriter, chat_template: str | None = None) -> None:
-        vocab = load_vocab(self.checkpoint.path, self.hparams, pre_tokenizer=self.pre_tokenizer)
+        vocab = self.load_vocab()
         vocab.add_to(writer, chat_template)
+
+    def load_vocab(self) -> Vocab:
+        """The checkpoint's tokenizer, refused if it is not a kind the family expects."""
+        vocab = load_vocab(self.checkpoint.path, self.hparams, pre_tokenizer=self.pre_tokenizer)
+        if self.pre_tokenizer is None:  # detected, not given with --pre-tokenizer
+            vocab.pre = self.pre_tokenizer_names.get(vocab.pre, vocab.pre)
+        if self.expected_tokenizers and vocab.model not in self.expected_tokenizers:
+            wanted = " or ".join(_TOKENIZER_KINDS.get(k, k) for k in self.expected_tokenizers)
+            raise TokenizerError(
+                f"{self.checkpoint.architecture} expects a {wanted} tokenizer, but this checkpoint's is "
+                f"{_TOKENIZER_KINDS.get(vocab.model, vocab.model)}: a tokenizer from another model family?"
+            )
+        return vocab
 
     def skip_tensor(self, name: str) -> bool:
         if name.endswith(self._SKIP_SUFFIXES):
@@ -153,14 +208,63 @@ class ArchModel:
     def modify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
         return data
 
+    def moves_values_only(self, name: str, gguf_name: str) -> bool:
+        """Whether modify_tensor at most moves this tensor's values (reshape, permute, slice) and
+        computes none. Casting then commutes with it, so the exporter narrows an F16-bound tensor
+        as it reads it, never holding a float32 copy. Default: yes, unless modify_tensor is overridden."""
+        return type(self).modify_tensor is ArchModel.modify_tensor
+
     def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
         return ()
+
+    def combined_tensors(self) -> list[CombinedTensor]:
+        """GGUF tensors built from several checkpoint tensors; their sources are not exported alone."""
+        return []
 
     def gguf_name(self, name: str) -> str:
         mapped = self.tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise ConversionError(f"cannot map tensor {name!r} of {self.checkpoint.architecture} to a GGUF name")
         return mapped
+
+    def expected_shape(self, name: str, gguf_name: str) -> tuple[int, ...] | None:
+        """The shape (rows first) config.json implies for a checkpoint tensor, or None if unchecked.
+
+        The default covers the standard llama-like tensors (embeddings, attention and MLP
+        projections, their biases, the main norms); families with other layouts override it.
+        """
+        rule = _shape_rule(name, gguf_name)
+        if rule is None:
+            return None
+        dims = self._shape_dims()
+        expected = tuple(dims.get(label) for label in rule)
+        return None if None in expected else expected  # a size config.json does not give
+
+    def check_shape(self, name: str, gguf_name: str, shape: tuple[int, ...]) -> None:
+        """Fail before writing when a tensor's shape disagrees with config.json."""
+        expected = self.expected_shape(name, gguf_name)
+        if expected is None or tuple(shape) == tuple(expected):
+            return
+        rule = _shape_rule(name, gguf_name) if type(self).expected_shape is ArchModel.expected_shape else None
+        why = f" ({', '.join(rule)})" if rule else ""
+        raise ConversionError(
+            f"tensor {name} has shape {list(shape)}, but config.json implies {list(expected)}{why}: "
+            "the config and the weights disagree"
+        )
+
+    def _shape_dims(self) -> dict[str, int | None]:
+        hp = self.hparams
+        hidden = hp.get("hidden_size") or hp.get("n_embd")
+        head_dim = hp.get("head_dim") or (hidden // self.n_head if hidden else None)
+        intermediate = hp.get("intermediate_size") or hp.get("n_inner")
+        return {
+            "vocab_size": hp.get("vocab_size"),
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "2 × intermediate_size": 2 * intermediate if intermediate else None,
+            "num_attention_heads × head_dim": self.n_head * head_dim if head_dim else None,
+            "num_key_value_heads × head_dim": self.n_head_kv * head_dim if head_dim else None,
+        }
 
     def check_tensors(self, gguf_names: Iterable[str]) -> None:
         """Fail before writing if a tensor llama.cpp requires is missing."""
@@ -175,3 +279,219 @@ class ArchModel:
             raise ConversionError(
                 f"the checkpoint is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]}"
             )
+
+
+# -- tensors assembled from several checkpoint tensors -------------------------------
+
+
+@dataclass(frozen=True)
+class CombinedTensor:
+    """One GGUF tensor assembled from checkpoint tensors, each read in turn.
+
+    A source is first cut to the `part`-th of `parts` equal blocks of rows (its
+    second-to-last axis: a fused gate_up_proj holds gate, then up). With `stack` the
+    pieces become the slices of a new first axis (one layer's experts); without it
+    the single source's piece is the tensor.
+    """
+
+    name: str  # GGUF name
+    sources: tuple[str, ...]
+    stack: bool = True
+    part: int = 0
+    parts: int = 1
+
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The tensor's shape (numpy order), given the shape every source has."""
+        piece = source_shape
+        if self.parts > 1:
+            piece = (*source_shape[:-2], source_shape[-2] // self.parts, source_shape[-1])
+        return (len(self.sources), *piece) if self.stack else piece
+
+    def assemble(self, read: Callable[[str], np.ndarray], dtype: np.dtype) -> np.ndarray:
+        """The tensor's data: each source read, cut and copied into place, then freed."""
+        if not self.stack:
+            return np.ascontiguousarray(self._piece(read(self.sources[0])), dtype=dtype)
+        out: np.ndarray | None = None
+        for i, source in enumerate(self.sources):
+            piece = self._piece(read(source))
+            if out is None:
+                out = np.empty((len(self.sources), *piece.shape), dtype=dtype)
+            out[i] = piece
+            del piece
+        assert out is not None
+        return out
+
+    def _piece(self, data: np.ndarray) -> np.ndarray:
+        if self.parts == 1:
+            return data
+        rows = data.shape[-2] // self.parts
+        return data[..., self.part * rows : (self.part + 1) * rows, :]
+
+
+# An expert's projection, as checkpoints name it -> llama.cpp's stacked tensor of all experts.
+EXPERT_PROJECTIONS: dict[str, gguf.MODEL_TENSOR] = {
+    "gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP,
+    "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
+    "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+    "w1": gguf.MODEL_TENSOR.FFN_GATE_EXP,  # Mixtral
+    "w3": gguf.MODEL_TENSOR.FFN_UP_EXP,
+    "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+}
+_MOE_BLOCK = r"(?:^|\.)layers\.(?P<bid>\d+)\.(?:mlp|block_sparse_moe)"
+_ONE_EXPERT = re.compile(_MOE_BLOCK + r"\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_FUSED_EXPERTS = re.compile(_MOE_BLOCK + r"\.experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+_ROUTER = re.compile(_MOE_BLOCK + r"\.gate\.weight$")
+
+
+class MixtureOfExperts(ArchModel):
+    """A family whose feed-forward blocks are mixtures of experts (Qwen3 MoE, Mixtral).
+
+    llama.cpp keeps a layer's experts as three 3-D tensors, [expert, rows, columns]:
+    ffn_gate_exps, ffn_up_exps and ffn_down_exps, beside the router ffn_gate_inp.
+    Checkpoints on the hub (and transformers 5's save_pretrained) store one matrix per
+    expert (`experts.{i}.gate_proj`, Mixtral's `experts.{i}.w1`): they are stacked, one
+    layer's projection at a time. Fused 3-D tensors (`experts.gate_up_proj`, gate rows
+    then up rows, and `experts.down_proj`), as transformers 5 holds them in memory, are
+    split or taken whole. The expert count in config.json must match the tensors.
+    """
+
+    _EXPERT_COUNT_KEYS: ClassVar[tuple[str, ...]] = ("num_local_experts", "num_experts", "n_routed_experts")
+    _EXPERT_USED_KEYS: ClassVar[tuple[str, ...]] = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
+
+    @property
+    def expert_count(self) -> tuple[str, int]:
+        """config.json's key for the number of experts, and its value."""
+        for key in self._EXPERT_COUNT_KEYS:
+            if self.hparams.get(key) is not None:
+                return key, int(self.hparams[key])
+        raise ConversionError(f"config.json has none of {', '.join(self._EXPERT_COUNT_KEYS)}")
+
+    def set_parameters(self, writer: gguf.GGUFWriter) -> None:
+        super().set_parameters(writer)
+        writer.add_expert_count(self.expert_count[1])
+        writer.add_expert_used_count(int(self._param(*self._EXPERT_USED_KEYS)))
+
+    def combined_tensors(self) -> list[CombinedTensor]:
+        key, n_expert = self.expert_count
+        combined = super().combined_tensors()
+        per_expert: dict[tuple[int, gguf.MODEL_TENSOR], dict[int, str]] = {}
+        routers: list[tuple[str, str]] = []
+        for name in sorted(self.checkpoint.tensors):
+            shape = self.checkpoint.tensors[name].shape
+            if (m := _ONE_EXPERT.search(name)) and m["proj"] in EXPERT_PROJECTIONS:
+                bid, expert = int(m["bid"]), int(m["expert"])
+                if expert >= n_expert:
+                    raise ConversionError(
+                        f"layer {bid}: tensor {name} is expert {expert}, but config.json's {key} is {n_expert}"
+                    )
+                per_expert.setdefault((bid, EXPERT_PROJECTIONS[m["proj"]]), {})[expert] = name
+            elif m := _FUSED_EXPERTS.search(name):
+                combined.extend(self._split_fused(name, int(m["bid"]), m["proj"], shape, key, n_expert))
+            elif m := _ROUTER.search(name):
+                routers.append((m["bid"], name))
+        for (bid, kind), experts in sorted(per_expert.items()):
+            combined.append(self._stack(bid, kind, experts, key, n_expert))
+        for bid, name in routers:  # after the experts: a message about those names the tensor at fault
+            if (rows := self.checkpoint.tensors[name].shape[0]) != n_expert:
+                raise ConversionError(
+                    f"layer {bid}: router {name} scores {rows} experts, but config.json's {key} is {n_expert}"
+                )
+        return combined
+
+    def _stack(
+        self, bid: int, kind: gguf.MODEL_TENSOR, experts: dict[int, str], key: str, n_expert: int
+    ) -> CombinedTensor:
+        some = next(iter(experts.items()))
+        missing = [x for x in range(n_expert) if x not in experts]
+        if missing:
+            absent = some[1].replace(f".experts.{some[0]}.", f".experts.{missing[0]}.")
+            raise ConversionError(
+                f"layer {bid}: {len(experts)} experts in the checkpoint, but config.json's {key} is "
+                f"{n_expert} ({absent} is missing)"
+            )
+        shape = self.checkpoint.tensors[some[1]].shape
+        for name in experts.values():
+            if self.checkpoint.tensors[name].shape != shape:
+                raise ConversionError(
+                    f"layer {bid}: tensor {name} has shape {list(self.checkpoint.tensors[name].shape)}, "
+                    f"unlike the layer's other experts ({list(shape)})"
+                )
+        return CombinedTensor(_block_tensor_name(kind, bid), tuple(experts[x] for x in range(n_expert)))
+
+    def _split_fused(
+        self, name: str, bid: int, proj: str, shape: tuple[int, ...], key: str, n_expert: int
+    ) -> list[CombinedTensor]:
+        if len(shape) != 3 or shape[0] != n_expert:
+            raise ConversionError(
+                f"layer {bid}: tensor {name} has shape {list(shape)}, not {n_expert} experts' matrices "
+                f"(config.json's {key} is {n_expert})"
+            )
+        if proj == "down_proj":
+            return [CombinedTensor(_block_tensor_name(gguf.MODEL_TENSOR.FFN_DOWN_EXP, bid), (name,), stack=False)]
+        if shape[1] % 2:
+            raise ConversionError(f"layer {bid}: tensor {name} has an odd number of rows ({shape[1]}): not gate + up")
+        return [
+            CombinedTensor(_block_tensor_name(kind, bid), (name,), stack=False, part=part, parts=2)
+            for part, kind in enumerate((gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP))
+        ]
+
+    def check_tensors(self, gguf_names: Iterable[str]) -> None:
+        names = set(gguf_names)
+        super().check_tensors(names)
+        kinds = (
+            gguf.MODEL_TENSOR.FFN_GATE_INP,
+            gguf.MODEL_TENSOR.FFN_GATE_EXP,
+            gguf.MODEL_TENSOR.FFN_UP_EXP,
+            gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+        )
+        for bid in range(self.block_count):
+            missing = [n for n in (_block_tensor_name(k, bid) for k in kinds) if n not in names]
+            if missing:
+                raise ConversionError(
+                    f"layer {bid} has no complete mixture of experts ({missing[0]} is missing); "
+                    f"llama.cpp's {self.arch_name} needs one in every layer"
+                )
+
+
+def _block_tensor_name(kind: gguf.MODEL_TENSOR, bid: int) -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
+# -- what config.json implies for the standard tensors -----------------------------
+
+_TOKENIZER_KINDS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
+
+_T = gguf.MODEL_TENSOR
+_QO = "num_attention_heads × head_dim"
+_KV = "num_key_value_heads × head_dim"
+# GGUF tensor kind -> the config sizes of its shape, rows first (the checkpoint's own layout).
+_SHAPE_RULES: dict[gguf.MODEL_TENSOR, tuple[str, ...]] = {
+    _T.TOKEN_EMBD: ("vocab_size", "hidden_size"),
+    _T.OUTPUT: ("vocab_size", "hidden_size"),
+    _T.OUTPUT_NORM: ("hidden_size",),
+    _T.ATTN_NORM: ("hidden_size",),
+    _T.FFN_NORM: ("hidden_size",),
+    _T.ATTN_Q: (_QO, "hidden_size"),
+    _T.ATTN_K: (_KV, "hidden_size"),
+    _T.ATTN_V: (_KV, "hidden_size"),
+    _T.ATTN_OUT: ("hidden_size", _QO),
+    _T.FFN_GATE: ("intermediate_size", "hidden_size"),
+    _T.FFN_UP: ("intermediate_size", "hidden_size"),
+    _T.FFN_DOWN: ("hidden_size", "intermediate_size"),
+}
+_KIND_BY_NAME = {gguf.TENSOR_NAMES[kind]: kind for kind in _SHAPE_RULES}
+
+
+def _shape_rule(name: str, gguf_name: str) -> tuple[str, ...] | None:
+    """The default rule for one tensor, by its GGUF kind; a bias has its weight's rows."""
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+        base = ".".join(["blk", "{bid}", *parts[2:]])
+    kind = _KIND_BY_NAME.get(base)
+    if kind is None or suffix not in ("weight", "bias"):
+        return None
+    rule = _SHAPE_RULES[kind]
+    if kind is _T.FFN_UP and name.split(".")[-2:-1] == ["gate_up_proj"]:  # fused gate + up (Phi-3, GLM-4)
+        rule = ("2 × intermediate_size", "hidden_size")
+    return rule[:1] if suffix == "bias" else rule

@@ -5,7 +5,19 @@ Safetensors is read without torch. `safetensors.safe_open` validates each file
 here, before any output exists) and lists its tensors. The data of one tensor
 is then read from its byte range in the file, into memory it alone owns, and
 freed once written: peak memory follows the largest tensor, not the model.
-bfloat16, which numpy lacks, is widened to float32 exactly with bit shifts.
+bfloat16, which numpy lacks, is widened to float32 exactly with bit shifts,
+a few MB at a time as it is read (no second full-size copy). A tensor bound
+for an F16 GGUF can be narrowed as it is read too: then no float32 copy of it
+exists at all, and the peak is about its F16 size.
+
+A sharded checkpoint (`model.safetensors.index.json`) is checked against its
+index before anything is written: every shard the index names must exist,
+and every tensor must be in the shard the index names (a stale or hand-edited
+index fails naming the tensor and both shards). A tensor that a shard holds
+but the index does not list is accepted and read from that shard, as
+transformers does (it loads every tensor of every shard the index names);
+llama.cpp's converter refuses it. Files the index does not name are ignored,
+as both do.
 
 Pickled `.bin` checkpoints can run code when loaded; they are refused unless
 the caller allows them, and then loaded with `torch.load(weights_only=True)`.
@@ -84,24 +96,24 @@ class Checkpoint:
     def architecture(self) -> str:
         return (self.config.get("architectures") or ["?"])[0]
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 (bf16 widened), float16 or float64, in its stored shape."""
+    def read(self, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """One tensor in its stored shape: as float32 (bf16 widened), float16 or float64.
+
+        With `dtype` (e.g. float16), converted to it as it is read, a few MB at a time: the
+        values are those of a float32 read then cast (bf16 and float64 go through float32),
+        but no full-size float32 copy ever exists.
+        """
         entry = self.tensors[name]
         if self.pickled:
-            return self._read_pickled(entry)
+            data = self._read_pickled(entry)
+            return data if dtype is None else _as_working_float(data).astype(dtype)
         try:
             with open(entry.file, "rb", buffering=0) as f:
                 f.seek(entry.offset)
-                raw = bytearray(entry.nbytes)
-                if f.readinto(raw) != entry.nbytes:
-                    raise CheckpointError(f"{entry.file.name} is truncated: tensor {name} is incomplete")
+                data = _read_converted(f, entry, dtype)
         except OSError as exc:
             raise CheckpointError(f"cannot read {entry.file}: {exc.strerror or exc}") from exc
-        data = np.frombuffer(raw, dtype=_ST_DTYPES[entry.dtype]).reshape(entry.shape)
-        if entry.dtype == "BF16":
-            del raw
-            return bf16_to_f32(data)  # the raw bytes are freed with `data` on return
-        return data
+        return data.reshape(entry.shape)
 
     def _read_pickled(self, entry: TensorEntry) -> np.ndarray:
         import torch  # only on the --allow-pickle path
@@ -121,6 +133,58 @@ def bf16_to_f32(data: np.ndarray) -> np.ndarray:
     wide = data.astype(np.uint32)
     wide <<= 16  # in place: one float32-sized buffer, not two
     return wide.view(np.float32)
+
+
+_CHUNK_ELEMENTS = 1 << 22  # values converted per read: 4M (8 MB of bf16, 16 MB as float32)
+
+
+def _read_into(f, out: np.ndarray, entry: TensorEntry) -> None:
+    """Fill `out` (flat) from `f`: one read may return less than asked (on Linux, at most ~2 GB)."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{entry.file.name} is truncated: tensor {entry.name} is incomplete")
+        done += n
+
+
+def _read_converted(f, entry: TensorEntry, dtype: np.dtype | type | None) -> np.ndarray:
+    """A tensor's data (flat) from `f`, as `dtype` (default: float32 for bf16, else as stored).
+
+    Read straight into the result when no conversion is needed; otherwise chunk by chunk
+    through one small buffer, bf16 widened exactly by a bit shift.
+    """
+    stored = _ST_DTYPES[entry.dtype]
+    n = entry.n_elements
+    target = np.dtype(dtype) if dtype is not None else np.dtype(np.float32) if entry.dtype == "BF16" else stored
+    out = np.empty(n, dtype=target)
+    if target == stored and entry.dtype != "BF16":
+        _read_into(f, out, entry)
+        return out
+    chunk = np.empty(max(1, min(n, _CHUNK_ELEMENTS)), dtype=stored)
+    wide = np.empty(len(chunk), dtype=np.uint32) if entry.dtype == "BF16" and target != np.float32 else None
+    for start in range(0, n, len(chunk)):
+        part = chunk[: min(len(chunk), n - start)]
+        _read_into(f, part, entry)
+        dest = out[start : start + len(part)]
+        if entry.dtype != "BF16":
+            dest[...] = _as_working_float(part)
+        elif wide is None:  # bf16 -> float32, in the output itself
+            bits = dest.view(np.uint32)
+            bits[...] = part
+            bits <<= 16
+        else:  # bf16 -> float32 -> target
+            bits = wide[: len(part)]
+            bits[...] = part
+            bits <<= 16
+            dest[...] = bits.view(np.float32)
+    return out
+
+
+def _as_working_float(data: np.ndarray) -> np.ndarray:
+    """What the exporter computes in: float16 and float32 as they are, anything else as float32."""
+    return data if data.dtype in (np.float16, np.float32) else data.astype(np.float32)
 
 
 # -- opening a checkpoint ---------------------------------------------------------
@@ -165,7 +229,7 @@ def _download(repo: str) -> Path:
 def open_checkpoint(spec: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
     path, source = resolve_checkpoint(spec)
     config = load_config(path)
-    files = _weight_files(path)
+    files, index = _weight_files(path)
     if files[0].suffix == ".bin":
         if not allow_pickle:
             raise CheckpointError(
@@ -173,7 +237,10 @@ def open_checkpoint(spec: str | os.PathLike[str], *, allow_pickle: bool = False)
                 "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
         return Checkpoint(path, config, _index_pickles(files), source, pickled=True)
-    return Checkpoint(path, config, _index_safetensors(files), source)
+    tensors = _index_safetensors(files)
+    if index is not None:
+        _check_index(tensors, *index)
+    return Checkpoint(path, config, tensors, source)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -204,28 +271,41 @@ def _refuse_quantized(config: dict, config_file: Path) -> None:
         )
 
 
-def _weight_files(path: Path) -> list[Path]:
+# A sharded checkpoint's index: its file name and weight map (tensor name -> shard file name).
+Index = tuple[str, dict[str, str]]
+
+
+def _weight_files(path: Path) -> tuple[list[Path], Index | None]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"cannot read {index}: {exc}") from None
+        if (path / index_name).is_file():
+            weight_map = _read_weight_map(path / index_name)
             files = [path / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"{path} is incomplete: missing {', '.join(missing[:3])}")
-            return sorted(files)
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise CheckpointError(
+                    f"{path} is incomplete: {index_name} names {missing[0]}{more}, which is missing"
+                )
+            return sorted(files), (index_name, weight_map)
     single = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
     if single:
-        return single
+        return single, None
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles:
-        return pickles
+        return pickles, None
     if (path / "adapter_model.safetensors").is_file() or (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path} is a LoRA adapter, not a full model: merge it into its base model first")
     raise CheckpointError(f"no model weights in {path} (expected model.safetensors)")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {index}: {_first_line(exc)}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"cannot read {index}: its weight_map is not a map of tensor names to files")
+    return weight_map
 
 
 def _index_safetensors(files: list[Path]) -> dict[str, TensorEntry]:
@@ -233,9 +313,27 @@ def _index_safetensors(files: list[Path]) -> dict[str, TensorEntry]:
     for file in files:
         for entry in _safetensors_entries(file):
             if entry.name in tensors:
-                raise CheckpointError(f"tensor {entry.name} appears in two weight files")
+                raise CheckpointError(
+                    f"tensor {entry.name} appears in two weight files: {tensors[entry.name].file.name} and {file.name}"
+                )
             tensors[entry.name] = entry
     return tensors
+
+
+def _check_index(tensors: dict[str, TensorEntry], index_name: str, weight_map: dict[str, str]) -> None:
+    """Every tensor the index lists is in the shard it names (checked from the headers, no data read)."""
+    for name, shard in weight_map.items():
+        entry = tensors.get(name)
+        if entry is None:
+            raise CheckpointError(
+                f"{index_name} places tensor {name} in {shard}, but no shard holds it: "
+                "the index and the weight files disagree"
+            )
+        if entry.file.name != Path(shard).name:
+            raise CheckpointError(
+                f"{index_name} places tensor {name} in {shard}, but {shard} does not hold it; "
+                f"it is in {entry.file.name}: the index and the weight files disagree"
+            )
 
 
 def _safetensors_entries(file: Path) -> Iterator[TensorEntry]:

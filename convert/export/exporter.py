@@ -27,7 +27,7 @@ import numpy as np
 from alpaca_chat.errors import ConversionError, UsageError
 from convert import provenance
 from convert.atomic import atomic_output, check_writable
-from convert.export.base import ArchModel, model_class_for
+from convert.export.base import ArchModel, CombinedTensor, model_class_for
 from convert.export.checkpoint import Checkpoint, open_checkpoint
 
 Q = gguf.GGMLQuantizationType
@@ -40,14 +40,18 @@ OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
 
 Progress = Callable[[int, int, str], None]
 
+# Matrices llama.cpp's converter keeps in F32 whatever the output type: MoE routers.
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order (rows first)
     qtype: Q
-    source: str | None  # checkpoint tensor name, or None for a computed tensor
+    source: str | None  # checkpoint tensor name, or None for a computed or combined tensor
     data: np.ndarray | None = None  # computed tensors only
+    combined: CombinedTensor | None = None  # tensors assembled from several (e.g. stacked experts)
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +122,10 @@ def export(
 
 def plan_tensors(model: ArchModel, qtype: Q) -> list[PlannedTensor]:
     plan: list[PlannedTensor] = []
-    for name in _ordered(model.checkpoint):
+    order = _ordered(model.checkpoint)
+    combined_at = _combined_by_first_source(model, order)
+    consumed = {source for group in combined_at.values() for c in group for source in c.sources}
+    for name in order:
         if model.skip_tensor(name):
             continue
         entry = model.checkpoint.tensors[name]
@@ -126,7 +133,14 @@ def plan_tensors(model: ArchModel, qtype: Q) -> list[PlannedTensor]:
             raise ConversionError(
                 f"tensor {name} has integer dtype {entry.dtype}: quantized checkpoints are not supported"
             )
+        for combined in combined_at.get(name, ()):
+            shape = combined.shape(entry.shape)
+            qtype_of = tensor_qtype(combined.name, shape, qtype)
+            plan.append(PlannedTensor(combined.name, shape, qtype_of, None, combined=combined))
+        if name in consumed:
+            continue
         gguf_name = model.gguf_name(name)
+        model.check_shape(name, gguf_name, entry.shape)
         plan.append(PlannedTensor(gguf_name, entry.shape, tensor_qtype(gguf_name, entry.shape, qtype), name))
     for gguf_name, data in model.extra_tensors():
         plan.append(PlannedTensor(gguf_name, data.shape, tensor_qtype(gguf_name, data.shape, qtype), None, data))
@@ -139,14 +153,25 @@ def plan_tensors(model: ArchModel, qtype: Q) -> list[PlannedTensor]:
     return plan
 
 
+def _combined_by_first_source(model: ArchModel, order: list[str]) -> dict[str, list[CombinedTensor]]:
+    """The model's combined tensors, each planned where its first source comes in the checkpoint."""
+    position = {name: i for i, name in enumerate(order)}
+    at: dict[str, list[CombinedTensor]] = {}
+    for combined in model.combined_tensors():
+        at.setdefault(min(combined.sources, key=position.__getitem__), []).append(combined)
+    return at
+
+
 def _ordered(ckpt: Checkpoint) -> list[str]:
     """Checkpoint order (file by file, by offset): reads sweep each file once, front to back."""
     return sorted(ckpt.tensors, key=lambda n: (str(ckpt.tensors[n].file), ckpt.tensors[n].offset, n))
 
 
 def tensor_qtype(gguf_name: str, shape: tuple[int, ...], wanted: Q) -> Q:
-    """The GGUF type of one tensor: F32 for vectors, norms and biases; else the output type."""
+    """The GGUF type of one tensor: F32 for vectors, norms, biases and routers; else the output type."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return Q.F32
+    if gguf_name.endswith(_ALWAYS_F32):
         return Q.F32
     if wanted in (Q.Q8_0, Q.BF16):
         block_size = gguf.GGML_QUANT_SIZES[wanted][0]
@@ -159,14 +184,27 @@ def produce(model: ArchModel, tensor: PlannedTensor) -> np.ndarray:
     """One tensor's bytes as they go into the file."""
     if tensor.data is not None:
         data = tensor.data
+    elif tensor.combined is not None:
+        data = _assemble(model, tensor.combined, tensor.qtype)
     else:
-        data = model.checkpoint.read(tensor.source)
+        narrow = tensor.qtype == Q.F16 and model.moves_values_only(tensor.source, tensor.name)
+        data = model.checkpoint.read(tensor.source, np.float16 if narrow else None)  # F16 as read: no f32 copy
         if data.dtype not in (np.float16, np.float32):
             data = data.astype(np.float32)
         data = model.modify_tensor(tensor.source, tensor.name, data)
     out = gguf.quants.quantize(data, tensor.qtype)
     del data  # before the copy below, if one is needed
     return np.ascontiguousarray(out)
+
+
+def _assemble(model: ArchModel, combined: CombinedTensor, qtype: Q) -> np.ndarray:
+    """A combined tensor, source by source. For F16 output each source is narrowed as it is
+    read (the same values as a float32 read then cast): no float32 copy of the whole exists."""
+    if qtype == Q.F16:
+        return combined.assemble(lambda source: model.checkpoint.read(source, np.float16), np.dtype(np.float16))
+    stored = {model.checkpoint.tensors[source].dtype for source in combined.sources}
+    dtype = np.float16 if stored == {"F16"} else np.float32  # as a single tensor is read
+    return combined.assemble(model.checkpoint.read, np.dtype(dtype))
 
 
 def _n_params(plan: list[PlannedTensor]) -> int:

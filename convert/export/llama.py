@@ -39,6 +39,10 @@ class LlamaModel(ArchModel):
             return permute_rope_rows(data, self.n_head_kv)
         return data
 
+    def moves_values_only(self, name: str, gguf_name: str) -> bool:
+        # The q/k permutation only reorders rows; a subclass that computes values says so itself.
+        return type(self).modify_tensor is LlamaModel.modify_tensor
+
     def extra_rope_types(self) -> tuple[str, ...]:
         return ("llama3",)
 

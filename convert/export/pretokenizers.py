@@ -28,6 +28,20 @@ QWEN2_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# GPT-4o (tiktoken o200k; Phi-4-mini): case-aware words with an optional contraction, digits in threes.
+GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Tekken (Mistral-Nemo and later Mistral tokenizers): case-aware words, single digits.
+TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 Step = tuple[str, ...]
 
 # Normalized pre-tokenizer steps -> llama.cpp's name for the same splitting.
@@ -36,6 +50,8 @@ PRE_TOKENIZERS: dict[tuple[Step, ...], str] = {
     (("digits",), ("regex", GPT2_REGEX), ("bytes",)): "smollm",  # SmolLM, StarCoder: single digits
     (("regex", LLAMA3_REGEX), ("bytes",)): "llama-bpe",
     (("regex", QWEN2_REGEX), ("bytes",)): "qwen2",
+    (("regex", TEKKEN_REGEX), ("bytes",)): "tekken",  # Mistral-Nemo
+    (("regex", GPT4O_REGEX), ("bytes",)): "gpt-4o",  # Phi-4-mini
 }
 
 KNOWN_NAMES = tuple(sorted(set(PRE_TOKENIZERS.values())))

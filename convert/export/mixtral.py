@@ -1,0 +1,18 @@
+"""Mixtral (8x7B, 8x22B): llama.cpp's llama architecture with a mixture of experts.
+
+Attention is Llama's (q/k rows permuted for llama.cpp's RoPE layout); each layer's
+`block_sparse_moe` experts (w1 = gate, w3 = up, w2 = down) are stacked into
+llama.cpp's 3-D expert tensors and its router becomes ffn_gate_inp (see
+`MixtureOfExperts`). Experts are as wide as `intermediate_size`, which llama.cpp
+reads as the feed-forward length: no separate expert length is written.
+"""
+
+import gguf
+
+from convert.export.base import MixtureOfExperts, register
+from convert.export.llama import LlamaModel
+
+
+@register("MixtralForCausalLM")
+class MixtralModel(MixtureOfExperts, LlamaModel):
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
