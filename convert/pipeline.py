@@ -1,4 +1,4 @@
-"""finetune -> merge -> export -> quantize -> eval, as one resumable command.
+"""[generate ->] finetune -> merge -> export -> quantize -> eval, as one resumable command.
 
     run_pipeline(PipelineOptions(finetune=FinetuneConfig(..., out=DIR), quants=("Q4_K_M",)))
 
@@ -10,6 +10,7 @@ everything after it), and resumes a fine-tune that was interrupted from its
 last checkpoint. Hashes are cached by (path, size, mtime), so a re-run does
 not read gigabytes again.
 
+    DIR/data/generated.json       teacher-written Alpaca rows (generate, with --generate N)
     DIR/adapter/                  the LoRA adapter, metrics.json, loss.png (finetune)
     DIR/merged/                   the merged checkpoint (merge)
     DIR/gguf/NAME.F16.gguf        the unquantized GGUF (export)
@@ -34,6 +35,7 @@ from pathlib import Path
 from alpaca_chat import __version__
 from convert import finetune as ft
 from convert.atomic import atomic_output
+from convert.generate import GenerateOptions
 
 MANIFESTS = "manifests"
 HASH_CACHE = ".hash-cache.json"
@@ -46,10 +48,15 @@ class PipelineOptions:
     merge_dtype: str = "auto"
     evaluate: bool = True
     export_type: str = "f16"
+    generate: GenerateOptions | None = None  # self-instruct the data first; its output is the fine-tune's data
 
     @property
     def out(self) -> Path:
         return Path(self.finetune.out)
+
+    @staticmethod
+    def generated_data(out: Path) -> Path:
+        return Path(out) / "data" / "generated.json"
 
     @property
     def name(self) -> str:
@@ -114,6 +121,11 @@ class Summary:
         lines = [f"pipeline in {self.options.out}:"]
         for s in self.steps:
             lines.append(f"  {s.name:<18} {'up to date, skipped' if s.skipped else f'done in {s.seconds:.1f} s'}")
+        generated = self.step("generate")
+        if generated is not None and generated.info:
+            g = generated.info
+            lines.append(f"data: {g['rows']} teacher-written rows in {self.options.generate.output}"
+                         + (f" ({g['accepted']} new of {g['candidates']} candidates)" if g.get("candidates") else ""))
         lines.append("files:")
         for path in self._files():
             lines.append(f"  {_size(path):>10}  {path}")
@@ -164,7 +176,11 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
     data_inputs = {"data": _input(config.data)}
     if config.val_data:
         data_inputs["val_data"] = _input(config.val_data)
-    steps = [
+    steps = []
+    if options.generate is not None:
+        steps.append(_generate_step(options.generate))
+        data_inputs["data"] = options.generate.output  # hashed once it exists, not taken for a hub id
+    steps += [
         Step(
             "finetune",
             {"base": base, **data_inputs},
@@ -242,6 +258,32 @@ def _outputs_intact(manifest: dict, out: Path, hasher: Hasher) -> bool:
 
 
 # -- the steps ---------------------------------------------------------------------------------
+
+
+def _generate_step(gen: GenerateOptions) -> Step:
+    """Self-instruct as a step: it reruns when the seeds, the teacher or a setting changed; the
+    output file is appended to (a larger N adds rows; delete DIR/data to start over)."""
+    from convert.data import resolve_data_name
+
+    teacher = gen.teacher or "bundled model"
+    settings = {k: getattr(gen, k) for k in ("n", "seed", "parallel", "tasks_per_request", "max_tokens", "temperature")}
+    return Step(
+        "generate",
+        {"seed_tasks": _input(str(resolve_data_name(gen.seed_tasks))), "teacher": _input(teacher)},
+        settings,
+        (gen.output,),
+        lambda resume: _generate(gen),
+    )
+
+
+def _generate(gen: GenerateOptions) -> dict:
+    from convert import generate
+
+    gen.output.parent.mkdir(parents=True, exist_ok=True)
+    tally = generate.run(gen)
+    return {"rows": tally.had + tally.accepted, "accepted": tally.accepted, "candidates": tally.candidates,
+            "requests": tally.requests, "rejected": dict(tally.rejected)}
+
 
 
 def _finetune(options: PipelineOptions, resume: bool) -> dict:

@@ -68,9 +68,16 @@ def _add_pipeline(sub, common) -> None:
         "running it again redoes only what changed and resumes an interrupted fine-tune.",
     )
     add_config_flags(p, skip=("resume",))  # the pipeline resumes an interrupted fine-tune by itself
+    _optional(p, "data")  # --generate makes the data
     p.add_argument(
         "-q", "--quant", nargs="+", default=["Q4_K_M"], metavar="TYPE", help="quantization type(s) (default Q4_K_M)"
     )
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="first write N Alpaca rows with a teacher model (self-instruct) and train on them")
+    p.add_argument("--teacher", metavar="MODEL", help="with --generate: the teacher (default: the bundled model)")
+    p.add_argument("--seed-tasks", default="alpaca-seed", metavar="FILE",
+                   help="with --generate: seed tasks (default alpaca-seed, built in)")
+    p.add_argument("--parallel", type=int, default=4, metavar="K", help="with --generate: requests decoded at once")
     p.add_argument("--merge-dtype", default="auto", help="dtype of the merged checkpoint (default: the base's)")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the quantized GGUFs against the F16")
     p.set_defaults(run=cmd_pipeline)
@@ -200,15 +207,42 @@ def cmd_pipeline(args) -> int:
     from convert.pipeline import PipelineOptions, run_pipeline
 
     quiet_libraries(args.verbose)
+    generate = _generate_options(args)
     options = PipelineOptions(
         finetune=config_from_args(args),
         quants=tuple(dict.fromkeys(q.upper() for q in args.quant)),
         merge_dtype=args.merge_dtype,
         evaluate=not args.no_eval,
+        generate=generate,
     )
     summary = run_pipeline(options, report=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary.format())
     return 0
+
+
+def _generate_options(args):
+    """The pipeline's self-instruct step from --generate/--teacher/--seed-tasks; sets args.data to its output."""
+    from convert.generate import GenerateOptions
+    from convert.pipeline import PipelineOptions
+
+    if args.generate is None:
+        if args.data is None:
+            raise UsageError("pipeline needs --data DATA, or --generate N to have a teacher write it")
+        return None
+    if args.data is not None:
+        raise UsageError("--data and --generate both name the training data; give one")
+    output = PipelineOptions.generated_data(Path(args.out))
+    args.data = str(output)
+    return GenerateOptions(
+        teacher=args.teacher, seed_tasks=args.seed_tasks, n=args.generate, output=output,
+        parallel=args.parallel, seed=args.seed,
+    ).checked()
+
+
+def _optional(parser: argparse.ArgumentParser, dest: str) -> None:
+    for action in parser._actions:
+        if action.dest == dest:
+            action.required = False
 
 
 def cmd_compare(args) -> int:

@@ -213,3 +213,33 @@ def test_unwritable_output_and_a_foreign_output_file(tmp_path, capsys):
     assert "not a JSON list of Alpaca rows" in capsys.readouterr().err
     assert foreign.read_text() == '{"mine": true}'
     assert OutputFile  # the same reader the run uses
+
+
+def test_pipeline_generates_its_data_then_trains_on_it(tiny_llama, tmp_path, capsys):
+    """seeds -> teacher data -> LoRA student -> GGUF in one command; a second run skips every step."""
+    out = tmp_path / "run"
+    argv = ["pipeline", "--base", str(tiny_llama), "--generate", "5", "--parallel", "2", "--out", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-length", "96", "--val-size", "1",
+            "--quant", "Q8_0", "--no-eval", "--seed", "5"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = json.loads((out / "data" / "generated.json").read_text(encoding="utf-8"))
+    assert len(rows) == 5
+    _check_rows(rows)
+    assert "data: 5 teacher-written rows" in text
+    manifest = json.loads((out / "manifests" / "generate.json").read_text())
+    assert manifest["status"] == "done" and manifest["settings"]["n"] == 5
+    finetune_manifest = json.loads((out / "manifests" / "finetune.json").read_text())
+    assert finetune_manifest["inputs"]["data"]["sha256"]  # the generated file, hashed
+    assert (out / "gguf").glob("*.Q8_0.gguf")
+
+    assert cli.main(argv) == 0
+    assert "generate           up to date, skipped" in capsys.readouterr().out
+
+
+def test_pipeline_needs_data_or_generate(tmp_path, capsys):
+    assert cli.main(["pipeline", "--base", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--generate N" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--base", str(tmp_path), "--out", str(tmp_path / "o"), "--data", "alpaca-seed",
+                     "--generate", "3"]) == 2
+    assert "give one" in capsys.readouterr().err
