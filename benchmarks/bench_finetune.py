@@ -33,13 +33,13 @@ import time
 from pathlib import Path
 
 SIDES = ("ours", "plain")
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_seed_tasks.json"
+DEFAULT_DATA = "alpaca-seed"  # the Stanford seed tasks shipped in the package
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="HF checkpoint directory (default: SmolLM2-135M-Instruct built from the bundled GGUF)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="Alpaca data (default: ../shared/data/alpaca_seed_tasks.json)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Alpaca data (default: alpaca-seed, built in)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per side, after one untimed (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--max-length", type=int, default=256, help="longest example in tokens (default 256)")

@@ -11,7 +11,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-SEED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_seed_tasks.json"
+# The 150 Stanford seed tasks that ship in the package (`--data alpaca-seed`).
+SEED_DATA = Path(__file__).resolve().parents[1] / "convert" / "builtin_data" / "alpaca_seed_tasks.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
