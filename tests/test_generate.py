@@ -243,3 +243,28 @@ def test_pipeline_needs_data_or_generate(tmp_path, capsys):
     assert cli.main(["pipeline", "--base", str(tmp_path), "--out", str(tmp_path / "o"), "--data", "alpaca-seed",
                      "--generate", "3"]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_every_accepted_task(tmp_path):
+    """A real SIGINT to the CLI once rows are on disk: exit 130, the file whole and valid."""
+    import signal
+    import time
+
+    out = tmp_path / "tasks.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert.cli", "generate", "-n", "60", "-o", str(out), "--parallel", "2",
+         "--max-tokens", "320", "--tasks-per-request", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert out.exists(), "no task was accepted in time"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "every task accepted so far is in" in err and "Traceback" not in err
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    assert 1 <= len(rows) < 60
+    _check_rows(rows)
+    assert not list(tmp_path.glob(".*partial"))
