@@ -3,7 +3,9 @@
 A quick look at whether training and quantization did what was wanted: the
 same held-out prompts go to each model, each rendered with the model's own
 chat template (the Alpaca one for a model fine-tuned here), answered greedily,
-and printed side by side with the reference answer from the data.
+and printed side by side with the reference answer from the data. Each model
+is then scored by the mean ROUGE-L F of its answers against the references
+(the `rouge-score` package), printed as a table and drawn as a bar chart.
 
 Hugging Face checkpoints run through transformers; GGUF files through
 alpaca-chat's engine, exactly as `alpaca-chat --model FILE` would run them.
@@ -201,6 +203,70 @@ def format_side_by_side(rows: Sequence[Row], labels: Sequence[str], *, width: in
             body = "\n".join(lines)
         blocks.append(f"{title}\n{body}")
     return "\n\n".join(blocks)
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    label: str
+    rouge_l: float  # mean ROUGE-L F over the prompts
+    n: int
+
+
+def rouge_l(reference: str, answer: str) -> float:
+    """ROUGE-L F of an answer against the reference (rouge-score's tokenizer, no stemming)."""
+    return _scorer().score(reference, answer)["rougeL"].fmeasure
+
+
+_SCORER = []
+
+
+def _scorer():
+    if not _SCORER:
+        from rouge_score import rouge_scorer
+
+        _SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False))
+    return _SCORER[0]
+
+
+def scores(rows: Sequence[Row], labels: Sequence[str]) -> list[Score]:
+    """Each model's mean ROUGE-L F against the references."""
+    out = []
+    for i, label in enumerate(labels):
+        values = [rouge_l(row.prompt.reference, row.answers[i]) for row in rows]
+        out.append(Score(label, sum(values) / len(values) if values else 0.0, len(values)))
+    return out
+
+
+def format_scores(model_scores: Sequence[Score]) -> str:
+    width = max(len(s.label) for s in model_scores)
+    lines = [f"{'model':<{width}}  ROUGE-L F vs reference", f"{'-' * width}  {'-' * 22}"]
+    lines += [f"{s.label:<{width}}  {s.rouge_l:.4f} (mean of {s.n})" for s in model_scores]
+    return "\n".join(lines)
+
+
+def plot_scores(model_scores: Sequence[Score], png: Path) -> Path:
+    """A bar chart of the scores, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from convert.atomic import atomic_output
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(model_scores), 3.6))
+    bars = ax.bar([s.label for s in model_scores], [s.rouge_l for s in model_scores], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel("ROUGE-L F vs reference")
+    ax.set_ylim(0, max(0.05, max(s.rouge_l for s in model_scores) * 1.25))
+    ax.set_title(f"answers on {model_scores[0].n} held-out prompts")
+    fig.tight_layout()
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return png
 
 
 def _wrap(text: str, width: int) -> list[str]:

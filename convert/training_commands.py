@@ -99,6 +99,8 @@ def _add_compare(sub, common) -> None:
     p.add_argument("-n", "--limit", type=int, default=3, help="how many prompts (default 3)")
     p.add_argument("--max-tokens", type=int, default=96, help="longest answer in tokens (default 96)")
     p.add_argument("--width", type=int, default=None, help="output width in columns (default: the terminal's)")
+    p.add_argument("--plot", metavar="PNG", help="where to write the ROUGE-L bar chart "
+                   "(default: DIR/compare.png with --pipeline, else compare.png)")
     p.set_defaults(run=cmd_compare)
 
 
@@ -257,7 +259,13 @@ def cmd_compare(args) -> int:
     )
     prompts = compare.load_prompts(args.prompts, pipeline=Path(args.pipeline) if args.pipeline else None, limit=args.limit)
     rows = compare.compare(models, prompts, max_tokens=args.max_tokens)
-    print(compare.format_side_by_side(rows, [m.label for m in models], width=args.width))
+    labels = [m.label for m in models]
+    print(compare.format_side_by_side(rows, labels, width=args.width))
+    model_scores = compare.scores(rows, labels)
+    print()
+    print(compare.format_scores(model_scores))
+    plot = Path(args.plot) if args.plot else (Path(args.pipeline) if args.pipeline else Path(".")) / "compare.png"
+    print(f"wrote {compare.plot_scores(model_scores, plot)}")
     return 0
 
 

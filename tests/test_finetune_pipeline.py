@@ -170,6 +170,9 @@ def test_cli_pipeline_then_compare(first_run, tiny_llama, rows_file, capsys):
     header = next(line for line in captured.out.splitlines() if line.startswith("BASE"))
     assert [h.strip() for h in header.split("|")] == ["BASE", "FINE-TUNED", "Q4_K_M", "Q8_0", "REFERENCE"]
     assert captured.out.count("[1] ") == 1 and captured.out.count("[2] ") == 1
+    scored = [line.split()[0] for line in captured.out.splitlines() if "(mean of 2)" in line]
+    assert scored == ["base", "fine-tuned", "Q4_K_M", "Q8_0"]
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_needs_models_and_prompts(tmp_path):

@@ -1,0 +1,132 @@
+"""A GGUF as the base of a fine-tune: dequantized once into a cached Hugging Face checkpoint.
+
+`--base` takes what `alpaca-chat --model` takes (a GGUF path, a registry name
+such as `smollm2-135m`, a hub GGUF reference) besides a checkpoint directory.
+transformers' GGUF loader dequantizes the file; its weights go into a fresh
+model of the same class, saved as safetensors with the tokenizer (its chat
+template included) and the generation config, under the user's cache
+directory, keyed by the file's size and a hash of its first and last MiB.
+The next run finds it and loads nothing.
+
+`PROVENANCE_FILE` beside the weights records that the base was a quantized
+file, and which; merge copies it into the merged checkpoint and export writes
+it into the GGUF's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from alpaca_chat.errors import TrainingError
+
+PROVENANCE_FILE = "alpaca_base.json"
+CACHE_ENV = "ALPACA_CONVERT_CACHE"
+
+
+def is_gguf_spec(spec: str) -> bool:
+    """Whether `--base` names a GGUF (a file, a registry name or a hub GGUF reference), not a checkpoint."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return False
+    if path.is_file() or spec.lower().endswith(".gguf"):
+        return True
+    from alpaca_chat.models import load_registry
+
+    registry = load_registry()
+    return spec in registry or spec.lower() in registry or ":" in spec
+
+
+def checkpoint_from_gguf(spec: str) -> Path:
+    """The cached checkpoint of a GGUF base, dequantizing it the first time."""
+    from alpaca_chat import gguf_check, models
+
+    resolved = models.resolve_model(spec)
+    gguf_check.check_gguf(resolved.path)  # a corrupt file fails here, in one line, before transformers reads it
+    identity = file_identity(resolved.path)
+    target = cache_dir() / identity["key"]
+    if _cached(target, identity):
+        return target
+    _dequantize(resolved.path, target, {**identity, "source": resolved.name, "quant": resolved.quant})
+    return target
+
+
+def cache_dir() -> Path:
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    home = os.environ.get("ALPACA_CHAT_HOME")
+    if home:
+        return Path(home).expanduser() / "cache" / "gguf-bases"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("alpaca-chat", appauthor=False)) / "gguf-bases"
+
+
+def file_identity(path: Path) -> dict:
+    """Size and sha256 of the first and last MiB (the header, and the end of the tensor data)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    digest = h.hexdigest()
+    return {"gguf": path.name, "size": size, "sha256_head_tail": digest, "key": f"{path.stem}-{digest[:16]}"}
+
+
+def read_provenance(checkpoint: Path) -> dict | None:
+    try:
+        return json.loads((Path(checkpoint) / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _cached(target: Path, identity: dict) -> bool:
+    recorded = read_provenance(target)
+    return bool(recorded) and recorded.get("sha256_head_tail") == identity["sha256_head_tail"] and any(
+        target.glob("*.safetensors")
+    )
+
+
+def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
+    """Load with transformers' GGUF reader, save as a plain checkpoint; atomically (a temp dir renamed)."""
+    import torch
+    import transformers
+
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+        raise TrainingError(
+            f"base model: transformers cannot dequantize {gguf.name} ({_first_line(exc)}); "
+            "give a Hugging Face checkpoint directory instead"
+        ) from None
+    model = type(loaded)(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.config.architectures = [type(loaded).__name__]
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # plain floats from here on; the provenance file says where from
+    model.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
