@@ -14,7 +14,9 @@ What it writes in `out`:
 No compute goes to padding: each batch is packed into one row, positions
 restart at every example and the attention mask keeps examples apart
 (transformers derives it from the position ids). Logits, the largest activation
-of a small model, are computed only where a token is trained on.
+of a small model, are computed only where a token is trained on. That is
+convert/packing.py; the Trainer around it, Ctrl+C and the metrics are
+convert/trainer.py; this module loads, prepares and runs.
 
 The CPU is the default; a CUDA GPU is used when present, with bf16 when it
 supports it. Several GPUs or nodes: `accelerate launch -m convert.cli finetune ...`.
@@ -27,14 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,25 +43,33 @@ from alpaca_chat.errors import DataError, TrainingError, UsageError
 from convert import data as datamod
 from convert.atomic import atomic_output
 from convert.finetune_config import LORA_DEFAULTS, LORA_FALLBACK, FinetuneConfig, LoraSettings, lora_settings
+from convert.packing import PACKED_ROW_TOKENS, PackedCollator, attention_implementation, chunk_bounds, packed_loss
+from convert.trainer import (
+    CHECKPOINTS_DIR,
+    InterruptToCheckpoint,
+    PackedTrainer,
+    ProgressReport,
+    build_trainer,
+    collect_metrics,
+    evaluated_at,
+    plot_losses,
+    total_steps,
+    training_arguments,
+)
 
-__all__ = ["LORA_DEFAULTS", "LORA_FALLBACK", "FinetuneConfig", "LoraSettings", "finetune", "lora_settings"]
+# Names of convert/packing.py and convert/trainer.py stay importable from here.
+__all__ = [
+    "CHECKPOINTS_DIR", "LORA_DEFAULTS", "LORA_FALLBACK", "PACKED_ROW_TOKENS", "FinetuneConfig", "LoraSettings",
+    "PackedCollator", "PackedTrainer", "ProgressReport", "build_trainer", "chunk_bounds", "collect_metrics",
+    "finetune", "lora_settings", "packed_loss", "plot_losses", "total_steps", "training_arguments",
+]
 
 log = logging.getLogger(__name__)
-
-
-# A packed row goes through the model in chunks of whole examples of at most
-# this many tokens (or one longer example): attention then costs the sum of the
-# chunks' squares, not the row's square, and examples never attend to each
-# other. Measured on 2 CPU cores, 8 examples (1,200 tokens) a step, max length
-# 256: 206 tok/s in 512-token chunks, 199 in 256, 187 in 1,024 and 167 as one
-# row, and the smaller chunks hold less memory for the backward pass.
-PACKED_ROW_TOKENS = 512
 
 TRAINING_FILE = "training.json"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "loss.png"
 HELDOUT_FILE = "heldout.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
@@ -101,7 +106,8 @@ def finetune(
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     model_config = load_model_config(base_path)
-    max_length = min(config.max_length, getattr(model_config, "max_position_embeddings", None) or config.max_length)
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    max_length = min(config.max_length, context or config.max_length)
     prepared = prepare_data(config, tokenizer, max_length)
     if checkpoint is not None:
         _check_same_data(out, prepared)
@@ -117,7 +123,7 @@ def finetune(
 
     transformers.set_seed(config.seed)
     model = add_lora(load_model(base_path, device), lora)
-    interrupt = _InterruptToCheckpoint()
+    interrupt = InterruptToCheckpoint()
     args = training_arguments(config, out, device, prepared, resuming=checkpoint is not None)
     chunk_tokens = max(max_length, PACKED_ROW_TOKENS)
     trainer = build_trainer(
@@ -129,7 +135,7 @@ def finetune(
     with interrupt.installed():
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     interrupted = interrupt.requested and trainer.state.global_step < trainer.state.max_steps
-    if prepared.val and not interrupted and not _evaluated_at(trainer.state, trainer.state.global_step):
+    if prepared.val and not interrupted and not evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
     metrics = collect_metrics(trainer.state, prepared, train_started, started, checkpoint, interrupted)
     if trainer.is_world_process_zero():
@@ -140,24 +146,6 @@ def finetune(
             f"{out / CHECKPOINTS_DIR}; run the same command with --resume to continue"
         )
     return FinetuneResult(out, metrics)
-
-
-def build_trainer(
-    model, args, prepared: PreparedData, *, chunk_tokens: int, callbacks=(), progress: bool = True
-) -> PackedTrainer:
-    trainer = PackedTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.val or None,
-        data_collator=PackedCollator(),
-        callbacks=list(callbacks),
-        chunk_tokens=chunk_tokens,
-    )
-    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-    if progress:
-        trainer.add_callback(ProgressReport())
-    return trainer
 
 
 def _write_outputs(out: Path, model, metrics: dict, *, adapter: bool) -> None:
@@ -215,7 +203,12 @@ def load_model(path: Path, device: str, dtype: torch.dtype | None = None):
         del config.quantization_config
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+            attn_implementation=attention_implementation(config),
         )
     except (OSError, ValueError) as exc:
         raise TrainingError(f"cannot load the base model from {path}: {exc}") from None
@@ -302,149 +295,6 @@ def _describe_data(prepared: PreparedData, max_length: int) -> str:
     return text
 
 
-# -- packing and the loss -----------------------------------------------------------------
-
-
-class PackedCollator:
-    """Concatenate a batch into one row: no padding at all.
-
-    `position_ids` restart at 0 for every example, which is how transformers
-    tells packed examples apart (each attends only to itself). `shift_labels`
-    holds, at each position, the next token of the same example or
-    IGNORE_INDEX: the targets, with nothing crossing an example's end.
-    """
-
-    def __call__(self, examples: Sequence[datamod.Example]) -> dict[str, torch.Tensor]:
-        input_ids, labels, targets, positions = [], [], [], []
-        for example in examples:
-            input_ids.extend(example.input_ids)
-            labels.extend(example.labels)
-            targets.extend(example.labels[1:])
-            targets.append(datamod.IGNORE_INDEX)
-            positions.extend(range(len(example)))
-
-        def row(values):
-            return torch.tensor([values], dtype=torch.long)
-
-        return {
-            "input_ids": row(input_ids),
-            "labels": row(labels),
-            "shift_labels": row(targets),
-            "position_ids": row(positions),
-        }
-
-
-def packed_loss(
-    model,
-    inputs: dict[str, torch.Tensor],
-    num_items: int | torch.Tensor | None = None,
-    chunk_tokens: int | None = None,
-):
-    """Cross-entropy over the trained positions only; logits are computed only there.
-
-    The packed row goes through the model in chunks of whole examples of at
-    most `chunk_tokens` tokens (one chunk when None): attention costs the sum
-    of the chunks' squares instead of the whole row's square, and a chunk with
-    nothing to train on is skipped. Returns the summed loss divided by
-    `num_items` (the trained tokens of the whole accumulated batch), or the
-    mean when it is None, and the last chunk's model outputs.
-    """
-    targets = inputs["shift_labels"]
-    total = torch.zeros((), device=targets.device)
-    outputs = None
-    for start, end in chunk_bounds(inputs["position_ids"], chunk_tokens):
-        keep = targets[:, start:end].ne(datamod.IGNORE_INDEX)
-        if not keep.any():
-            continue
-        outputs = model(
-            input_ids=inputs["input_ids"][:, start:end],
-            position_ids=inputs["position_ids"][:, start:end],
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).float()
-        total = total + torch.nn.functional.cross_entropy(logits, targets[:, start:end][keep], reduction="sum")
-    divisor = num_items if num_items is not None else targets.ne(datamod.IGNORE_INDEX).sum().clamp(min=1)
-    return total / divisor, outputs
-
-
-def chunk_bounds(position_ids: torch.Tensor, chunk_tokens: int | None) -> list[tuple[int, int]]:
-    """[start, end) spans of a packed row, cut between examples, each at most `chunk_tokens` long
-    (or a single example, if that is longer)."""
-    length = position_ids.shape[-1]
-    if chunk_tokens is None or length <= chunk_tokens:
-        return [(0, length)]
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    bounds, begin = [], 0
-    for start, end in zip(starts, [*starts[1:], length]):  # each example's span
-        if end - begin > chunk_tokens and start > begin:
-            bounds.append((begin, start))
-            begin = start
-    bounds.append((begin, length))
-    return bounds
-
-
-class PackedTrainer(transformers.Trainer):
-    """Trainer whose loss is `packed_loss`, normalized over the accumulated batch."""
-
-    loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, chunk_tokens: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chunk_tokens = chunk_tokens
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = packed_loss(model, inputs, num_items_in_batch, self.chunk_tokens)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the divisor is global
-        return (loss, outputs) if return_outputs else loss
-
-
-def training_arguments(config: FinetuneConfig, out: Path, device: str, prepared: PreparedData, *, resuming: bool):
-    steps = total_steps(config, len(prepared.train))
-    has_eval = bool(prepared.val)
-    optional = {"gradient_checkpointing": True} if config.gradient_checkpointing else {}
-    return transformers.TrainingArguments(
-        output_dir=str(out / CHECKPOINTS_DIR),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=round(config.warmup_ratio * steps),
-        weight_decay=config.weight_decay,
-        logging_strategy="steps",
-        logging_steps=1,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_steps or math.ceil(steps / 5),
-        eval_on_start=has_eval and not resuming,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device == "cpu",
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
-        include_num_input_tokens_seen="all",  # packed rows have no padding: every token is real
-        prediction_loss_only=True,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        disable_tqdm=True,
-        report_to="none",
-        dataloader_pin_memory=device == "cuda",
-        **optional,
-    )
-
-
-def total_steps(config: FinetuneConfig, n_train: int) -> int:
-    if config.max_steps:
-        return config.max_steps
-    per_epoch = max(1, math.ceil(n_train / config.batch_size) // config.grad_accum)
-    return max(1, math.ceil(per_epoch * config.epochs))
-
-
 # -- resume and Ctrl+C --------------------------------------------------------------------------
 
 
@@ -486,195 +336,6 @@ def _check_same_data(out: Path, prepared: PreparedData) -> None:
         raise UsageError("--resume: the data changed since the interrupted run; start a new run instead")
 
 
-class _InterruptToCheckpoint(TrainerCallback):
-    """The first Ctrl+C (SIGINT) asks for a checkpoint at the end of the step, then a stop."""
-
-    def __init__(self):
-        self.requested = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if _any_process(self.requested, args.device):
-            control.should_save = True
-            control.should_training_stop = True
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_sigint(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            _print("\nstopping after this step and saving a checkpoint (Ctrl+C again to abort)")
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _any_process(flag: bool, device) -> bool:
-    """True when any process of a distributed run has the flag: all of them must stop at the same step."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-# -- progress and metrics --------------------------------------------------------------------
-
-
-class ProgressReport(TrainerCallback):
-    """A bar with the loss, tokens/s and ETA on a terminal; a line every ~10% otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.bar = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        self.started, self.first_step = time.perf_counter(), state.global_step
-        self.tokens_at_start = state.num_input_tokens_seen
-        self.every = max(1, state.max_steps // 10)
-        if self.stream.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=state.max_steps, initial=state.global_step, unit="step", file=self.stream, dynamic_ncols=True
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None and state.is_world_process_zero:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (state.is_world_process_zero and logs and "loss" in logs):
-            return
-        speed = f"loss {logs['loss']:.4f}, {self._tokens_per_second(state):.0f} tok/s"
-        if self.bar is not None:
-            self.bar.set_postfix_str(speed)
-        elif state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            done = state.global_step - self.first_step
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
-            line = f"step {state.global_step}/{state.max_steps}: {speed}, ETA {_duration(eta)}"
-            print(line, file=self.stream, flush=True)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-            line = f"step {state.global_step}: eval loss {metrics['eval_loss']:.4f}"
-            if self.bar is not None:
-                self.bar.write(line, file=self.stream)
-            else:
-                print(line, file=self.stream, flush=True)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def _tokens_per_second(self, state) -> float:
-        elapsed = time.perf_counter() - self.started
-        return (state.num_input_tokens_seen - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def _evaluated_at(state, step: int) -> bool:
-    return any("eval_loss" in entry and entry.get("step") == step for entry in state.log_history)
-
-
-def collect_metrics(
-    state, prepared: PreparedData, train_started: float, started: float, checkpoint: Path | None, interrupted: bool
-) -> dict:
-    """metrics.json: per-step losses from the Trainer's log, plus throughput and timings."""
-    train = [
-        {
-            "step": e["step"],
-            "loss": e["loss"],
-            "learning_rate": e.get("learning_rate"),
-            "tokens": e.get("num_input_tokens_seen"),
-        }
-        for e in state.log_history
-        if "loss" in e
-    ]
-    evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e]
-    train_seconds = time.perf_counter() - train_started
-    session_tokens = state.num_input_tokens_seen - _tokens_at(state, checkpoint)
-    return {
-        "status": "interrupted" if interrupted else "completed",
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "train_loss": train,
-        "eval_loss": evals,
-        "base_eval_loss": evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
-        "final_eval_loss": evals[-1]["loss"] if evals else None,
-        "tokens_seen": state.num_input_tokens_seen,
-        "tokens_per_second": session_tokens / train_seconds if train_seconds > 0 else None,
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "resumed_from_step": _step_of(checkpoint),
-        "data": {
-            "train_examples": prepared.train_report.examples,
-            "val_examples": prepared.val_report.examples if prepared.val_report else 0,
-            "truncated": prepared.train_report.truncated + (prepared.val_report.truncated if prepared.val_report else 0),
-            "dropped": prepared.train_report.dropped + (prepared.val_report.dropped if prepared.val_report else 0),
-            "trained_tokens_per_epoch": prepared.train_report.trained_tokens,
-        },
-    }
-
-
-def _step_of(checkpoint: Path | None) -> int | None:
-    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint is not None else None
-
-
-def _tokens_at(state, checkpoint: Path | None) -> int:
-    step = _step_of(checkpoint)
-    if step is None:
-        return 0
-    seen = [
-        e["num_input_tokens_seen"] for e in state.log_history if e.get("step") == step and "num_input_tokens_seen" in e
-    ]
-    return seen[-1] if seen else 0
-
-
-def plot_losses(metrics: dict, png: Path) -> Path:
-    """Train and eval loss against the step, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    axes = figure.subplots()
-    train, evals = metrics["train_loss"], metrics["eval_loss"]
-    if train:
-        axes.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss", linewidth=1)
-    if evals:
-        axes.plot([p["step"] for p in evals], [p["loss"] for p in evals], "o-", label="eval loss (held out)")
-    if metrics.get("base_eval_loss") is not None:
-        axes.axhline(metrics["base_eval_loss"], color="grey", linestyle="--", linewidth=1, label="base model (eval)")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_output(png) as tmp:
-        figure.savefig(tmp, format="png")
-    return png
-
-
 # -- small helpers --------------------------------------------------------------------------------
 
 
@@ -683,10 +344,7 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
     return {
         "base": config.base,
         "base_path": str(base_path),
-        "base_model": {
-            name: getattr(model_config, name, None)
-            for name in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-        },
+        "base_model": base_shape(model_config),
         "template": prepared.template,
         "max_length": max_length,
         "lora": {**asdict(lora), "target_modules": _as_json(lora.target_modules)},
@@ -694,6 +352,14 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
         "heldout": HELDOUT_FILE,
         "settings": config.run_settings(),
     }
+
+
+def base_shape(model_config) -> dict:
+    """What an adapter must be merged into: the model type and its language model's shape
+    (an image-text model such as Gemma 3 4B keeps that in its text config)."""
+    text_config = model_config.get_text_config()
+    shape = {name: getattr(text_config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    return {"model_type": model_config.model_type, **shape}
 
 
 def _as_json(target_modules: tuple[str, ...] | str) -> list[str] | str:

@@ -19,25 +19,40 @@ class LoraSettings:
 
 
 # LoRA defaults by `model_type`. Every linear projection of attention and MLP is
-# adapted (QLoRA's finding: which layers matters more than r); a mixture of
-# experts adapts attention only, or each expert would carry its own adapter.
-# r=16, alpha=32 (scale 2) and dropout 0.05 are the common LoRA recipe for
-# instruction tuning. Anything not listed gets LORA_FALLBACK.
+# adapted (QLoRA's finding: which layers matters more than r); r=16, alpha=32
+# (scale 2) and dropout 0.05 are the common LoRA recipe for instruction tuning.
+# Anything not listed gets LORA_FALLBACK. The names are transformers 5's modules:
+# - Phi-3 and GLM fuse projections into one Linear (`qkv_proj`, `gate_up_proj`):
+#   the adapter spans the fused matrix and merges into it; the exporter splits it.
+# - A mixture of experts (Mixtral, Qwen3 MoE) adapts attention only. transformers 5
+#   stores the experts as fused 3-D parameters (`mlp.experts.gate_up_proj`), which
+#   peft's LoRA cannot target as Linear layers, and adapting each expert would give
+#   every expert its own adapter; the router is a plain parameter too.
+# - Gemma 3 4B and up (`gemma3`, image-text) adapts the language model only: the
+#   vision tower has its own q/k/v projections, and the GGUF holds the text tower.
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_FUSED_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# A regular expression (peft matches a string target in full against module names).
+_GEMMA3_LANGUAGE_MODEL = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _NEOX_LIKE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 LORA_DEFAULTS: dict[str, LoraSettings] = {
     "llama": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "mistral": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
-    "mixtral": LoraSettings(16, 32, 0.05, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "mixtral": LoraSettings(16, 32, 0.05, _ATTENTION),
     "qwen2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "qwen3": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "qwen3_moe": LoraSettings(16, 32, 0.05, _ATTENTION),
     "gemma": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "gemma2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "gemma3_text": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
+    "gemma3": LoraSettings(16, 32, 0.05, _GEMMA3_LANGUAGE_MODEL),
     "granite": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "olmo2": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "smollm3": LoraSettings(16, 32, 0.05, _LLAMA_LIKE),
     "phi3": LoraSettings(16, 32, 0.05, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "glm": LoraSettings(16, 32, 0.05, _FUSED_MLP),
+    "glm4": LoraSettings(16, 32, 0.05, _FUSED_MLP),
     "phi": LoraSettings(16, 32, 0.05, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "gpt2": LoraSettings(16, 32, 0.05, ("c_attn", "c_proj", "c_fc")),
     "gpt_neox": LoraSettings(16, 32, 0.05, _NEOX_LIKE),

@@ -123,10 +123,11 @@ def _check_adapter_files(adapter: Path) -> None:
 def _check_base_matches(meta: dict, model_config, adapter: Path, base: str) -> None:
     """Compare the base's shape with the one recorded at training time, when there is one."""
     trained_on = meta.get("base_model") or {}
+    shape = finetune.base_shape(model_config)
     differences = [
-        f"{name} {trained_on[name]} vs {getattr(model_config, name, None)}"
-        for name in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-        if trained_on.get(name) is not None and trained_on[name] != getattr(model_config, name, None)
+        f"{name} {trained_on[name]} vs {value}"
+        for name, value in shape.items()
+        if trained_on.get(name) is not None and trained_on[name] != value
     ]
     if differences:
         raise AdapterMismatchError(

@@ -21,7 +21,7 @@ GLM_SPECIALS = (
 # the tool-calling part of the templates GLM-4 ships.
 GLM4_CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for message in messages %}{% if message['role'] == 'tool' %}<|observation|>"
-    "{% else %}<|{{ message['role'] }}|>{% endif %}\n{{ message['content'] }}{% endfor %}"
+    "{% else %}<|{{ message['role'] }}|>{% endif %}{{ '\\n' + message['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
