@@ -18,8 +18,9 @@ of a small model, are computed only where a token is trained on. That is
 convert/packing.py; the Trainer around it, Ctrl+C and the metrics are
 convert/trainer.py; this module loads, prepares and runs.
 
-The CPU is the default; a CUDA GPU is used when present, with bf16 when it
-supports it. Several GPUs or nodes: `accelerate launch -m convert.cli finetune ...`.
+The CPU is the default; a CUDA GPU is used when present. `--precision auto`
+computes in bf16 where the GPU or the CPU (AVX512-BF16, AMX) has it
+(convert/precision.py). Several GPUs or nodes: `accelerate launch -m convert.cli finetune ...`.
 The first Ctrl+C saves a checkpoint at the end of the current step and stops;
 a second one aborts.
 """
@@ -112,19 +113,22 @@ def finetune(
     if checkpoint is not None:
         _check_same_data(out, prepared)
     device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
     lora = lora_settings(model_config.model_type, config)
     log.info("fine-tuning %s on %s: %s, LoRA %s, device %s", config.base, config.data, config, lora, device)
+    _print(f"settings: device {device}, precision {precision} (LoRA weights and optimizer fp32), "
+           f"LoRA r={lora.r} alpha={lora.alpha} on {_as_json(lora.target_modules)}")
     _print(_describe_data(prepared, max_length))
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        meta = _training_meta(config, base_path, model_config, prepared, lora, max_length)
+        meta = _training_meta(config, base_path, model_config, prepared, lora, max_length) | {"precision": precision}
         _write_text(out / TRAINING_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _write_text(out / HELDOUT_FILE, datamod.to_jsonl(prepared.val_records))
 
     transformers.set_seed(config.seed)
-    model = add_lora(load_model(base_path, device), lora)
+    model = add_lora(load_model(base_path, device, dtype=FROZEN_DTYPES[precision]), lora)
     interrupt = InterruptToCheckpoint()
-    args = training_arguments(config, out, device, prepared, resuming=checkpoint is not None)
+    args = training_arguments(config, out, device, prepared, resuming=checkpoint is not None, precision=precision)
     chunk_tokens = max(max_length, PACKED_ROW_TOKENS)
     trainer = build_trainer(
         model, args, prepared, chunk_tokens=chunk_tokens, callbacks=[interrupt, *callbacks], progress=progress
@@ -159,8 +163,13 @@ def _write_outputs(out: Path, model, metrics: dict, *, adapter: bool) -> None:
 
 
 def resolve_base(spec: str) -> Path:
-    """A local checkpoint directory, or a hub id fetched into the HF cache."""
+    """A local checkpoint directory, a hub id fetched into the HF cache, or a GGUF (a path or
+    any `alpaca-chat --model` name) dequantized once into a cached checkpoint (convert/gguf_base.py)."""
+    from convert import gguf_base
     from convert.export.checkpoint import CheckpointError, resolve_checkpoint
+
+    if gguf_base.is_gguf_spec(spec):
+        return gguf_base.checkpoint_from_gguf(spec)
 
     try:
         path, _ = resolve_checkpoint(spec)
@@ -192,10 +201,15 @@ def load_model_config(path: Path):
         raise TrainingError(f"cannot read the model config in {path}: {exc}") from None
 
 
+# The frozen base weights are stored in the compute type: half the memory, no cast per op. The LoRA
+# weights peft adds stay fp32 (its autocast_adapter_dtype), and so does the optimizer state.
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_model(path: Path, device: str, dtype: torch.dtype | None = None):
-    """The base model from safetensors only: float32 on the CPU, bf16 on a GPU that has it."""
+    """The base model from safetensors only, float32 unless `dtype` says otherwise."""
     if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.float32
     config = load_model_config(path)
     quantization = getattr(config, "quantization_config", None)
     if _quant_method(quantization) == "gguf":
@@ -237,6 +251,13 @@ def add_lora(model, lora: LoraSettings):
         return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise TrainingError(f"cannot add LoRA to this model: {exc}") from None
+
+
+def pick_precision(choice: str, device: str) -> str:
+    from convert.precision import resolve_precision
+
+    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_precision(choice, device, cuda_bf16=cuda_bf16)
 
 
 def pick_device(choice: str) -> str:
@@ -344,6 +365,7 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
     return {
         "base": config.base,
         "base_path": str(base_path),
+        "base_gguf": _gguf_provenance(base_path),  # None unless the base was dequantized from a GGUF
         "base_model": base_shape(model_config),
         "template": prepared.template,
         "max_length": max_length,
@@ -352,6 +374,12 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
         "heldout": HELDOUT_FILE,
         "settings": config.run_settings(),
     }
+
+
+def _gguf_provenance(base_path: Path) -> dict | None:
+    from convert.gguf_base import read_provenance
+
+    return read_provenance(base_path)
 
 
 def base_shape(model_config) -> dict:

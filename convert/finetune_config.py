@@ -94,6 +94,11 @@ class FinetuneConfig:
     eval_steps: int | None = field(default=None, metadata={"help": "eval loss every N steps (default: 5 times a run)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when present), cpu or cuda"})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "compute type: auto (bf16 on a GPU or CPU that has it, else fp32), fp32, bf16 or fp16; "
+                  "weights, LoRA and optimizer stay fp32"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last checkpoint"})
 
     def run_settings(self) -> dict:

@@ -219,7 +219,10 @@ def _save_dtype(choice: str, model_config) -> torch.dtype:
 
 def copy_tokenizer(base: Path, out: Path) -> None:
     """Every tokenizer file and the generation config, byte for byte."""
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
+    from convert.gguf_base import PROVENANCE_FILE
+
+    # PROVENANCE_FILE: a base dequantized from a GGUF says so, through the merge into the exported GGUF.
+    for name in (*TOKENIZER_FILES, "generation_config.json", PROVENANCE_FILE):
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
 

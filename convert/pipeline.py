@@ -299,6 +299,8 @@ def _finetune(options: PipelineOptions, resume: bool) -> dict:
         "val_rows": m["data"]["val_examples"],
         "tokens_per_second": m.get("tokens_per_second"),
         "steps": m.get("steps"),
+        # The base was a quantized GGUF (dequantized once): which one, in the manifest too.
+        "base_gguf": (ft.read_training_meta(options.adapter_dir) or {}).get("base_gguf"),
     }
 
 

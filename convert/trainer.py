@@ -65,7 +65,9 @@ class PackedTrainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_arguments(config: FinetuneConfig, out: Path, device: str, prepared: PreparedData, *, resuming: bool):
+def training_arguments(
+    config: FinetuneConfig, out: Path, device: str, prepared: PreparedData, *, resuming: bool, precision: str = "fp32"
+):
     steps = total_steps(config, len(prepared.train))
     has_eval = bool(prepared.val)
     optional = {"gradient_checkpointing": True} if config.gradient_checkpointing else {}
@@ -91,7 +93,8 @@ def training_arguments(config: FinetuneConfig, out: Path, device: str, prepared:
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=precision == "bf16",  # autocast: the weights and optimizer state stay fp32
+        fp16=precision == "fp16",
         include_num_input_tokens_seen="all",  # packed rows have no padding: every token is real
         prediction_loss_only=True,
         remove_unused_columns=False,

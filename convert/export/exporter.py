@@ -240,6 +240,20 @@ def _set_metadata(
     writer.add_string(provenance.KEY_SOURCE, _source_label(ckpt))
     writer.add_string(provenance.KEY_CONVERTER, provenance.converter_version())
     writer.add_string(provenance.KEY_QUANT_TYPE, type_label)
+    base_gguf = _base_gguf(ckpt.path)
+    if base_gguf:
+        writer.add_string(provenance.KEY_BASE_GGUF, base_gguf)
+
+
+def _base_gguf(path: Path) -> str | None:
+    """'NAME.Q4_1.gguf (98362432 bytes, sha256 of head and tail 747cb1f0...)' for a model
+    fine-tuned from a dequantized GGUF; None otherwise."""
+    from convert.gguf_base import read_provenance
+
+    recorded = read_provenance(path)
+    if not recorded or "gguf" not in recorded:
+        return None
+    return f"{recorded['gguf']} ({recorded.get('size')} bytes, sha256 of head and tail {recorded.get('sha256_head_tail')})"
 
 
 def _source_label(ckpt: Checkpoint) -> str:
