@@ -15,7 +15,8 @@ not read gigabytes again.
     DIR/merged/                   the merged checkpoint (merge)
     DIR/gguf/NAME.F16.gguf        the unquantized GGUF (export)
     DIR/gguf/NAME.Q4_K_M.gguf     one per quantization type (quantize)
-    DIR/eval.json                 eval losses and quantization quality (eval)
+    DIR/eval.json                 eval losses, quantization quality, ROUGE-L of every model's answers (eval)
+    DIR/compare.png               the ROUGE-L bar chart (eval)
     DIR/summary.txt               what the last run printed
 
 Export, quantization and the quality measure are the converter's
@@ -342,8 +343,34 @@ def _evaluate(options: PipelineOptions) -> dict:
         },
         "quality": quality,
     }
+    scored = _answer_scores(options)
+    info["quality"] += scored.pop("quality", [])
+    info.update(scored)
     _write_json(options.eval_file, info)
     return info
+
+
+ROUGE_PROMPTS = 8  # held-out rows answered by every model for the ROUGE-L line
+ROUGE_MAX_TOKENS = 96
+
+
+def _answer_scores(options: PipelineOptions) -> dict:
+    """ROUGE-L F of base, fine-tuned and each GGUF's greedy answers on the held-out rows, and the chart."""
+    from convert import compare
+
+    heldout = options.adapter_dir / ft.HELDOUT_FILE
+    if not heldout.is_file() or not heldout.read_text(encoding="utf-8").strip():
+        return {}
+    models = compare.models_from(pipeline=options.out, ggufs=[options.quantized(q) for q in options.quants])
+    prompts = compare.load_prompts(str(heldout), limit=ROUGE_PROMPTS)
+    rows = compare.compare(models, prompts, max_tokens=ROUGE_MAX_TOKENS)
+    scores = compare.scores(rows, [m.label for m in models])
+    compare.plot_scores(scores, options.out / "compare.png")
+    line = ", ".join(f"{s.label} {s.rouge_l:.3f}" for s in scores)
+    return {
+        "rouge_l": {s.label: s.rouge_l for s in scores},
+        "quality": [f"ROUGE-L F vs reference on {len(prompts)} held-out rows: {line}"],
+    }
 
 
 # -- hashing and manifests -------------------------------------------------------------------------

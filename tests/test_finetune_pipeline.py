@@ -47,6 +47,12 @@ def test_runs_every_step_and_ends_with_the_chat_command(first_run):
         assert (out / path).is_file() and str(out / path) in text
     assert re.search(r"eval loss on \d held-out rows: \d+\.\d{4} \(base\) -> \d+\.\d{4} \(fine-tuned\)", text)
     assert "quality of Q4_K_M vs F16: KL divergence" in text and "quality of Q8_0 vs F16" in text
+    rouge = re.search(r"ROUGE-L F vs reference on (\d) held-out rows: base ([\d.]+), fine-tuned ([\d.]+), "
+                      r"Q4_K_M ([\d.]+), Q8_0 ([\d.]+)", text)
+    assert rouge and int(rouge.group(1)) == 4
+    scores = json.loads((out / "eval.json").read_text())["rouge_l"]
+    assert sorted(scores) == ["Q4_K_M", "Q8_0", "base", "fine-tuned"] and all(0 <= v <= 1 for v in scores.values())
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert text.endswith(f"alpaca-chat --model {(out / 'gguf' / f'{name}.Q4_K_M.gguf').resolve()}")
     assert (out / "summary.txt").read_text().strip() == text
 
