@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--ctx", type=int, dest="n_ctx", help="context size in tokens (default min(4096, model's))")
     r.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
+    r.add_argument("--no-kv-cache", action="store_true", help="do not save or restore KV states (instant resume)")
+    r.add_argument("--kv-cache", nargs="?", const="list", choices=("list", "clear"), metavar="clear",
+                   help="show the saved KV states per conversation; 'clear' deletes them all")
     r.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     r.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -118,6 +121,8 @@ def _run(args) -> int:
 
         print(models.format_model_table(models.list_models()))
         return 0
+    if args.kv_cache is not None:
+        return _kv_cache_command(args.kv_cache)
     if args.continue_last and args.conversation is not None:
         raise UsageError("use either --continue or --conversation, not both")
     settings = _settings(args)
@@ -197,8 +202,9 @@ def _settings(args):
         "min_p": args.min_p,
         "repeat_penalty": args.repeat_penalty,
         "seed": args.seed,
+        "kv_cache": False if args.no_kv_cache else None,
     }
-    return config.build_settings(file_layer, config.env_overrides(os.environ), flags)
+    return config.build_settings(file_layer, config.env_overrides(os.environ), config.check_flags(flags))
 
 
 def _read_prompt(prompt: str) -> tuple[str, str]:
@@ -230,7 +236,32 @@ def _one_shot(args, settings, prompt: str, context: str) -> int:
         print(json.dumps(_json_result(session, reply), ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    sys.stdout.flush()
     _print_error_stats(args, reply)
+    session.save_state()  # after the reply is shown: the next -c resumes from it
+    return 0
+
+
+def _kv_cache_command(action: str) -> int:
+    from alpaca_chat import kvcache
+
+    cache = kvcache.KVCache()
+    if action == "clear":
+        print(f"Deleted {cache.clear()} saved KV state(s) from {cache.directory}.")
+        return 0
+    entries = cache.entries()
+    titles = {}
+    if entries:
+        from alpaca_chat.loading import open_store
+
+        store = open_store(True, warn=False)
+        for entry in entries:
+            try:
+                titles[entry.conversation_id] = store.get_conversation(entry.conversation_id).title or "(untitled)"
+            except AlpacaChatError:
+                pass
+        store.close()
+    print(kvcache.format_usage(entries, titles))
     return 0
 
 
@@ -242,6 +273,9 @@ def _json_result(session, reply) -> dict:
         "conversation_id": session.conversation_id,
         "dropped_messages": len(reply.dropped),
         "stats": reply.stats.to_dict(),
+        # Instant resume: prompt tokens restored from the saved KV state, and what that took.
+        "kv_restored_tokens": getattr(session, "restored_tokens", 0),
+        "kv_restore_s": getattr(session, "last_restore_s", 0.0),
     }
 
 

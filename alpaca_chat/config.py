@@ -3,7 +3,9 @@
 Pure: the caller reads the file and the environment and passes them in.
 """
 
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from alpaca_chat.conversation import SamplingParams
@@ -21,6 +23,75 @@ class Settings:
     n_ctx: int | None = None  # None: min(4096, the model's training context)
     threads: int | None = None  # None: physical cores
     sampling: SamplingParams = SamplingParams()
+    kv_cache: bool = True  # instant resume: save/restore llama.cpp's KV state per conversation
+    kv_cache_max_mb: int = 2048  # disk budget of the KV state files (least recently used evicted)
+
+
+# Every setting: the type a value must have, the range it must be in (as a predicate and its wording),
+# and the flag that sets it. A bad value anywhere is one line naming where it came from and the key.
+@dataclass(frozen=True)
+class _Rule:
+    kind: str  # "str", "int", "number", "bool"
+    ok: Callable[[object], bool] = lambda v: True
+    wanted: str = ""
+    flag: str | None = None
+
+
+def _finite(low: float, high: float = math.inf, *, open_low: bool = False) -> Callable[[object], bool]:
+    return lambda v: math.isfinite(v) and (v > low if open_low else v >= low) and v <= high
+
+
+_NONEMPTY = _Rule("str", lambda v: bool(v.strip()), "a non-empty string")
+SCHEMA: dict[str, _Rule] = {
+    "model": replace(_NONEMPTY, flag="--model"),
+    "template": replace(_NONEMPTY, flag="--template"),
+    "system": _Rule("str", flag="--system"),
+    "n_ctx": _Rule("int", _finite(64, 1 << 24), "an integer from 64 to 16777216", "--ctx"),
+    "threads": _Rule("int", _finite(1, 1024), "an integer from 1 to 1024", "--threads"),
+    "kv_cache": _Rule("bool", wanted="true or false", flag="--no-kv-cache"),
+    "kv_cache_max_mb": _Rule("int", _finite(0, 1 << 30), "an integer >= 0"),
+    "temperature": _Rule("number", _finite(0, 100), "a number from 0 to 100", "--temp"),
+    "top_p": _Rule("number", _finite(0, 1, open_low=True), "a number in (0, 1]", "--top-p"),
+    "top_k": _Rule("int", _finite(0, 1 << 31), "an integer >= 0", "--top-k"),
+    "min_p": _Rule("number", _finite(0, 1), "a number in [0, 1]", "--min-p"),
+    "repeat_penalty": _Rule("number", _finite(0, 100, open_low=True), "a number above 0, at most 100", "--repeat-penalty"),
+    "seed": _Rule("int", _finite(0, 2**32 - 1), "an integer from 0 to 4294967295", "--seed"),
+    "max_tokens": _Rule("int", _finite(1, 1 << 24), "an integer >= 1", "--max-tokens"),
+}
+_KINDS = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", lambda v: type(v) is int),
+    "number": ("a number", lambda v: type(v) in (int, float)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+}
+
+
+def check_values(layer: dict, origin: str | None = None) -> dict:
+    """Type- and range-check a layer of settings; raise UsageError naming `origin` and the key.
+
+    `origin` None means command-line flags: the error then names the flag.
+    """
+    for key, value in layer.items():
+        rule = SCHEMA.get(key)
+        if rule is None or value is None:
+            continue
+        where = f"{origin}: {key}" if origin else (rule.flag or key)
+        kind_name, is_kind = _KINDS[rule.kind]
+        if not is_kind(value):
+            raise UsageError(f"{where} must be {kind_name}, not {_show(value)}")
+        if not rule.ok(value):
+            raise UsageError(f"{where} must be {rule.wanted}, not {_show(value)}")
+    return layer
+
+
+def check_flags(flags: dict) -> dict:
+    """check_values for the command line's flags (errors name the flag)."""
+    return check_values(flags)
+
+
+def _show(value: object) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def parse_config(text: str, origin: str) -> dict:
@@ -34,11 +105,15 @@ def parse_config(text: str, origin: str) -> dict:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{origin}: unknown setting(s): {', '.join(unknown)}")
-    return data
+    return check_values(data, origin)
 
 
 def env_overrides(environ: dict) -> dict:
-    return {key: environ[var] for var, key in ENV_KEYS.items() if environ.get(var)}
+    layer = {key: environ[var] for var, key in ENV_KEYS.items() if environ.get(var)}
+    for var, key in ENV_KEYS.items():
+        if key in layer:
+            check_values({key: layer[key]}, f"environment variable {var}")
+    return layer
 
 
 def build_settings(*layers: dict) -> Settings:

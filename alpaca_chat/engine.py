@@ -7,6 +7,7 @@ generation speed on small models.
 """
 
 import codecs
+import contextlib
 import ctypes
 import os
 import sys
@@ -36,26 +37,43 @@ DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512
 
 _GGML_LOG_LEVEL_ERROR = 3
-_log_state = {"verbose": False, "callback": None}
+_log_state = {"verbose": False, "callback": None, "listener": None}
 
 
 def _on_llama_log(level: int, text: bytes, _user_data) -> None:
+    """The one llama.cpp log callback of the process (the converter listens through it too)."""
+    message = text.decode("utf-8", errors="replace")
     if _log_state["verbose"]:
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.write(message)
         sys.stderr.flush()
+    listener = _log_state["listener"]
+    if listener is not None:
+        listener(level, message)
 
 
-def configure_logging(verbose: bool) -> None:
-    """Route llama.cpp's log through us: silent unless verbose.
+def configure_logging(verbose: bool | None) -> None:
+    """Route llama.cpp's log through us: silent unless verbose (None: leave verbosity as it is).
 
     A log callback (instead of redirecting file descriptors, as llama-cpp-python's
     verbose=False does) never swallows the output of a running full-screen app.
     """
-    _log_state["verbose"] = verbose
+    if verbose is not None:
+        _log_state["verbose"] = verbose
     if _log_state["callback"] is None:
         # Keep a reference: ctypes callbacks are freed with their Python object.
         _log_state["callback"] = llama_cpp.llama_log_callback(_on_llama_log)
-        llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def log_listener(listener: Callable[[int, str], None]) -> Iterator[None]:
+    """Also pass each llama.cpp log line to `listener(level, text)` (e.g. a quantizer's failure reason)."""
+    configure_logging(None)
+    previous, _log_state["listener"] = _log_state["listener"], listener
+    try:
+        yield
+    finally:
+        _log_state["listener"] = previous
 
 
 def model_load_params():
@@ -303,6 +321,62 @@ class Engine:
         """Forget the KV cache (e.g. to measure a cold prompt)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._cached.clear()
+
+    # -- KV state (instant resume) --------------------------------------------
+
+    # The KV cache's element type: this engine always builds f16 caches.
+    kv_type = "f16"
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys/values the KV cache holds (sequence 0), in order."""
+        return list(self._cached)
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` the KV cache already holds."""
+        n, limit = 0, min(len(tokens), len(self._cached))
+        while n < limit and tokens[n] == self._cached[n]:
+            n += 1
+        return n
+
+    def state(self) -> tuple[bytes, list[int]]:
+        """Sequence 0's KV state and the tokens it holds (llama_state_seq_get_data)."""
+        with self._exclusive_wait():
+            size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0)
+            if written != size:
+                raise EngineError(f"llama.cpp wrote {written} of {size} bytes of KV state")
+            return bytes(buf), list(self._cached)
+
+    def restore(self, data: bytes, tokens: list[int]) -> None:
+        """Load a state from `state()` into sequence 0; the cache then holds `tokens`.
+
+        The caller has validated `data` (kvcache.py); on failure the cache is left empty.
+        """
+        if not tokens or len(tokens) >= self.n_ctx:
+            raise EngineError(f"a KV state of {len(tokens)} tokens does not fit a {self.n_ctx}-token context")
+        with self._exclusive_wait():
+            self.reset()
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            read = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
+            if read != len(data):
+                self.reset()
+                raise EngineError(f"llama.cpp refused the KV state ({read} of {len(data)} bytes read)")
+            self._cached = list(tokens)
+
+    def _exclusive_wait(self):
+        """Hold the engine, waiting for a running generation to finish (state copies are short)."""
+        engine = self
+
+        class _Held:
+            def __enter__(self):
+                engine._lock.acquire()
+
+            def __exit__(self, *exc):
+                engine._lock.release()
+
+        return _Held()
 
     def _sampler(self, sampling: SamplingParams):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())

@@ -7,7 +7,6 @@ renames it into place, so a reader never sees half a file.
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from alpaca_chat.errors import AlpacaChatError
@@ -69,27 +68,13 @@ def to_json(conversation, messages) -> str:
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write text to path via a temp file in the same directory and os.replace."""
+    from alpaca_chat.atomic import write_atomic as write_durably  # the one atomic writer
+
     target = Path(path).expanduser().absolute()
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        return write_durably(target, text, mode=0o644)
     except OSError as exc:
-        raise AlpacaChatError(f"cannot write {target}: {exc.strerror}") from exc
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise AlpacaChatError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
-    return target
+        raise AlpacaChatError(f"cannot write {target}: {exc.strerror or exc}") from exc
 
 
 def default_filename(conversation_id: int, fmt: str = "md") -> str:

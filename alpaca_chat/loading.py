@@ -8,10 +8,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from alpaca_chat import gguf_check, models
+from alpaca_chat import gguf_check, kvcache, models
 from alpaca_chat.config import Settings
 from alpaca_chat.conversation import Message, SamplingParams
-from alpaca_chat.errors import StoreError
+from alpaca_chat.errors import StoreError, UsageError
 from alpaca_chat.session import ChatSession
 from alpaca_chat.templates import ChatTemplate, resolve_template
 
@@ -81,6 +81,7 @@ def open_store(save_history: bool, *, warn: bool = True):
     from alpaca_chat.store import Store
 
     store = Store()
+    store.on_delete.append(kvcache.delete_conversation_state)  # a conversation's KV state goes with it
     if warn and store.recovered_from is not None:
         print(
             f"alpaca-chat: warning: the history database was corrupt; it was moved to {store.recovered_from}",
@@ -108,8 +109,12 @@ def kept_rows(rows) -> list:
     return [m for m in rows if m.role != "system" and (m.content or m.role == "user")]
 
 
-def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None) -> ChatSession:
-    """A session on a loaded model: a new conversation, or `saved` with its settings restored."""
+def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None, *, notice=None) -> ChatSession:
+    """A session on a loaded model: a new conversation, or `saved` with its settings restored.
+
+    With history on and `kv_cache` set, the session saves and restores KV states (instant
+    resume); `notice` receives its one-line notes (e.g. a state file that was ignored).
+    """
     history, sampling, system = [], settings.sampling, settings.system
     if saved is not None:
         history = [Message(m.role, m.content) for m in kept_rows(store.messages(saved.id))]
@@ -124,7 +129,26 @@ def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None)
         store=store,
         conversation_id=saved.id if saved else None,
         history=history,
+        kv_cache=open_kv_cache(settings) if store is not None else None,
+        notice=notice,
     )
+
+
+def open_kv_cache(settings: Settings):
+    """The KV state files, or None when `kv_cache = false` / --no-kv-cache."""
+    if not getattr(settings, "kv_cache", True):
+        return None
+    budget = getattr(settings, "kv_cache_max_mb", kvcache.DEFAULT_MAX_MB)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise UsageError(f"kv_cache_max_mb must be a whole number of megabytes, not {budget!r}")
+    return kvcache.KVCache(max_bytes=budget * kvcache.MIB)
+
+
+def verbose_notice(verbose: bool):
+    """Where a session's one-line notes go: stderr under --verbose, nowhere otherwise."""
+    if not verbose:
+        return None
+    return lambda text: print(f"alpaca-chat: {text}", file=sys.stderr)
 
 
 def open_session(
@@ -138,7 +162,7 @@ def open_session(
     store = open_store(save_history)
     saved = saved_conversation(store, continue_last, conversation_id)
     loaded = load_model(settings.model or (saved.model if saved else None), settings, verbose=verbose)
-    return new_session(loaded, settings, store, saved)
+    return new_session(loaded, settings, store, saved, notice=verbose_notice(verbose))
 
 
 def _explicit_sampling(settings: Settings) -> dict:

@@ -75,6 +75,9 @@ class LineChat:
         self.out.write("\n")
         self.out.flush()
         self.last_stats = reply.stats
+        save_state = getattr(self.session, "save_state", None)
+        if save_state is not None:
+            save_state()  # instant resume: after the reply is shown, never before
         if reply.dropped:
             self._say(f"({len(reply.dropped)} old message(s) no longer fit the context; the model forgot them)")
 
@@ -166,12 +169,25 @@ def _prompted_lines():
 
     history_file = paths.data_dir() / "input_history"
     history_file.parent.mkdir(parents=True, exist_ok=True)
-    prompt = PromptSession(history=FileHistory(str(history_file)))
+    prompt = PromptSession(history=FileHistory(str(history_file)), key_bindings=_newline_keys())
     while True:
         try:
             yield prompt.prompt(">>> ")
         except (EOFError, KeyboardInterrupt):
             return
+
+
+def _newline_keys():
+    """Esc then Enter, and Alt+Enter (which terminals send as the same two bytes), insert a newline."""
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return keys
 
 
 def _piped_lines():

@@ -8,7 +8,7 @@ or kill loses at most the last moments of a reply.
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from alpaca_chat.conversation import GenerationStats, Message, SamplingParams, fit_to_context, split_turns
@@ -17,6 +17,9 @@ from alpaca_chat.templates import ChatTemplate
 
 # How often a streaming reply is written to the database.
 SAVE_INTERVAL_S = 1.0
+# A saved KV state is restored only if at least this many of its tokens start the
+# prompt: a changed system prompt leaves a few template tokens in common, not worth it.
+MIN_RESTORE_TOKENS = 32
 
 
 @dataclass
@@ -50,6 +53,8 @@ class ChatSession:
         store=None,
         conversation_id: int | None = None,
         history: list[Message] | None = None,
+        kv_cache=None,
+        notice=None,
     ):
         self.engine = engine
         self.template = template
@@ -62,6 +67,16 @@ class ChatSession:
             self.set_system_prompt(system_prompt)
         # Index of the first non-system message still in the model's memory.
         self.memory_start = 0
+        # Instant resume: a kvcache.KVCache (None: off) and where one-line notices go.
+        self.kv_cache = kv_cache
+        self.notice = notice or (lambda text: None)
+        self.restored_tokens = 0  # restored from the last state file read
+        self.last_restore_s = 0.0  # what reading, checking and restoring it took
+        self.last_save_s = 0.0  # what the last save_state took
+        self._kv_lock = threading.Lock()
+        self._kv_tokens: list[int] | None = None  # what this session last left in the engine
+        self._kv_saved: list[int] | None = None  # what was last saved
+        self._kv_save_failed = False
 
     def set_system_prompt(self, text: str | None) -> None:
         self.messages = [m for m in self.messages if m.role != "system"]
@@ -133,6 +148,8 @@ class ChatSession:
         )
         self.memory_start += len(fit.dropped)
         prompt = self.template.render(fit.messages)
+        with self._kv_lock:  # not while a state is being copied out of the engine
+            self._resume(prompt)
         generation = self.engine.generate(
             prompt, self.sampling, stop_strings=self.template.stop_strings, cancel=cancel
         )
@@ -147,15 +164,14 @@ class ChatSession:
 
     def _stream(self, generation, reply: Reply) -> Iterator[str]:
         reply.message_id = self._save_reply_start()
-        last_save = time.monotonic()
+        # On a timer, not per token: a kill -9 loses at most SAVE_INTERVAL_S of a reply, even while
+        # llama.cpp is busy between two tokens.
+        saver = PartialSaver(lambda: reply.text, lambda text: self._save_reply(reply.message_id, text, "partial", None))
         status = "error"
         try:
             for delta in generation:
                 reply.text += delta
                 yield delta
-                if time.monotonic() - last_save > SAVE_INTERVAL_S:
-                    self._save_reply(reply.message_id, reply.text, "partial", None)
-                    last_save = time.monotonic()
             status = "stopped" if generation.stats.stop_reason == "cancelled" else "complete"
         except (GeneratorExit, KeyboardInterrupt):
             # Ctrl+C, or the consumer stopped reading: keep what came, marked stopped.
@@ -163,10 +179,107 @@ class ChatSession:
             status = "stopped"
             raise
         finally:
+            saver.stop()  # before the final save: the two never race
             generation.close()  # frees the engine for the next turn
+            self._kv_tokens = self._engine_tokens()
             reply.stats = generation.stats
             self.messages.append(Message("assistant", reply.text))
             self._save_reply(reply.message_id, reply.text, status, generation.stats)
+
+    # -- instant resume (no-ops without a KV cache) ----------------------------
+
+    def save_state(self, conversation_id: int | None = None) -> int:
+        """Save the engine's KV state for this conversation; return the bytes written.
+
+        Front ends call it after a reply is shown (never before), and when they leave
+        a conversation (`conversation_id`: the one left, when the session has moved on).
+        Saves only what this session's own last turn left in the engine, once. A
+        failure is a notice, never an error: the chat goes on.
+        """
+        conversation_id = conversation_id if conversation_id is not None else self.conversation_id
+        if not self._kv_usable() or conversation_id is None or not self._kv_tokens:
+            return 0
+        started = time.perf_counter()
+        with self._kv_lock:
+            if self._engine_tokens() != self._kv_tokens or self._kv_tokens == self._kv_saved:
+                return 0
+            try:
+                payload, tokens = self.engine.state()
+            except Exception as exc:  # noqa: BLE001 - resume is an optimisation, never a failure
+                self.notice(f"KV state not saved: {exc}")
+                return 0
+            if tokens != self._kv_tokens:  # another conversation took the engine meanwhile
+                return 0
+        try:
+            written = self.kv_cache.save(conversation_id, self._state_key(), tokens, payload)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unwritable or full disk
+            if not self._kv_save_failed:  # one notice, not one per reply
+                self.notice(f"KV state not saved: {exc}")
+            self._kv_save_failed = True
+            return 0
+        self._kv_saved = tokens
+        self.last_save_s = time.perf_counter() - started
+        self.notice(f"saved KV state: {len(tokens)} tokens, {written / 1e6:.1f} MB in {self.last_save_s * 1000:.0f} ms")
+        return written
+
+    def restore_state(self) -> int:
+        """Load this conversation's saved state ahead of the next message (the TUI does it in a
+        worker when a conversation is opened); return how many tokens the engine then holds."""
+        in_memory = self._in_memory()
+        if not in_memory:
+            return 0
+        with self._kv_lock:
+            return self._resume(self.template.render(in_memory, add_generation_prompt=False))
+
+    def _resume(self, prompt: str) -> int:
+        """If the engine does not hold this conversation's tokens, restore the saved state
+        whose tokens share the longest prefix with `prompt`. Never trusts the file: a state
+        for anything else is ignored and the prompt is evaluated as usual."""
+        self.restored_tokens, self.last_restore_s = 0, 0.0
+        if not self._kv_usable() or self.conversation_id is None:
+            return 0
+        started = time.perf_counter()
+        tokens = self.engine.tokenize(prompt)
+        held = self.engine.common_prefix(tokens)
+        if held >= len(tokens) - 1:
+            return held
+        try:
+            saved = self.kv_cache.load(self.conversation_id, self._state_key())
+        except Exception as exc:  # noqa: BLE001 - StateRejected, or unreadable: evaluate as today
+            self.notice(f"saved KV state ignored: {exc}")
+            return held
+        if saved is None:
+            return held
+        usable = min(_common_prefix(saved.tokens, tokens), len(tokens) - 1)  # one is evaluated for logits
+        if usable <= held or usable < MIN_RESTORE_TOKENS:
+            # e.g. a changed system prompt; an edited turn keeps the turns before it
+            self.notice(f"saved KV state ignored: it shares {usable} of {len(tokens)} prompt tokens")
+            return held
+        try:
+            self.engine.restore(saved.payload, saved.tokens)
+        except Exception as exc:  # noqa: BLE001 - refused by llama.cpp: evaluate as today
+            self.notice(f"saved KV state ignored: {exc}")
+            return 0
+        self._kv_tokens = self._kv_saved = list(saved.tokens)
+        self.restored_tokens = usable
+        self.last_restore_s = time.perf_counter() - started
+        self.notice(f"restored KV state: {usable} of {len(tokens)} prompt tokens "
+                    f"in {self.last_restore_s * 1000:.0f} ms")
+        return usable
+
+    def _kv_usable(self) -> bool:
+        """A KV cache is configured and the engine can hand its state over."""
+        return self.kv_cache is not None and hasattr(self.engine, "restore")
+
+    def _state_key(self):
+        from alpaca_chat.kvcache import state_key
+
+        engine, template = self.engine, self.template
+        return state_key(engine.model_path, engine.n_ctx, engine.kv_type, f"{template.name}\n{template.source}")
+
+    def _engine_tokens(self) -> list[int] | None:
+        cached = getattr(self.engine, "cached_tokens", None)
+        return list(cached) if cached is not None else None
 
     # -- persistence (no-ops without a store) --------------------------------
 
@@ -203,3 +316,35 @@ class ChatSession:
         if self.store is None or message_id is None:
             return
         self.store.update_message(message_id, text, status, stats=stats.to_dict() if stats else None)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class PartialSaver:
+    """Saves a streaming reply every half SAVE_INTERVAL_S from a daemon thread, when it has changed."""
+
+    def __init__(self, text: Callable[[], str], save: Callable[[str], None], interval: float = SAVE_INTERVAL_S / 2):
+        self._text, self._save, self._interval = text, save, interval
+        self._stopped = threading.Event()
+        self._saved = ""
+        self._thread = threading.Thread(target=self._run, name="reply-saver", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            text = self._text()
+            if text != self._saved:
+                try:
+                    self._save(text)
+                except Exception:  # noqa: BLE001 - the final save reports; a partial save may not kill the reply
+                    continue
+                self._saved = text
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()

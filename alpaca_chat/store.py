@@ -207,6 +207,8 @@ class Store:
         self.recovered_from: Path | None = None
         self._lock = threading.RLock()
         self._last_now: datetime | None = None
+        # Called with the id after a conversation is deleted (e.g. to delete its KV state).
+        self.on_delete: list = []
         self._conn = self._open()
 
     # -- opening -----------------------------------------------------------
@@ -362,6 +364,8 @@ class Store:
         with self._write() as conn:
             self._require_conversation(conn, conversation_id)
             conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        for hook in self.on_delete:
+            hook(conversation_id)
 
     # -- messages ----------------------------------------------------------
 

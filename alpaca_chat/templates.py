@@ -10,10 +10,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from alpaca_chat.conversation import Message
@@ -87,7 +89,7 @@ def _sandbox() -> ImmutableSandboxedEnvironment:
     sandbox blocks attribute access to Python internals and mutation of inputs.
     """
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -110,25 +112,117 @@ class ChatTemplate:
         return "'input'" in self.source and "### Input:" in self.source
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages`, adapted first to what this template supports (see `Support`)."""
+        support = _probe(self.source, self.bos_token, self.eos_token) if self._needs_probe else Support()
+        dicts = support.adapt([self._as_dict(m) for m in messages])
         try:
-            compiled = _sandbox().from_string(self.source)
-            return compiled.render(
-                messages=[self._as_dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
+            return _render(self.source, dicts, add_generation_prompt, self.bos_token, self.eos_token)
         except jinja2.exceptions.SecurityError as exc:
-            raise TemplateError(f"chat template '{self.name}' tried an unsafe operation: {exc}") from exc
-        except jinja2.exceptions.TemplateError as exc:
-            raise TemplateError(f"chat template '{self.name}' failed to render: {exc}") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise TemplateError(f"chat template '{self.name}' failed to render: {exc}") from exc
+            raise TemplateError(f"chat template '{self.name}' tried an unsafe operation: {_first_line(exc)}") from exc
+        except _RENDER_ERRORS as exc:
+            raise TemplateError(
+                f"chat template '{self.name}' failed to render: {_first_line(exc)}; try --template chatml"
+            ) from exc
+
+    @property
+    def _needs_probe(self) -> bool:
+        return self.source not in (ALPACA_JINJA, CHATML_JINJA)
 
     def _as_dict(self, message: Message) -> dict:
         if self.supports_input:
             return {"role": message.role, "content": message.content, "input": message.input}
         return {"role": message.role, "content": message.flattened_content()}
+
+
+# --- polyfills ------------------------------------------------------------------------------------
+#
+# Chat templates written for one model's conversations reject others: Gemma's and Mistral v0.1's
+# raise on a system message, Llama 2's and Mistral's on two user messages in a row, some read
+# `content` only as a list of typed parts. As llama.cpp's chat layer (minja) does, what a template
+# supports is found by rendering probe conversations, and the messages are adapted before the
+# real render: the system message folded into the first user message, consecutive messages of the
+# same role merged, content given as typed parts.
+
+_RENDER_ERRORS = (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+_SYS, _U1, _U2 = "<<probe-system>>", "<<probe-user-1>>", "<<probe-user-2>>"
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a template can render as given; `adapt` makes a conversation fit the rest."""
+
+    system_role: bool = True
+    consecutive_roles: bool = True
+    string_content: bool = True
+
+    def adapt(self, messages: list[dict]) -> list[dict]:
+        out = [dict(m) for m in messages]
+        if not self.system_role and out and out[0]["role"] == "system":
+            system = out.pop(0)["content"]
+            if out and out[0]["role"] == "user":
+                out[0]["content"] = f"{system}\n\n{out[0]['content']}" if system else out[0]["content"]
+            elif system:
+                out.insert(0, {"role": "user", "content": system})
+        if not self.consecutive_roles:
+            merged: list[dict] = []
+            for m in out:
+                if merged and merged[-1]["role"] == m["role"]:
+                    merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{m['content']}"}
+                else:
+                    merged.append(m)
+            out = merged
+        if not self.string_content:
+            out = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in out]
+        return out
+
+
+def _renders(source: str, messages: list[dict], bos: str, eos: str, *wanted: str) -> bool:
+    try:
+        text = _render(source, messages, True, bos, eos)
+    except _RENDER_ERRORS:
+        return False
+    return all(w in text for w in wanted)
+
+
+@lru_cache(maxsize=32)
+def _probe(source: str, bos: str, eos: str) -> Support:
+    """Render probe conversations to learn what `source` supports (cached per template)."""
+    typed = lambda ms: [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in ms]  # noqa: E731
+    user = [{"role": "user", "content": _U1}]
+    string_content = _renders(source, user, bos, eos, _U1) or not _renders(source, typed(user), bos, eos, _U1)
+    shape = (lambda ms: ms) if string_content else typed
+    system = [{"role": "system", "content": _SYS}, {"role": "user", "content": _U1}]
+    system_role = _renders(source, shape(system), bos, eos, _SYS, _U1)
+    pair = [{"role": "user", "content": _U1}, {"role": "user", "content": _U2}]
+    consecutive = _renders(source, shape(pair), bos, eos, _U1, _U2)
+    return Support(system_role=system_role, consecutive_roles=consecutive, string_content=string_content)
+
+
+@lru_cache(maxsize=32)
+def _compiled(source: str) -> jinja2.Template:
+    return _sandbox().from_string(source)
+
+
+def _render(source: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    return _compiled(source).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (marks assistant tokens): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 def alpaca_template(eos_token: str) -> ChatTemplate:

@@ -1,4 +1,4 @@
-"""Write an output file atomically: to a temp file beside it, renamed at the end.
+"""Write an output file atomically: to a temp file beside it, fsynced, renamed at the end.
 
 A crash, Ctrl+C or a full disk leaves the destination untouched (no partial
 `.gguf` that llama.cpp would later choke on): the temp file is removed on any
@@ -7,11 +7,11 @@ exception and only a complete file is renamed into place with `os.replace`.
 
 import errno
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from alpaca_chat.atomic import atomic_path
 from alpaca_chat.errors import ConversionError
 
 
@@ -47,38 +47,15 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     check_writable(final)
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
+        # alpaca_chat.atomic is the one atomic writer: temp file, fsync, rename, directory fsync.
+        with atomic_path(final, suffix=".partial") as tmp:
+            yield tmp
     except OSError as exc:
-        raise _output_error(final, exc) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except OSError as exc:
-        _remove(tmp)
         if exc.errno in _DISK_ERRORS:
             raise _output_error(final, exc) from exc
         raise
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _output_error(final: Path, exc: OSError) -> OutputError:
     reason = _DISK_ERRORS.get(exc.errno) or exc.strerror or str(exc)
     return OutputError(f"cannot write {final}: {reason}")
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

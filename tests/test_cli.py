@@ -217,8 +217,8 @@ def test_bad_model_file(case, tmp_path, default_model_path):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["--prompt", "hi", "--temp", "-1"], 2, "invalid value for temperature"),
-        (["--prompt", "hi", "--top-p", "0"], 2, "invalid value for top_p"),
+        (["--prompt", "hi", "--temp", "-1"], 2, "--temp must be a number from 0 to 100"),
+        (["--prompt", "hi", "--top-p", "0"], 2, "--top-p must be a number in (0, 1]"),
         (["--prompt", "hi", "--max-tokens", "abc"], 2, "invalid int value"),
         (["--prompt", "hi", "--no-such-flag"], 2, "unrecognized arguments"),
         (["--prompt", "   "], 2, "the prompt is empty"),

@@ -38,7 +38,7 @@ def test_config_file_is_used_by_the_cli(isolated_home, capsys):
     paths.config_file_path().parent.mkdir(parents=True)
     paths.config_file_path().write_text("top_p = 7\n")
     assert main(["--prompt", "hi"]) == 2
-    assert "invalid value for top_p" in capsys.readouterr().err
+    assert "config.toml: top_p must be a number in (0, 1]" in capsys.readouterr().err
 
 
 def test_home_override_moves_every_path(isolated_home):

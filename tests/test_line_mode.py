@@ -187,3 +187,21 @@ def test_keys_typed_during_a_reply_are_not_echoed_into_it(terminals):
     term.read_until(r">>>\s*zqzq", timeout=10, start=start)  # typed ahead: waiting at the next prompt
     term.type("\x03")
     assert term.close() == 0
+
+
+def test_esc_enter_and_alt_enter_insert_a_newline(terminals):
+    """Esc, then Enter (two key presses) and Alt+Enter (ESC CR in one write) add a line; Enter sends."""
+    term = terminals("--plain", "--temp", "0", "--max-tokens", "4")
+    term.read_until(r">>>\s*$")
+    term.type("first")
+    term.type("\x1b")  # Esc...
+    term.read_until(r"first")  # ...handled on its own before Enter arrives
+    time.sleep(0.3)  # a separate key press, not an escape sequence (not a timing assert)
+    term.type("\r")
+    term.type("second\x1b\rthird")  # Alt+Enter
+    term.enter("", r"third\n")
+    [[user, reply]] = saved()
+    assert user == ("user", "first\nsecond\nthird", "complete")
+    assert reply[0] == "assistant"
+    term.type("\x04")
+    assert term.close() == 0

@@ -6,6 +6,7 @@ from alpaca_chat.templates import (
     ALPACA_JINJA,
     ALPACA_PREAMBLE,
     ALPACA_PREAMBLE_WITH_INPUT,
+    CHATML_JINJA,
     ChatTemplate,
     alpaca_prompt,
     alpaca_template,
@@ -102,3 +103,57 @@ def test_raise_exception_in_template_becomes_template_error():
     template = ChatTemplate("strict", "{{ raise_exception('only user/assistant roles') }}")
     with pytest.raises(TemplateError, match="only user/assistant roles"):
         template.render([Message("user", "hi")])
+
+
+# --- polyfills ------------------------------------------------------------------------------------
+
+GEMMA_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<turn>{{ m['role'] }}\n{{ m['content'] }}</turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<turn>assistant\n{% endif %}"
+)
+
+
+def test_system_folded_into_first_user_message_when_rejected():
+    template = ChatTemplate("gemma-like", GEMMA_LIKE)
+    text = template.render([Message("system", "Be brief."), Message("user", "Hi")])
+    assert text == "<turn>user\nBe brief.\n\nHi</turn>\n<turn>assistant\n"
+
+
+def test_consecutive_user_messages_merged_when_rejected():
+    template = ChatTemplate("gemma-like", GEMMA_LIKE)
+    messages = [Message("user", "one"), Message("assistant", "1"), Message("user", "two"), Message("user", "three")]
+    assert template.render(messages).endswith("<turn>user\ntwo\n\nthree</turn>\n<turn>assistant\n")
+
+
+def test_consecutive_messages_kept_when_the_template_accepts_them():
+    template = ChatTemplate("chatml-like", CHATML_JINJA.replace("'<|im_start|>'", "'<|x|>'"))
+    text = template.render([Message("user", "a"), Message("user", "b")])
+    assert "<|x|>user\na<|im_end|>\n<|x|>user\nb<|im_end|>" in text
+
+
+def test_typed_content_given_to_templates_that_read_only_parts():
+    source = (
+        "{% for m in messages %}{{ m['role'] }}:{% for part in m['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %};{% endfor %}"
+    )
+    assert ChatTemplate("typed", source).render([Message("user", "hello")]) == "user:hello;"
+
+
+def test_generation_tag_and_strftime_now():
+    source = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}|{% endfor %}{{ strftime_now('%Y') > '2000' }}"
+    )
+    text = ChatTemplate("smollm3-like", source).render([Message("user", "q"), Message("assistant", "a")])
+    assert text == "q|a|True"
+
+
+def test_a_template_that_still_fails_names_itself_and_suggests_chatml():
+    template = ChatTemplate("broken.jinja", "{{ messages[0]['content'] | no_such_filter }}")
+    with pytest.raises(TemplateError) as excinfo:
+        template.render([Message("user", "hi")])
+    message = str(excinfo.value)
+    assert "\n" not in message and "broken.jinja" in message and "--template chatml" in message

@@ -27,28 +27,15 @@ from alpaca_chat.errors import AlpacaChatError
 from alpaca_chat.loading import LoadedModel, kept_rows, load_model, new_session
 from alpaca_chat.tui.clipboard import copy_to_system
 from alpaca_chat.tui.commands import CommandsMixin
+from alpaca_chat.tui.resume import ResumeMixin
+from alpaca_chat.tui.streaming import FLUSH_MIN_S, StreamingMixin
 from alpaca_chat.tui.screens import ConfirmScreen, HelpScreen, TextPromptScreen
 from alpaca_chat.tui.widgets import PromptInput, Sidebar, StatusBar, StreamBuffer, Transcript
 
-# Streamed text moves from the generation thread to the screen in batches.
-# A batch costs a re-layout and a redraw of the transcript, and on a laptop
-# every cycle the UI thread spends is one llama.cpp's threads do not get. So
-# the next batch waits until the UI thread's CPU time since the last one
-# (the batch, the redraw it caused, and anything else the app did meanwhile)
-# is at most UI_CPU_BUDGET of the time between them, and never less than
-# FLUSH_MIN_S, never more than FLUSH_MAX_S.
-FLUSH_MIN_S = 0.15
-FLUSH_MAX_S = 1.0
-UI_CPU_BUDGET = 0.04
 # While a reply streams, the generation thread needs the GIL briefly for every
 # token. By default a thread waits up to 5 ms for the GIL, which the UI thread
 # holds while it draws a batch: at 100 tok/s that alone costs several percent.
 GIL_SWITCH_S = 0.0005
-# A batch keeps the UI thread busy for tens of ms, and a key pressed meanwhile
-# waits. So while the user types, a batch that falls due (or the end of the
-# reply) waits for the next key press to be drawn and goes right after it (keys
-# are rarely under 100 ms apart), or for a pause of TYPING_PAUSE_S.
-TYPING_PAUSE_S = 0.3
 SPINNER_INTERVAL_S = 0.25
 SIDEBAR_LIMIT = 200
 
@@ -80,7 +67,7 @@ class ReplyFinished(Message):
         self.reply, self.error = reply, error
 
 
-class ChatApp(CommandsMixin, App[int]):
+class ChatApp(StreamingMixin, ResumeMixin, CommandsMixin, App[int]):
     CSS_PATH = "chat.tcss"
     TITLE = "alpaca-chat"
     BINDINGS = [
@@ -251,6 +238,7 @@ class ChatApp(CommandsMixin, App[int]):
         self.status.ctx_total = self.loaded.engine.n_ctx
         self.set_state("ready")
         self.update_context()
+        self.resume_session()  # the conversation's saved KV state, in a worker
 
     def on_model_failed(self, message: ModelFailed) -> None:
         self.notify(f"Could not load {message.spec or 'the default model'}: {message.error}",
@@ -317,57 +305,6 @@ class ChatApp(CommandsMixin, App[int]):
             error = describe_error(exc)
         self.post_message(ReplyFinished(reply, error))
 
-    def on_text_area_changed(self) -> None:
-        if self.prompt.text:  # typing, not the box emptied as a message is sent
-            self._typed_at = time.perf_counter()
-        if self._after_key is not None:
-            self.call_after_refresh(self._run_after_key)
-
-    def _wait_for_typing(self, callback) -> bool:
-        """While the user types, hold callback until just after the next key press is drawn
-        (or a pause in typing) and return True; otherwise return False."""
-        if time.perf_counter() - self._typed_at >= TYPING_PAUSE_S:
-            return False
-        self._drop_after_key()
-        self._after_key = callback
-        self._after_key_timer = self.set_timer(TYPING_PAUSE_S, self._run_after_key)
-        return True
-
-    async def _run_after_key(self) -> None:
-        callback = self._after_key
-        self._drop_after_key()
-        if callback is not None:
-            await callback()
-
-    def _drop_after_key(self) -> None:
-        self._after_key = None
-        if self._after_key_timer is not None:
-            self._after_key_timer.stop()
-            self._after_key_timer = None
-
-    async def _flush_tick(self) -> None:
-        """Show what streamed in; wait longer before the next batch if the UI has been busy."""
-        if self._wait_for_typing(self._flush_and_schedule):
-            return
-        await self._flush_and_schedule()
-
-    async def _flush_and_schedule(self) -> None:
-        await self._flush()
-        if self.generating:
-            now = time.thread_time()  # CPU time of this, the UI thread
-            spent, self._ui_cpu = now - self._ui_cpu, now
-            delay = min(FLUSH_MAX_S, max(FLUSH_MIN_S, spent / UI_CPU_BUDGET))
-            self._flush_timer = self.set_timer(delay, self._flush_tick)
-
-    async def _flush(self) -> None:
-        text = self._buffer.drain()
-        if text and self._reply_view is not None:
-            await self._reply_view.write(text)
-            self.status.spin += 1
-        progress = self._buffer.progress
-        if progress is not None:
-            self.status.ctx_used = progress.prompt_tokens + progress.generated_tokens
-
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         if self._flush_timer is not None:
             self._flush_timer.stop()
@@ -396,6 +333,7 @@ class ChatApp(CommandsMixin, App[int]):
             self.notify(message.error, title="Error", severity="error", timeout=8, markup=False)
         await self._after_change()
         self.set_state("ready")  # last: whoever waits for "ready" finds the sidebar up to date too
+        self.save_session_state()  # the reply is shown: now its KV state, in a worker
 
     async def _after_change(self) -> None:
         """The saved conversation changed: follow it in the sidebar."""
@@ -481,10 +419,12 @@ class ChatApp(CommandsMixin, App[int]):
         self._end_editing()
         await self._show_conversation(conversation)
         if self.loaded is not None:
+            leaving = self.session
             try:
                 self.session = new_session(self.loaded, self.settings, self.store, conversation)
             except AlpacaChatError as exc:
                 self.report(exc)
+            self.resume_session(leaving if leaving is not self.session else None)
             if conversation is not None and conversation.model and conversation.model != self.loaded.label \
                     and not self.state.startswith("loading"):
                 self.load(conversation.model)  # restore the conversation's model
@@ -499,6 +439,7 @@ class ChatApp(CommandsMixin, App[int]):
         self._end_editing()
         await self._show_conversation(None)
         if self.session is not None:
+            self.save_session_state()  # the conversation left behind
             self.session.start_new()
         self.status.tokens_per_s = 0.0
         self.update_context()

@@ -219,6 +219,11 @@ class StatusBar(Static):
     tokens_per_s = reactive(0.0)
     state = reactive("starting")
     spin = reactive(0)
+    note = reactive("")  # e.g. "restored 2,000 tokens": shown while ready, gone once a reply starts
+
+    def watch_state(self, state: str) -> None:
+        if state == "generating":
+            self.note = ""
 
     def render(self) -> Text:
         state = self.state
@@ -231,7 +236,7 @@ class StatusBar(Static):
             parts.append(f"ctx {self.ctx_used}/{self.ctx_total}")
         if self.tokens_per_s:
             parts.append(f"{self.tokens_per_s:.1f} tok/s")
-        parts.append(state)
+        parts.append(f"{state} · {self.note}" if self.note and state == "ready" else state)
         return Text(" " + " │ ".join(parts))
 
 
