@@ -151,6 +151,7 @@ class Engine:
         n_threads: int | None = None,
         n_batch: int = DEFAULT_N_BATCH,
         n_seq_max: int = 1,
+        exact: bool = False,
         verbose: bool = False,
     ):
         configure_logging(verbose)
@@ -164,6 +165,7 @@ class Engine:
         self.n_ctx_train = n_ctx_train
         self.n_batch = n_batch
         self.n_seq_max = max(1, n_seq_max)
+        self.exact = exact
         self._ctx = self._new_context(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -195,6 +197,11 @@ class Engine:
             # each), so a long request can use what short ones leave free.
             params.n_seq_max = self.n_seq_max
             params.kv_unified = True
+        if self.exact:
+            # For comparisons at F32 precision (the converter's tests): llama.cpp's default KV
+            # cache and its CPU flash-attention kernel both round to F16.
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not create a {n_ctx}-token context for {self.model_path}")
@@ -248,16 +255,55 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens for a rendered prompt: special tokens parsed, BOS added once."""
-        data = text.encode("utf-8")
         add_bos = llama_cpp.llama_vocab_get_add_bos(self._vocab) and not (
             self.bos_token and text.startswith(self.bos_token)
         )
-        capacity = len(data) + 8
+        return self.tokenize_raw(text, add_special=add_bos, parse_special=True)
+
+    def tokenize_raw(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """llama_tokenize as it is: the vocabulary's BOS/EOS added or not, special tokens parsed or not."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
         tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, True)
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         if n < 0:
             raise EngineError(f"tokenization failed ({n})")
         return list(tokens[:n])
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def bos_id(self) -> int:
+        return llama_cpp.llama_vocab_bos(self._vocab)
+
+    def sequence_logits(self, tokens: list[int], start: int = 0):
+        """float32 [len(tokens) - start, n_vocab]: next-token logits after each prefix from `start` on,
+        the whole sequence in one batch (n_batch must hold it). Only the rows asked for are computed:
+        the output projection over the vocabulary is a large part of the cost. Clears the cache."""
+        import numpy as np
+
+        if not 0 <= start < len(tokens) <= min(self.n_ctx, self.n_batch):
+            raise EngineError(f"cannot evaluate {len(tokens)} tokens in a {self.n_ctx}-token context")
+        with self._exclusive():
+            self.reset()
+            batch = self._batch
+            batch.n_tokens = len(tokens)
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i >= start
+            status = llama_cpp.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise EngineError(f"llama.cpp failed to evaluate {self.model_path.name} (llama_decode returned {status})")
+            n_rows = len(tokens) - start
+            pointer = ctypes.cast(llama_cpp.llama_get_logits(self._ctx), ctypes.POINTER(ctypes.c_float))
+            rows = np.ctypeslib.as_array(pointer, shape=(n_rows * self.n_vocab,)).reshape(n_rows, self.n_vocab).copy()
+            self.reset()
+        return rows
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))

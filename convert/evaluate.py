@@ -16,7 +16,6 @@ A text shorter than two chunks is scored as one chunk.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import tempfile
@@ -46,7 +45,8 @@ def sample_text() -> str:
 
 
 class LogitsModel:
-    """A GGUF loaded in llama.cpp, returning the logits of every position of a sequence."""
+    """A GGUF loaded in llama.cpp (through alpaca_chat's engine, the one place that builds a
+    llama.cpp context), returning the logits of every position of a sequence."""
 
     def __init__(
         self,
@@ -56,84 +56,44 @@ class LogitsModel:
         threads: int | None = None,
         exact: bool = False,
     ):
-        import llama_cpp
+        from alpaca_chat.engine import Engine
+        from alpaca_chat.errors import EngineError
 
-        from alpaca_chat.engine import model_load_params
-        from convert import llama_log
-
-        self._lib = llama_cpp
-        llama_log.install()
-        llama_cpp.llama_backend_init()
         self.path = Path(path)
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_load_params())
-        if not self._model:
-            raise EvaluationError(f"llama.cpp could not load {self.path}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        try:
+            # One batch holds a whole chunk, so every position's logits come from one decode.
+            self._engine = Engine(self.path, n_ctx=n_ctx, n_threads=threads or _cores(), n_batch=n_ctx, exact=exact)
+        except EngineError as exc:
+            raise EvaluationError(str(exc)) from None
+        self.n_vocab = self._engine.n_vocab
         self.n_ctx = n_ctx
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-        cparams.n_threads = cparams.n_threads_batch = threads or _cores()
-        cparams.no_perf = True
-        if exact:
-            # For comparisons at F32 precision: llama.cpp's default KV cache and its CPU
-            # flash-attention kernel both round to F16.
-            cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise EvaluationError(f"llama.cpp could not create a {n_ctx}-token context for {self.path}")
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
 
     @property
     def add_bos(self) -> bool:
-        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+        return self._engine.add_bos
 
     @property
     def bos(self) -> int:
-        return self._lib.llama_vocab_bos(self._vocab)
+        return self._engine.bos_id
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 16
-        tokens = (self._lib.llama_token * capacity)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
-        if n < 0:
-            raise EvaluationError(f"tokenization failed ({n})")
-        return list(tokens[:n])
+        return self._engine.tokenize_raw(text, add_special=add_special, parse_special=parse_special)
 
     def logits(self, tokens: Sequence[int], start: int = 0) -> np.ndarray:
-        """float32 [len(tokens) - start, n_vocab]: next-token logits after each prefix from `start` on.
+        """float32 [len(tokens) - start, n_vocab]: next-token logits after each prefix from `start` on."""
+        from alpaca_chat.errors import EngineError
 
-        Only the rows asked for are computed: the output projection over the
-        whole vocabulary is a large part of the cost.
-        """
         if not 0 <= start < len(tokens) <= self.n_ctx:
             raise EvaluationError(f"cannot evaluate {len(tokens)} tokens in a {self.n_ctx}-token context")
-        lib, batch = self._lib, self._batch
-        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i >= start
-        status = lib.llama_decode(self._ctx, batch)
-        if status != 0:
-            raise EvaluationError(f"llama.cpp failed to evaluate {self.path.name} (llama_decode returned {status})")
-        pointer = lib.llama_get_logits(self._ctx)
-        n_rows = len(tokens) - start
-        flat = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_rows * self.n_vocab,))
-        return flat.reshape(n_rows, self.n_vocab).copy()
+        try:
+            return self._engine.sequence_logits(list(tokens), start)
+        except EngineError as exc:
+            raise EvaluationError(str(exc)) from None
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self._ctx)
-            self._lib.llama_model_free(self._model)
-            self._ctx = self._model = None
+        if getattr(self, "_engine", None) is not None:
+            self._engine.close()
+            self._engine = None
 
     def __enter__(self):
         return self
