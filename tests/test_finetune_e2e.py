@@ -64,8 +64,12 @@ def test_both_quantizations_exist_and_were_measured(recipe):
     for qtype in ("Q4_K_M", "Q8_0"):
         path = options.quantized(qtype)
         assert path.is_file() and path.stat().st_size < options.exported.stat().st_size
-    quality = summary.step("eval").info["quality"]
-    assert [line.split(" vs ")[0] for line in quality] == ["quality of Q4_K_M", "quality of Q8_0"]
+    info = summary.step("eval").info
+    quality = info["quality"]
+    assert [line.split(" vs ")[0] for line in quality] == ["quality of Q4_K_M", "quality of Q8_0", "ROUGE-L F"]
+    # The real recipe's answers, scored against the held-out references for every model.
+    assert sorted(info["rouge_l"]) == ["Q4_K_M", "Q8_0", "base", "fine-tuned"]
+    assert all(0.0 <= value <= 1.0 for value in info["rouge_l"].values())
     assert "alpaca-chat --model" in summary.format()
 
 
