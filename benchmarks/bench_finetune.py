@@ -75,9 +75,10 @@ def main() -> int:
 
 def build_base(out: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_export import build_checkpoint  # the export benchmark's builder: the tests' recipe, in a child
+    from bench_export import in_child  # the export benchmark's builder (the tests' recipe), in a child
 
-    return build_checkpoint(out)
+    in_child("--build-checkpoint-into", str(out))
+    return out
 
 
 def run_child(child: str, args) -> dict:
