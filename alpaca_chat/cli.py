@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ctx", type=int, dest="n_ctx", help="context size in tokens (default min(4096, model's))")
     r.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
     r.add_argument("--no-kv-cache", action="store_true", help="do not save or restore KV states (instant resume)")
+    r.add_argument("--kv-type", metavar="f16|q8_0",
+                   help="KV cache type: f16 (default), or q8_0 for half the memory and saved state size "
+                        "(turns on flash attention)")
     r.add_argument("--kv-cache", nargs="?", const="list", choices=("list", "clear"), metavar="clear",
                    help="show the saved KV states per conversation; 'clear' deletes them all")
     r.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -203,6 +206,7 @@ def _settings(args):
         "repeat_penalty": args.repeat_penalty,
         "seed": args.seed,
         "kv_cache": False if args.no_kv_cache else None,
+        "kv_type": args.kv_type,
     }
     return config.build_settings(file_layer, config.env_overrides(os.environ), config.check_flags(flags))
 

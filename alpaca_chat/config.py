@@ -13,6 +13,8 @@ from alpaca_chat.errors import UsageError
 
 # Environment variables that override the config file.
 ENV_KEYS = {"ALPACA_CHAT_MODEL": "model", "ALPACA_CHAT_TEMPLATE": "template"}
+# The KV cache's element types: q8_0 halves its memory and saved state size (and needs flash attention).
+KV_TYPES = ("f16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Settings:
     sampling: SamplingParams = SamplingParams()
     kv_cache: bool = True  # instant resume: save/restore llama.cpp's KV state per conversation
     kv_cache_max_mb: int = 2048  # disk budget of the KV state files (least recently used evicted)
+    kv_type: str = "f16"  # the KV cache's element type, one of KV_TYPES
 
 
 # Every setting: the type a value must have, the range it must be in (as a predicate and its wording),
@@ -50,6 +53,7 @@ SCHEMA: dict[str, _Rule] = {
     "threads": _Rule("int", _finite(1, 1024), "an integer from 1 to 1024", "--threads"),
     "kv_cache": _Rule("bool", wanted="true or false", flag="--no-kv-cache"),
     "kv_cache_max_mb": _Rule("int", _finite(0, 1 << 30), "an integer >= 0"),
+    "kv_type": _Rule("str", lambda v: v in KV_TYPES, " or ".join(KV_TYPES), "--kv-type"),
     "temperature": _Rule("number", _finite(0, 100), "a number from 0 to 100", "--temp"),
     "top_p": _Rule("number", _finite(0, 1, open_low=True), "a number in (0, 1]", "--top-p"),
     "top_k": _Rule("int", _finite(0, 1 << 31), "an integer >= 0", "--top-k"),

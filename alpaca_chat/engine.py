@@ -28,15 +28,18 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import llama_cpp  # noqa: E402 - after GOMP_SPINCOUNT
 
+from alpaca_chat.config import KV_TYPES
 from alpaca_chat.conversation import GenerationStats, SamplingParams, StopStringFilter
-from alpaca_chat.errors import EngineError
+from alpaca_chat.errors import EngineError, UsageError
 
 # How many recent tokens the repeat penalty looks at (llama.cpp's default).
 REPEAT_PENALTY_LAST_N = 64
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512
+# The KV cache's element type per `kv_type` (config.KV_TYPES): q8_0 halves the cache and its saved states.
+_GGML_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
-_GGML_LOG_LEVEL_ERROR = 3
+_GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _log_state = {"verbose": False, "callback": None, "listener": None}
 
 
@@ -74,6 +77,22 @@ def log_listener(listener: Callable[[int, str], None]) -> Iterator[None]:
         yield
     finally:
         _log_state["listener"] = previous
+
+
+@contextlib.contextmanager
+def _logged_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs inside the block (why a call returned NULL)."""
+    errors: list[str] = []
+    outer = _log_state["listener"]
+
+    def listen(level: int, text: str) -> None:
+        if outer is not None:
+            outer(level, text)
+        if level == _GGML_LOG_LEVEL_ERROR and text.strip():
+            errors.append(text.strip())
+
+    with log_listener(listen):
+        yield errors
 
 
 def model_load_params():
@@ -152,8 +171,11 @@ class Engine:
         n_batch: int = DEFAULT_N_BATCH,
         n_seq_max: int = 1,
         exact: bool = False,
+        kv_type: str = "f16",
         verbose: bool = False,
     ):
+        if kv_type not in KV_TYPES:
+            raise UsageError(f"kv_type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
         configure_logging(verbose)
         llama_cpp.llama_backend_init()
         self.model_path = Path(model_path)
@@ -166,7 +188,13 @@ class Engine:
         self.n_batch = n_batch
         self.n_seq_max = max(1, n_seq_max)
         self.exact = exact
-        self._ctx = self._new_context(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
+        # The KV cache's element type; it is part of a saved state's key, so states of another type are ignored.
+        self.kv_type = "f32" if exact else kv_type
+        try:
+            self._ctx = self._new_context(n_ctx or min(DEFAULT_N_CTX, n_ctx_train))
+        except EngineError:
+            llama_cpp.llama_model_free(self._model)  # e.g. a /model switch that failed: no leak
+            raise
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # Tokens whose keys/values are in the KV cache, in order: the shared prefix
@@ -197,15 +225,28 @@ class Engine:
             # each), so a long request can use what short ones leave free.
             params.n_seq_max = self.n_seq_max
             params.kv_unified = True
+        self._set_kv_cache_type(params)
+        with _logged_errors() as errors:
+            ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            why = f": {errors[-1]}" if errors else " (run with --verbose for its log)"
+            raise EngineError(
+                f"llama.cpp could not create a {n_ctx}-token context with a {self.kv_type} KV cache"
+                f" for {self.model_path.name}{why}"
+            )
+        return ctx
+
+    def _set_kv_cache_type(self, params) -> None:
         if self.exact:
             # For comparisons at F32 precision (the converter's tests): llama.cpp's default KV
             # cache and its CPU flash-attention kernel both round to F16.
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not ctx:
-            raise EngineError(f"llama.cpp could not create a {n_ctx}-token context for {self.model_path}")
-        return ctx
+            return
+        params.type_k = params.type_v = _GGML_KV_TYPES[self.kv_type]
+        if self.kv_type != "f16":
+            # llama.cpp reads a quantized V cache only inside its flash-attention kernel.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
     def _read_metadata(self) -> dict[str, str]:
         buf = ctypes.create_string_buffer(4096)
@@ -369,9 +410,6 @@ class Engine:
         self._cached.clear()
 
     # -- KV state (instant resume) --------------------------------------------
-
-    # The KV cache's element type: this engine always builds f16 caches.
-    kv_type = "f16"
 
     @property
     def cached_tokens(self) -> list[int]:

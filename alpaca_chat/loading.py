@@ -32,7 +32,13 @@ class LoadedModel:
 
 
 def load_engine(
-    model_spec: str | None, *, n_ctx: int | None, threads: int | None, verbose: bool, n_seq_max: int = 1
+    model_spec: str | None,
+    *,
+    n_ctx: int | None,
+    threads: int | None,
+    verbose: bool,
+    n_seq_max: int = 1,
+    kv_type: str = "f16",
 ):
     """Resolve and validate a model, then load it. Returns (engine, resolved model).
 
@@ -45,7 +51,9 @@ def load_engine(
 
     from alpaca_chat.engine import Engine  # imports llama_cpp: only once the file is known good
 
-    engine = Engine(resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose, n_seq_max=n_seq_max)
+    engine = Engine(
+        resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose, n_seq_max=n_seq_max, kv_type=kv_type
+    )
     return engine, resolved
 
 
@@ -58,7 +66,9 @@ def choose_template(engine, choice: str, registry_hint: str | None):
 
 def load_model(model_spec: str | None, settings: Settings, *, verbose: bool = False) -> LoadedModel:
     """Resolve, check and load a model, and pick its chat template."""
-    engine, resolved = load_engine(model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose)
+    engine, resolved = load_engine(
+        model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose, kv_type=settings.kv_type
+    )
     try:
         template = choose_template(engine, settings.template, resolved.template)
     except BaseException:

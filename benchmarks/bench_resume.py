@@ -1,6 +1,6 @@
 """Instant resume: time to first token of the next turn in a new process, with and without the saved KV state.
 
-    python benchmarks/bench_resume.py [--model PATH_OR_NAME] [--sizes 2000 4000]
+    python benchmarks/bench_resume.py [--model PATH_OR_NAME] [--sizes 2000 4000] [--kv-type f16|q8_0]
 
 For a conversation of about N tokens (one run each, the bundled model by default):
   - resumed: `alpaca-chat -c --prompt ... --json` in a new process, with the state saved by the turn before;
@@ -8,7 +8,11 @@ For a conversation of about N tokens (one run each, the bundled model by default
   - cold: the same turn in a copy of the same history with --no-kv-cache (today's behaviour)
   - live: the same two turns in one in-process session that never closed
 Prints resumed/live (target <= 1.5) and resumed/cold (target <= 0.05), the save's cost against the
-reply's wall time (target <= 5 %), and state bytes per token.
+reply's wall time (target <= 5 %), and state bytes per token (with --kv-type's cache, f16 by default).
+
+Then, for both cache types (`--sizes` with no sizes: only this): llama.cpp's state bytes per token of a
+conversation of about 2000 tokens, and q8_0's quality against f16, teacher-forced over the first 500 tokens
+of the converter's evaluation text (convert/eval_sample.txt): mean KL divergence and top-1 agreement.
 """
 
 import argparse
@@ -21,17 +25,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from alpaca_chat.config import KV_TYPES
 from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.engine import Engine
 from alpaca_chat.models import resolve_model
 from alpaca_chat.session import ChatSession
 from alpaca_chat.store import Store
 from alpaca_chat.templates import resolve_template
+from convert.evaluate import sample_text
 
 N_CTX = 8192
 MAX_TOKENS = 32
 TOKENS_PER_FACT = 21  # about, for this model's tokenizer
 Q1, Q2 = "Where does Nube12 live?", "And what does Nube40 eat?"
+QUALITY_TOKENS = 500
 
 
 def facts(n: int) -> str:
@@ -66,8 +75,8 @@ def save_ms(stderr: str) -> float:
     return float(found[-1]) if found else float("nan")
 
 
-def live_ttft(model_path: Path, history: list[Message]) -> float:
-    with Engine(model_path, n_ctx=N_CTX) as engine:
+def live_ttft(model_path: Path, history: list[Message], kv_type: str) -> float:
+    with Engine(model_path, n_ctx=N_CTX, kv_type=kv_type) as engine:
         template = resolve_template("auto", engine.chat_template, engine.bos_token, engine.eos_token)
         session = ChatSession(engine, template, model_label="live", history=history,
                               sampling=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
@@ -78,8 +87,9 @@ def live_ttft(model_path: Path, history: list[Message]) -> float:
         return reply.stats.time_to_first_token_s
 
 
-def run(model_spec: str | None, size: int) -> None:
+def run(model_spec: str | None, size: int, kv_type: str) -> None:
     model_path = resolve_model(model_spec).path
+    kv = ("--kv-type", kv_type)
     with tempfile.TemporaryDirectory() as tmp:
         home, cold_home = Path(tmp) / "home", Path(tmp) / "cold"
         os.environ["ALPACA_CHAT_HOME"] = str(home)
@@ -88,16 +98,17 @@ def run(model_spec: str | None, size: int) -> None:
             store.add_message(conversation.id, "user", "Remember these facts. " + facts(size // TOKENS_PER_FACT))
             store.add_message(conversation.id, "assistant", "I will remember them.")
             history = [Message(m.role, m.content) for m in store.messages(conversation.id)]
-        first, err1 = cli(home, str(model_path), Q1)  # cold, and saves the state
+        first, err1 = cli(home, str(model_path), Q1, *kv)  # cold, and saves the state
         shutil.copytree(home, cold_home)
-        resumed, err2 = cli(home, str(model_path), Q2)
-        cold, _ = cli(cold_home, str(model_path), Q2, "--no-kv-cache")
-        live = live_ttft(model_path, history)
+        resumed, err2 = cli(home, str(model_path), Q2, *kv)
+        cold, _ = cli(cold_home, str(model_path), Q2, "--no-kv-cache", *kv)
+        live = live_ttft(model_path, history, kv_type)
         state = home / "data" / "kv" / f"{conversation.id}.kv"
         size_bytes = state.stat().st_size
         saved_tokens = int(re.findall(r"saved KV state: (\d+) tokens", err2)[-1])
     rs = resumed["stats"]
-    print(f"\n== about {size} tokens: next prompt {rs['prompt_tokens']} tokens, {rs['cached_tokens']} restored")
+    print(f"\n== about {size} tokens, {kv_type} KV cache: next prompt {rs['prompt_tokens']} tokens, "
+          f"{rs['cached_tokens']} restored")
     print(f"  TTFT resumed {ttft(resumed) * 1000:8.0f} ms  (restore {resumed['kv_restore_s'] * 1000:.0f} ms"
           f" + first token {rs['time_to_first_token_s'] * 1000:.0f} ms)")
     print(f"  TTFT cold    {ttft(cold) * 1000:8.0f} ms  (cached {cold['stats']['cached_tokens']})")
@@ -109,16 +120,54 @@ def run(model_spec: str | None, size: int) -> None:
         print(f"  save after {name}: {cost * 1000:.0f} ms = {cost / wall(result) * 100:.1f} % of the reply's "
               f"{wall(result):.2f} s (target <= 5 %)")
     print(f"  state file {size_bytes / 1e6:.1f} MB for {saved_tokens} tokens = "
-          f"{size_bytes / max(saved_tokens, 1) / 1024:.1f} KiB/token (f16 KV cache)")
+          f"{size_bytes / max(saved_tokens, 1) / 1024:.1f} KiB/token ({kv_type} KV cache)")
+
+
+def state_and_logits(model_path: Path, kv_type: str) -> tuple[float, np.ndarray]:
+    """llama.cpp's state bytes per token of a ~2000-token conversation, and teacher-forced logits."""
+    with Engine(model_path, n_ctx=N_CTX, kv_type=kv_type) as engine:
+        prompt = engine.tokenize(facts(2000 // TOKENS_PER_FACT))
+        for _ in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1)):
+            pass
+        payload, held = engine.state()
+        logits = engine.sequence_logits(engine.tokenize(sample_text())[:QUALITY_TOKENS])
+    return len(payload) / len(held), logits
+
+
+def kl_and_top1(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Mean KL(reference || logits) in nats, and how often both rank the same token first."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    ref, other = log_softmax(reference), log_softmax(logits)
+    kl = np.sum(np.exp(ref) * (ref - other), axis=-1)
+    return float(kl.mean()), float((ref.argmax(-1) == other.argmax(-1)).mean())
+
+
+def kv_type_report(model_spec: str | None) -> None:
+    model_path = resolve_model(model_spec).path
+    measured = {kv_type: state_and_logits(model_path, kv_type) for kv_type in KV_TYPES}
+    (f16, reference), (q8, logits) = measured["f16"], measured["q8_0"]
+    kl, top1 = kl_and_top1(reference, logits)
+    print(f"\n== KV cache types ({model_path.name})")
+    print(f"  state f16  {f16:8.0f} bytes/token ({f16 / 1024:.1f} KiB)")
+    print(f"  state q8_0 {q8:8.0f} bytes/token ({q8 / 1024:.1f} KiB) = {q8 / f16:.3f} x f16")
+    print(f"  q8_0 vs f16 over {len(logits)} tokens of eval_sample.txt: mean KL {kl:.5f} nats, "
+          f"top-1 agreement {top1:.1%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF path or registry name (default: the bundled model)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[2000, 4000],
+                        help="conversation sizes to time resuming (none: only the KV cache type report)")
+    parser.add_argument("--kv-type", choices=KV_TYPES, default="f16", help="the KV cache type of the timed runs")
     args = parser.parse_args()
     for size in args.sizes:
-        run(args.model, size)
+        run(args.model, size, args.kv_type)
+    kv_type_report(args.model)
 
 
 if __name__ == "__main__":

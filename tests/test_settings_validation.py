@@ -32,6 +32,8 @@ BAD_CONFIG = [
     ("system = 1", "system must be a string"),
     ('kv_cache = "yes"', "kv_cache must be true or false"),
     ("kv_cache_max_mb = -5", "kv_cache_max_mb must be an integer >= 0"),
+    ('kv_type = "q4_0"', "kv_type must be f16 or q8_0, not 'q4_0'"),
+    ("kv_type = 8", "kv_type must be a string"),
 ]
 
 
@@ -64,6 +66,7 @@ BAD_FLAGS = [
     (["--seed", "-2"], "--seed must be an integer from 0"),
     (["-n", "0"], "--max-tokens must be an integer >= 1"),
     (["--model", " "], "--model must be a non-empty string"),
+    (["--kv-type", "f32"], "--kv-type must be f16 or q8_0, not 'f32'"),
 ]
 
 
