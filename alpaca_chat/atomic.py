@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview  # collections.abc.Buffer from Python 3.12 on
 
 
 @contextmanager
@@ -57,12 +59,34 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int | None = None) -> Path:
-    """Write `data` (text as UTF-8) to `path` atomically and durably; return the path."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes | str | Sequence[Buffer], *, mode: int | None = None
+) -> Path:
+    """Write `data` (text as UTF-8) to `path` atomically and durably; return the path.
+
+    `data` may be a sequence of bytes-like parts (e.g. a header and a memoryview of a large
+    payload): they are written one after the other, never joined into one copy in memory.
+    """
+    if isinstance(data, str):
+        parts: Sequence[Buffer] = [data.encode("utf-8")]
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        parts = [data]
+    else:
+        parts = data
     with atomic_path(path, mode=mode) as tmp:
-        tmp.write_bytes(raw)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            for part in parts:
+                _write_all(fd, part)
+        finally:
+            os.close(fd)
     return Path(path)
+
+
+def _write_all(fd: int, data: Buffer) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _umask() -> int:

@@ -38,6 +38,26 @@ DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512
 # The KV cache's element type per `kv_type` (config.KV_TYPES): q8_0 halves the cache and its saved states.
 _GGML_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# Flash attention per KV cache type ("f32": the engine's exact mode). llama.cpp's default, "auto", turns
+# it on for f16 on a CPU, and its CPU kernel is slow where a chat spends its time: a few new tokens on top
+# of a long cache. Measured on the 2-core machine, bundled model: 20 new tokens after 2,446 cached 160 ms
+# with it off against 732 ms on (a follow-up turn's, or a resumed one's, time to first token); one
+# generated token at 2,466 in the context 28.7 ms against 51.5; generation 45-49 tok/s against 31-32 at
+# 1,000 tokens of context, 47-53 against 40-42 at 500. It wins only on a short context (60 tokens:
+# 73 tok/s against 60) and on a cold prompt (evaluated about 15% faster). f16 runs without it.
+# llama.cpp reads a quantized V cache only inside its flash-attention kernel: q8_0 needs it on.
+# For comparisons at F32 precision (the converter's tests) it is off: its CPU kernel rounds to F16.
+_FLASH_ATTN = {
+    "f16": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "q8_0": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "f32": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+def flash_attention(kv_type: str = "f16") -> int:
+    """llama.cpp's `flash_attn_type` for a KV cache type: every context the engine makes uses it (and
+    benchmarks/bench_engine.py's reference loop, so that both run the same attention kernel)."""
+    return _FLASH_ATTN[kv_type]
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _log_state = {"verbose": False, "callback": None, "listener": None}
@@ -202,6 +222,9 @@ class Engine:
         self._cached: list[int] = []
         self._piece_buf = ctypes.create_string_buffer(256)
         self._lock = threading.Lock()
+        # A KV state snapshot's buffer, held by one snapshot at a time (see snapshot()).
+        self._state_buf = None
+        self._state_lock = threading.Lock()
         self.metadata = self._read_metadata()
 
     # -- loading -----------------------------------------------------------
@@ -237,16 +260,14 @@ class Engine:
         return ctx
 
     def _set_kv_cache_type(self, params) -> None:
+        """The KV cache's element type and, with it, flash attention (see _FLASH_ATTN: off for f16)."""
         if self.exact:
             # For comparisons at F32 precision (the converter's tests): llama.cpp's default KV
             # cache and its CPU flash-attention kernel both round to F16.
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            return
-        params.type_k = params.type_v = _GGML_KV_TYPES[self.kv_type]
-        if self.kv_type != "f16":
-            # llama.cpp reads a quantized V cache only inside its flash-attention kernel.
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        else:
+            params.type_k = params.type_v = _GGML_KV_TYPES[self.kv_type]
+        params.flash_attn_type = flash_attention(self.kv_type)
 
     def _read_metadata(self) -> dict[str, str]:
         buf = ctypes.create_string_buffer(4096)
@@ -266,6 +287,7 @@ class Engine:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = self._model = None
+        self._state_buf = None  # a snapshot still held keeps it alive through its memoryview
 
     def __enter__(self):
         return self
@@ -424,25 +446,54 @@ class Engine:
         return n
 
     def state(self) -> tuple[bytes, list[int]]:
-        """Sequence 0's KV state and the tokens it holds (llama_state_seq_get_data)."""
-        with self._exclusive_wait():
-            size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-            buf = (ctypes.c_uint8 * size)()
-            written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0)
-            if written != size:
-                raise EngineError(f"llama.cpp wrote {written} of {size} bytes of KV state")
-            return bytes(buf), list(self._cached)
+        """Sequence 0's KV state (a copy of its own) and the tokens it holds."""
+        with self.snapshot() as snap:
+            return bytes(snap.data), snap.tokens
 
-    def restore(self, data: bytes, tokens: list[int]) -> None:
-        """Load a state from `state()` into sequence 0; the cache then holds `tokens`.
+    def snapshot(self) -> "StateSnapshot":
+        """Sequence 0's KV state (llama_state_seq_get_data) in a buffer of its own.
 
-        The caller has validated `data` (kvcache.py); on failure the cache is left empty.
+        The engine is free again as soon as this returns: only the copy out of llama.cpp holds it
+        (waiting for a running generation to finish first). The buffer stays the snapshot's until
+        it is released (`with`, or `release()`, from any thread), so a file can be written from it
+        while the engine generates; a second snapshot waits for that. Released, the buffer is freed:
+        for a large model a state is gigabytes, too much to keep between replies.
+        """
+        self._state_lock.acquire()  # before the engine: a snapshot never waits on the engine holding this
+        try:
+            with self._exclusive_wait():
+                size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+                self._state_buf = (ctypes.c_uint8 * size)()
+                written = llama_cpp.llama_state_seq_get_data(self._ctx, self._state_buf, size, 0)
+                if written != size:
+                    raise EngineError(f"llama.cpp wrote {written} of {size} bytes of KV state")
+                tokens = list(self._cached)
+            return StateSnapshot(memoryview(self._state_buf).cast("B")[:size].toreadonly(), tokens,
+                                 self._release_state_buffer)
+        except BaseException:
+            self._state_lock.release()
+            raise
+
+    def _release_state_buffer(self) -> None:
+        self._state_buf = None
+        self._state_lock.release()
+
+    def restore(self, data, tokens: list[int]) -> None:
+        """Load a state from `state()` or `snapshot()` into sequence 0; the cache then holds `tokens`.
+
+        `data` is any bytes-like object; a writable one (kvcache reads states into a bytearray) is
+        handed to llama.cpp without a copy. The caller has validated it (kvcache.py); on failure
+        the cache is left empty.
         """
         if not tokens or len(tokens) >= self.n_ctx:
             raise EngineError(f"a KV state of {len(tokens)} tokens does not fit a {self.n_ctx}-token context")
+        data = memoryview(data).cast("B")
         with self._exclusive_wait():
             self.reset()
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            try:
+                buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+            except TypeError:  # read-only (bytes)
+                buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             read = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), 0)
             if read != len(data):
                 self.reset()
@@ -643,6 +694,34 @@ class Engine:
             raise EngineError(f"llama.cpp failed to evaluate a batch (llama_decode returned {status})")
         for seg, idx in pending:
             on_last(seg, idx)
+
+
+class StateSnapshot:
+    """A KV state copied out of llama.cpp (`Engine.snapshot()`): `data` (a read-only memoryview of the
+    engine's state buffer) and the `tokens` it holds, valid until `release()`; a context manager."""
+
+    def __init__(self, data: memoryview, tokens: list[int], release: Callable[[], None]):
+        self.data, self.tokens = data, tokens
+        self._release: Callable[[], None] | None = release
+        self._release_lock = threading.Lock()
+
+    def release(self) -> None:
+        """Hand the buffer back to the engine (idempotent); `data` is unusable afterwards."""
+        with self._release_lock:
+            release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            self.data.release()  # a use after this raises instead of reading the next state
+        except BufferError:
+            pass  # something still exports it (e.g. numpy): that is its caller's business
+        release()
+
+    def __enter__(self) -> "StateSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass

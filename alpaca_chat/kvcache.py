@@ -74,7 +74,7 @@ class StateKey:
 class SavedState:
     conversation_id: int
     tokens: list[int]
-    payload: bytes
+    payload: bytearray  # writable: the engine hands it to llama.cpp without a copy
 
 
 @dataclass
@@ -134,22 +134,25 @@ class KVCache:
 
     # -- writing ---------------------------------------------------------------
 
-    def save(self, conversation_id: int, key: StateKey, tokens: list[int], payload: bytes) -> int:
+    def save(self, conversation_id: int, key: StateKey, tokens: list[int], payload) -> int:
         """Write a state atomically (temp file, fsync, rename), mode 0600; return its size.
 
-        A state larger than the whole budget is not kept. Raises OSError when the
-        directory cannot be written: the old file, or none, stays.
+        `payload` is any bytes-like object (the engine's snapshot is a memoryview): it is
+        checksummed and written as it is, after the header, never copied. A state larger
+        than the whole budget is not kept. Raises OSError when the directory cannot be
+        written: the old file, or none, stays.
         """
-        data = encode(conversation_id, key, tokens, payload)
+        head = encode_header(conversation_id, key, tokens, payload)
+        size = len(head) + memoryview(payload).nbytes
         target = self.path_for(conversation_id)
-        if len(data) > self.max_bytes:
+        if size > self.max_bytes:
             self.delete(conversation_id)
             return 0
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Replaces a symlink itself, never what it points to.
-        atomic.write_atomic(target, data, mode=0o600)
+        atomic.write_atomic(target, [head, payload], mode=0o600)
         self.evict(keep=conversation_id)
-        return len(data)
+        return size
 
     # -- reading ---------------------------------------------------------------
 
@@ -178,6 +181,20 @@ class KVCache:
         except OSError:
             pass
         return SavedState(conversation_id, saved.tokens, saved.payload)
+
+    def peek_tokens(self, conversation_id: int) -> int:
+        """How many tokens a conversation's state file says it holds, from its header alone (0: none,
+        or unreadable). Not a check: only to skip reading a file that cannot give more than what
+        the engine already holds (`load` checks everything)."""
+        try:
+            fd = os.open(self.path_for(conversation_id), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return 0
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return 0
+            return _read_token_count(f)
 
     # -- the budget --------------------------------------------------------------
 
@@ -259,11 +276,19 @@ class _Decoded:
     conversation_id: int
     header: dict
     tokens: list[int]
-    payload: bytes
+    payload: bytearray
 
 
-def encode(conversation_id: int, key: StateKey, tokens: list[int], payload: bytes) -> bytes:
+def encode(conversation_id: int, key: StateKey, tokens: list[int], payload) -> bytes:
+    """A whole state file's bytes (what `save` writes as the header, then the payload)."""
+    return encode_header(conversation_id, key, tokens, payload) + bytes(payload)
+
+
+def encode_header(conversation_id: int, key: StateKey, tokens: list[int], payload) -> bytes:
+    """Everything of a state file before its payload: preamble, JSON header (with the payload's
+    size and CRC-32, computed on `payload` where it lies) and the tokens."""
     token_bytes = _token_bytes(tokens)
+    payload = memoryview(payload).cast("B")
     header = {
         "conversation_id": int(conversation_id),
         **asdict(key),
@@ -273,7 +298,7 @@ def encode(conversation_id: int, key: StateKey, tokens: list[int], payload: byte
         "payload_crc32": zlib.crc32(payload),
     }
     head = json.dumps(header, sort_keys=True).encode("utf-8")
-    return _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head + token_bytes + payload
+    return _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head + token_bytes
 
 
 def decode(f, file_size: int, name: str = "state") -> _Decoded:
@@ -294,18 +319,34 @@ def decode(f, file_size: int, name: str = "state") -> _Decoded:
     if expected != file_size:
         raise StateRejected(f"{name}: header promises {expected} bytes, the file has {file_size}")
     token_bytes = f.read(4 * n_tokens)
-    payload = f.read(payload_size)
-    if len(token_bytes) != 4 * n_tokens or len(payload) != payload_size:
+    if len(token_bytes) != 4 * n_tokens:
         raise StateRejected(f"{name}: truncated while reading")
     if hashlib.sha256(token_bytes).hexdigest() != header["tokens_sha256"]:
         raise StateRejected(f"{name}: token checksum mismatch")
-    if zlib.crc32(payload) != header["payload_crc32"]:
+    payload = bytearray(payload_size)  # the file's size was checked: no allocation a header alone asked for
+    if _read_checksummed(f, payload, name) != header["payload_crc32"]:
         raise StateRejected(f"{name}: payload checksum mismatch")
     tokens = array("i")
     tokens.frombytes(token_bytes)
     if sys.byteorder != "little":
         tokens.byteswap()
     return _Decoded(header["conversation_id"], header, tokens.tolist(), payload)
+
+
+# The payload is read and checksummed a piece at a time, each piece while it is still in the CPU's
+# cache: 20-25 % faster than reading it all, then checksumming it all (58 MB: 50 ms against 64).
+_READ_CHUNK = 256 * 1024
+
+
+def _read_checksummed(f, payload: bytearray, name: str = "state") -> int:
+    """Fill `payload` from `f`; return its CRC-32. StateRejected if the file ends first."""
+    view, crc = memoryview(payload), 0
+    for offset in range(0, len(payload), _READ_CHUNK):
+        piece = view[offset : offset + _READ_CHUNK]
+        if f.readinto(piece) != len(piece):
+            raise StateRejected(f"{name}: truncated while reading")
+        crc = zlib.crc32(piece, crc)
+    return crc
 
 
 _HEADER_TYPES = {
@@ -356,17 +397,21 @@ def check_key(header: dict, key: StateKey, name: str = "state") -> None:
 def _peek_tokens(path: Path) -> int:
     """The token count a file's header claims (0 when unreadable): for listings only."""
     with open(path, "rb") as f:
-        preamble = f.read(_PREAMBLE.size)
-        if len(preamble) < _PREAMBLE.size:
-            return 0
-        magic, _version, head_len = _PREAMBLE.unpack(preamble)
-        if magic != MAGIC or head_len > MAX_HEADER_BYTES:
-            return 0
-        try:
-            value = json.loads(f.read(head_len).decode("utf-8")).get("n_tokens", 0)
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            return 0
-        return value if isinstance(value, int) else 0
+        return _read_token_count(f)
+
+
+def _read_token_count(f) -> int:
+    preamble = f.read(_PREAMBLE.size)
+    if len(preamble) < _PREAMBLE.size:
+        return 0
+    magic, _version, head_len = _PREAMBLE.unpack(preamble)
+    if magic != MAGIC or head_len > MAX_HEADER_BYTES:
+        return 0
+    try:
+        value = json.loads(f.read(head_len).decode("utf-8")).get("n_tokens", 0)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _token_bytes(tokens: list[int]) -> bytes:

@@ -77,7 +77,9 @@ class LineChat:
         self.last_stats = reply.stats
         save_state = getattr(self.session, "save_state", None)
         if save_state is not None:
-            save_state()  # instant resume: after the reply is shown, never before
+            # Instant resume: after the reply is shown, never before. The file is written by a
+            # thread while the user types; run() waits for it before returning.
+            save_state(wait=False)
         if reply.dropped:
             self._say(f"({len(reply.dropped)} old message(s) no longer fit the context; the model forgot them)")
 
@@ -126,18 +128,23 @@ def run(session, *, load_model=None) -> int:
         for message in session.messages:
             if message.role != "system":
                 chat._say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
-    for line in _prompted_lines() if interactive else _piped_lines():
-        if not line.strip():
-            continue
-        try:
-            if is_command(line):
-                if not chat.handle_command(line.strip()):
-                    return 0
-            else:
-                chat.reply_to(line[1:] if line.startswith("//") else line)
-        except AlpacaChatError as exc:
-            chat._say(f"error: {exc}")
-    return 0
+    try:
+        for line in _prompted_lines() if interactive else _piped_lines():
+            if not line.strip():
+                continue
+            try:
+                if is_command(line):
+                    if not chat.handle_command(line.strip()):
+                        return 0
+                else:
+                    chat.reply_to(line[1:] if line.startswith("//") else line)
+            except AlpacaChatError as exc:
+                chat._say(f"error: {exc}")
+        return 0
+    finally:
+        finish_saving = getattr(chat.session, "finish_saving", None)
+        if finish_saving is not None:
+            finish_saving()  # the last KV state is whole on disk before the process exits
 
 
 @contextmanager

@@ -72,7 +72,10 @@ class ChatSession:
         self.notice = notice or (lambda text: None)
         self.restored_tokens = 0  # restored from the last state file read
         self.last_restore_s = 0.0  # what reading, checking and restoring it took
-        self.last_save_s = 0.0  # what the last save_state took
+        self.last_save_s = 0.0  # what the last save_state took, the file written
+        self.last_save_held_s = 0.0  # of which the engine (and the caller) waited for its state to be copied
+        self._writer_lock = threading.Lock()
+        self._writers: list[threading.Thread] = []  # save_state(wait=False)'s writes still running
         self._kv_lock = threading.Lock()
         self._kv_tokens: list[int] | None = None  # what this session last left in the engine
         self._kv_saved: list[int] | None = None  # what was last saved
@@ -188,13 +191,19 @@ class ChatSession:
 
     # -- instant resume (no-ops without a KV cache) ----------------------------
 
-    def save_state(self, conversation_id: int | None = None) -> int:
+    def save_state(self, conversation_id: int | None = None, *, wait: bool = True) -> int:
         """Save the engine's KV state for this conversation; return the bytes written.
 
         Front ends call it after a reply is shown (never before), and when they leave
         a conversation (`conversation_id`: the one left, when the session has moved on).
         Saves only what this session's own last turn left in the engine, once. A
         failure is a notice, never an error: the chat goes on.
+
+        The engine is held only while its state is copied out (`Engine.snapshot`); the
+        file is then written from that copy. With `wait=False` a thread writes it and this
+        returns as soon as the engine is free, with the state's size (the file will be its
+        header larger); `finish_saving()` waits for the write, and so does the interpreter
+        before it exits.
         """
         conversation_id = conversation_id if conversation_id is not None else self.conversation_id
         if not self._kv_usable() or conversation_id is None or not self._kv_tokens:
@@ -204,22 +213,64 @@ class ChatSession:
             if self._engine_tokens() != self._kv_tokens or self._kv_tokens == self._kv_saved:
                 return 0
             try:
-                payload, tokens = self.engine.state()
+                key = self._state_key()  # of this engine and template, whatever happens while it is written
+                snap = self._snapshot()
             except Exception as exc:  # noqa: BLE001 - resume is an optimisation, never a failure
                 self.notice(f"KV state not saved: {exc}")
                 return 0
-            if tokens != self._kv_tokens:  # another conversation took the engine meanwhile
+            if snap.tokens != self._kv_tokens:  # another conversation took the engine meanwhile
+                snap.release()
                 return 0
+            self._kv_saved = snap.tokens  # taken: a second call saves nothing twice (undone if the write fails)
+        held = time.perf_counter() - started  # until the engine was free again
+        if not wait:
+            writer = threading.Thread(target=self._write_state, args=(snap, conversation_id, key, started, held, True),
+                                      name="kv-state-writer")  # not a daemon: the interpreter waits for it at exit
+            try:
+                writer.start()
+            except RuntimeError:  # no thread to be had: written here
+                pass
+            else:
+                with self._writer_lock:
+                    self._writers = [t for t in self._writers if t.is_alive()] + [writer]
+                return len(snap.data) + 4 * len(snap.tokens)
+        return self._write_state(snap, conversation_id, key, started, held, background=False)
+
+    def finish_saving(self) -> None:
+        """Wait for the KV state writes that `save_state(wait=False)` left running."""
+        with self._writer_lock:
+            writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.join()
+
+    def _snapshot(self):
+        snapshot = getattr(self.engine, "snapshot", None)
+        if snapshot is not None:
+            return snapshot()
+        payload, tokens = self.engine.state()  # an engine without snapshots (a test double)
+        return _Copied(payload, tokens)
+
+    def _write_state(self, snap, conversation_id: int, key, started: float, held: float, background: bool) -> int:
         try:
-            written = self.kv_cache.save(conversation_id, self._state_key(), tokens, payload)
+            written = self.kv_cache.save(conversation_id, key, snap.tokens, snap.data)
         except Exception as exc:  # noqa: BLE001 - e.g. an unwritable or full disk
+            # Not under _kv_lock: _resume holds it while it waits for this thread (finish_saving).
+            if self._kv_saved is snap.tokens:
+                self._kv_saved = None
             if not self._kv_save_failed:  # one notice, not one per reply
                 self.notice(f"KV state not saved: {exc}")
             self._kv_save_failed = True
             return 0
-        self._kv_saved = tokens
+        finally:
+            snap.release()  # the engine's buffer is free for the next snapshot
         self.last_save_s = time.perf_counter() - started
-        self.notice(f"saved KV state: {len(tokens)} tokens, {written / 1e6:.1f} MB in {self.last_save_s * 1000:.0f} ms")
+        self.last_save_held_s = held
+        # Both times, never only the short one: "held" is what the caller and the engine waited,
+        # the total includes writing the file (checksum, write, fsync, rename).
+        where = " in the background" if background else ""
+        self.notice(f"saved KV state: {len(snap.tokens)} tokens, {written / 1e6:.1f} MB in "
+                    f"{self.last_save_s * 1000:.0f} ms (engine held {held * 1000:.0f} ms, "
+                    f"then written{where})")
         return written
 
     def restore_state(self) -> int:
@@ -243,6 +294,9 @@ class ChatSession:
         held = self.engine.common_prefix(tokens)
         if held >= len(tokens) - 1:
             return held
+        self.finish_saving()  # a state still being written is read once it is whole
+        if held and self.kv_cache.peek_tokens(self.conversation_id) <= held:
+            return held  # e.g. the next turn of a live chat: the file holds nothing more, so it is not read
         try:
             saved = self.kv_cache.load(self.conversation_id, self._state_key())
         except Exception as exc:  # noqa: BLE001 - StateRejected, or unreadable: evaluate as today
@@ -316,6 +370,16 @@ class ChatSession:
         if self.store is None or message_id is None:
             return
         self.store.update_message(message_id, text, status, stats=stats.to_dict() if stats else None)
+
+
+class _Copied:
+    """A state already copied (an engine without snapshots): the snapshot interface, nothing to release."""
+
+    def __init__(self, data, tokens: list[int]):
+        self.data, self.tokens = data, tokens
+
+    def release(self) -> None:
+        pass
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

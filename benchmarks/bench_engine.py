@@ -35,13 +35,15 @@ class ReferenceLoop:
 
     def __init__(self, path: str, n_threads: int, n_ctx: int = 2048, n_batch: int = 512):
         llama_cpp.llama_backend_init()
-        # The engine's load parameters (AMX guard included), so both sides run the same kernels.
-        from alpaca_chat.engine import model_load_params
+        # The engine's load parameters (AMX guard included) and attention kernel (flash attention
+        # as the engine sets it for its default f16 cache), so both sides run the same kernels.
+        from alpaca_chat.engine import flash_attention, model_load_params
 
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), model_load_params())
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
+        cp.flash_attn_type = flash_attention("f16")
         cp.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -84,6 +84,19 @@ def test_the_engine_reports_its_cache_type_and_checks_it(engine, engine_q8, defa
         assert exact.kv_type == "f32"  # exact comparisons keep their F32 cache
 
 
+@pytest.mark.parametrize("kv_type, expected", [("f16", "disabled"), ("q8_0", "enabled")])
+def test_flash_attention_is_off_for_f16_and_on_for_q8_0_in_the_context_llama_cpp_builds(
+        default_model_path, kv_type, expected):
+    from alpaca_chat.engine import log_listener
+
+    logged = []
+    with log_listener(lambda level, text: logged.append(text)):
+        with Engine(default_model_path, n_ctx=256, kv_type=kv_type):
+            pass
+    said = [line.split("=")[-1].strip() for line in logged if line.startswith("llama_context: flash_attn ")]
+    assert said == [expected]  # llama.cpp's own account ("auto" would be its default)
+
+
 def test_q8_0_state_is_about_half_of_f16(engine, engine_q8):
     text = facts(20)
     f16, q8 = state_bytes_per_token(engine, text), state_bytes_per_token(engine_q8, text)

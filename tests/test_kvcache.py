@@ -138,6 +138,43 @@ def test_a_failed_write_leaves_the_old_state_and_no_partial_file(cache, monkeypa
     assert [p.name for p in cache.directory.iterdir()] == ["1.kv"]
 
 
+def test_a_payload_is_written_where_it_lies_after_the_header(cache, monkeypatch):
+    payload = memoryview(bytearray(PAYLOAD * 64)).toreadonly()  # as the engine's snapshot hands it over
+    writes = []
+    real_write = os.write
+
+    def counted(fd, data):
+        writes.append(memoryview(data).nbytes)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(kvcache.atomic.os, "write", counted)
+    written = cache.save(1, KEY, TOKENS, payload)
+    monkeypatch.undo()
+    assert cache.path_for(1).read_bytes() == kvcache.encode(1, KEY, TOKENS, bytes(payload))
+    assert written == cache.path_for(1).stat().st_size == sum(writes)
+    assert len(payload) in writes  # straight from its buffer: never joined to the header in memory
+    assert cache.load(1, KEY).payload == payload
+
+
+def test_a_disk_that_fills_up_mid_write_leaves_the_old_state(cache, monkeypatch):
+    cache.save(1, KEY, TOKENS, PAYLOAD)
+    real_write = os.write
+    calls = []
+
+    def short_then_full(fd, data):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, memoryview(data)[:100])  # short writes first: they are carried on
+
+    monkeypatch.setattr(kvcache.atomic.os, "write", short_then_full)
+    with pytest.raises(OSError, match="No space"):
+        cache.save(1, KEY, TOKENS + [6], PAYLOAD + b"x")
+    monkeypatch.undo()
+    assert cache.load(1, KEY).tokens == TOKENS
+    assert [p.name for p in cache.directory.iterdir()] == ["1.kv"]
+
+
 def test_a_temp_file_left_by_a_killed_save_is_never_read_and_is_cleaned_up(cache):
     cache.save(1, KEY, TOKENS, PAYLOAD)
     leftover = cache.directory / ".1.kv.abc123.tmp"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -81,6 +82,68 @@ def test_llama_cpp_refuses_a_state_of_another_shape(engine, default_model_path):
     with Engine(default_model_path, n_ctx=512) as small:
         small.restore(payload, held)  # same model: fine at another n_ctx
         assert small.cached_tokens == held
+
+
+def test_a_snapshot_frees_the_engine_and_keeps_its_buffer_until_released(engine):
+    engine.reset()
+    "".join(engine.generate(engine.tokenize("Hello there."), GREEDY))
+    payload, held = engine.state()
+    snap = engine.snapshot()
+    assert bytes(snap.data) == payload and snap.tokens == held
+    # The engine is free while a file is written from the snapshot, and a turn leaves it alone.
+    "".join(engine.generate(held + engine.tokenize(" Tell me more.")[1:], GREEDY))
+    assert bytes(snap.data) == payload
+    # The next snapshot would overwrite the buffer: it waits until this one is released.
+    taken = []
+    waiting = threading.Thread(target=lambda: taken.append(engine.snapshot()))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and not taken
+    snap.release()
+    waiting.join()
+    with pytest.raises(ValueError):
+        bytes(snap.data)  # released: no stale read of the next state
+    with taken[0] as second:
+        assert second.tokens == engine.cached_tokens and len(second.data) > len(payload)
+    with Engine(engine.model_path, n_ctx=engine.n_ctx) as fresh:
+        with engine.snapshot() as third:
+            fresh.restore(third.data, third.tokens)  # read-only: llama.cpp gets a copy
+        assert fresh.cached_tokens == engine.cached_tokens
+
+
+def test_a_background_save_leaves_a_whole_state_and_both_times_in_its_notice(isolated_home, engine,
+                                                                              default_model_path):
+    store, notes = Store(), []
+    cid = seed_conversation(store, default_model_path, 10)
+    engine.reset()
+    session = session_on(engine, store, KVCache(), history_of(store, cid), conversation_id=cid, notes=notes)
+    reply_of(session, "Where does Nube3 live?")
+    first = engine.cached_tokens
+    assert session.save_state(wait=False) > 0
+    assert session.save_state(wait=False) == 0  # taken once, not twice
+    reply_of(session, "And Nube4?")  # the engine is not held by the write
+    assert session.save_state() > 0  # waits for the first write's buffer, then saves this turn
+    session.finish_saving()
+    assert KVCache().load(cid, session._state_key()).tokens == engine.cached_tokens != first
+    saves = [n for n in notes if n.startswith("saved KV state")]
+    assert len(saves) == 2 and "in the background" in saves[0] and "in the background" not in saves[1]
+    assert all("engine held" in n for n in saves)
+    # A live chat's next turn does not read its own file (it holds nothing the engine lacks).
+    assert not [n for n in notes if "ignored" in n or "restored" in n], notes
+    store.close()
+
+
+def test_line_mode_exits_after_its_last_state_is_written(isolated_home, default_model_path):
+    proc = subprocess.run([sys.executable, "-m", "alpaca_chat", "--plain", "-m", str(default_model_path), "--ctx",
+                           str(CTX), "--temp", "0", "-n", "8"], input="Hello.\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [entry] = KVCache().entries()  # written by a thread while the prompt waited: whole before the exit
+    with open(entry.path, "rb") as f:
+        saved = kvcache.decode(f, entry.size)  # sizes and checksums
+    with Engine(default_model_path, n_ctx=CTX) as fresh:
+        fresh.restore(saved.payload, saved.tokens)
+        assert fresh.cached_tokens == saved.tokens
 
 
 def seed_conversation(store, model_path, facts):
