@@ -10,9 +10,11 @@ The same LoRA on the same model, data, seed and batches, trained three ways:
   - plain: transformers' Trainer with DataCollatorForSeq2Seq padding each
     batch to its longest example, the loss from the model, fp32 (the usual recipe).
 
-Throughput: one process holds both (two copies of the model) and alternates
-them step by step on the same batch, so that whatever else runs on the machine
-slows both alike; the first step of each is not timed. Prints non-padding
+Throughput: each side trains in its own process (ours sets up the process as
+`alpaca-convert finetune` does: glibc keeps freed memory; plain keeps the
+default allocator), and the three step in lockstep on the same batches, one
+side at a time in alternating order, so that whatever else runs on the machine
+slows all alike; the first step of each is not timed. Prints non-padding
 tokens/s, ours / plain (target >= 2.5). Peak RSS (target ours <= 0.6x plain): each side then trains on its
 own in a child process (Trainer.train, a few steps) and reports its high-water
 mark, with its final loss as a check that both learn the same thing.
@@ -46,15 +48,19 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--max-length", type=int, default=256, help="longest example in tokens (default 256)")
     p.add_argument("--memory-steps", type=int, default=3, help="steps of each side's peak-RSS run (default 3)")
-    p.add_argument("--child", choices=["speed", *SIDES], help=argparse.SUPPRESS)  # work done in a child process
+    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
+    p.add_argument("--stepper", action="store_true", help=argparse.SUPPRESS)  # the child steps when told
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure_speed(args) if args.child == "speed" else measure_memory(args)))
+        set_up_process(args.child)
+        if args.stepper:
+            return step_when_told(args)
+        print(json.dumps(measure_memory(args)))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         args.base = args.base or str(build_base(Path(tmp) / "smollm2-hf"))
-        speed = run_child("speed", args)
+        speed = measure_speed(args)
         memory = {side: run_child(side, args) for side in SIDES}
     for side in SIDES:
         s, m = speed[side], memory[side]
@@ -81,17 +87,71 @@ def build_base(out: Path) -> Path:
     return out
 
 
-def run_child(child: str, args) -> dict:
-    argv = [sys.executable, __file__, "--child", child, "--base", args.base, "--data", args.data,
+def child_argv(child: str, args) -> list[str]:
+    return [sys.executable, __file__, "--child", child, "--base", args.base, "--data", args.data,
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--memory-steps", str(args.memory_steps)]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+
+
+def run_child(child: str, args) -> dict:
+    proc = subprocess.run(child_argv(child, args), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{child} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_speed(args) -> dict:
+    """Every side in its own process, stepping in lockstep on the same batches (alternating order)."""
+    steppers = {
+        side: subprocess.Popen([*child_argv(side, args), "--stepper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+        for side in SIDES
+    }
+    ready = {side: _reply(proc, side) for side, proc in steppers.items()}
+    seconds, timed_tokens = dict.fromkeys(SIDES, 0.0), dict.fromkeys(SIDES, 0)
+    for step in range(args.steps + 1):
+        for side in SIDES if step % 2 == 0 else SIDES[::-1]:
+            proc = steppers[side]
+            proc.stdin.write(f"{step}\n")
+            proc.stdin.flush()
+            done = _reply(proc, side)
+            if step > 0:  # the first step pays for one-off setup
+                seconds[side] += done["seconds"]
+                timed_tokens[side] += done["tokens"]
+    last = {side: _finish(proc, side) for side, proc in steppers.items()}
+    return {
+        "precision": ready["ours"]["precision"],
+        **{
+            side: {"tokens_per_second": timed_tokens[side] / seconds[side], "padding_fraction": last[side]["padding"]}
+            for side in SIDES
+        },
+    }
+
+
+def _reply(proc, side: str) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"{side} failed ({proc.wait()}); run it alone with --child {side} to see why")
+    return json.loads(line)
+
+
+def _finish(proc, side: str) -> dict:
+    proc.stdin.write("end\n")
+    proc.stdin.flush()
+    result = _reply(proc, side)
+    proc.wait()
+    return result
+
+
 # -- in the child processes ----------------------------------------------------------
+
+
+def set_up_process(side: str) -> None:
+    """What `alpaca-convert finetune` does to its process before training: ours only."""
+    if side.startswith("ours"):
+        from convert.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
 
 class CountingCollator:
@@ -111,8 +171,8 @@ class CountingCollator:
 def build_side(side: str, args, workdir: Path, steps: int, *, autocast_by_trainer: bool = True):
     """(trainer, collator, examples, precision) for one side, from the same model, data and seed.
 
-    With `autocast_by_trainer` False the Trainer is built for fp32 and the caller autocasts: several
-    Trainers in one process share accelerate's state, which takes one mixed-precision setting."""
+    With `autocast_by_trainer` False the Trainer is built for fp32 and the caller autocasts (one_step
+    does, as the Trainer's bf16 setting would)."""
     import transformers
 
     from convert import finetune
@@ -145,37 +205,27 @@ def build_side(side: str, args, workdir: Path, steps: int, *, autocast_by_traine
     return trainer, collator, prepared.train, precision
 
 
-def measure_speed(args) -> dict:
-    """Both sides in this process, alternating step by step on the same batches."""
+def step_when_told(args) -> int:
+    """One side: build it, then one training step per line on stdin ("end" stops); each step's
+    seconds and real tokens go to stdout as a JSON line. Every side draws the same batches."""
     _quiet()
-    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
-        sides = {
-            side: build_side(side, args, Path(tmp) / side, args.steps + 1, autocast_by_trainer=False) for side in SIDES
-        }
-        examples = sides["ours"][2]
+    with tempfile.TemporaryDirectory(prefix=f"bench-speed-{args.child}-") as tmp:
+        trainer, collator, examples, precision = build_side(
+            args.child, args, Path(tmp), args.steps + 1, autocast_by_trainer=False  # one_step autocasts
+        )
         rng = random.Random(0)
         batches = [rng.sample(examples, args.batch_size) for _ in range(args.steps + 1)]
-        seconds = dict.fromkeys(SIDES, 0.0)
-        timed_tokens = dict.fromkeys(SIDES, 0)
-        for step, batch in enumerate(batches):
-            for side in SIDES if step % 2 == 0 else SIDES[::-1]:
-                trainer, collator, _, precision = sides[side]
-                real_before = collator.real
-                started = time.perf_counter()
-                one_step(trainer, collator(batch), precision)
-                if step > 0:  # the first step pays for one-off setup
-                    seconds[side] += time.perf_counter() - started
-                    timed_tokens[side] += collator.real - real_before
-    return {
-        "precision": sides["ours"][3],
-        **{
-            side: {
-                "tokens_per_second": timed_tokens[side] / seconds[side],
-                "padding_fraction": 1 - sides[side][1].real / sides[side][1].positions,
-            }
-            for side in SIDES
-        },
-    }
+        print(json.dumps({"precision": precision}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "end":
+                break
+            real_before = collator.real
+            started = time.perf_counter()
+            one_step(trainer, collator(batches[int(line)]), precision)
+            seconds = time.perf_counter() - started
+            print(json.dumps({"seconds": seconds, "tokens": collator.real - real_before}), flush=True)
+        print(json.dumps({"padding": 1 - collator.real / collator.positions}), flush=True)
+    return 0
 
 
 def one_step(trainer, inputs, precision: str = "fp32") -> None:

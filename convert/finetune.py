@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 
 from alpaca_chat.errors import DataError, TrainingError, UsageError
 from convert import data as datamod
+from convert.allocator import keep_freed_memory
 from convert.atomic import atomic_output
 from convert.finetune_config import LORA_DEFAULTS, LORA_FALLBACK, FinetuneConfig, LoraSettings, lora_settings
 from convert.packing import PACKED_ROW_TOKENS, PackedCollator, attention_implementation, chunk_bounds, packed_loss
@@ -125,6 +126,8 @@ def finetune(
         _write_text(out / TRAINING_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _write_text(out / HELDOUT_FILE, datamod.to_jsonl(prepared.val_records))
 
+    if device == "cpu":
+        keep_freed_memory()
     transformers.set_seed(config.seed)
     model = add_lora(load_model(base_path, device, dtype=FROZEN_DTYPES[precision]), lora)
     interrupt = InterruptToCheckpoint()

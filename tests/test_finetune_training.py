@@ -143,12 +143,12 @@ def test_base_with_only_pickled_weights_is_refused(tiny_llama, rows_file, tmp_pa
 def test_lora_defaults_per_architecture_and_overrides():
     config = finetune.FinetuneConfig(base="b", data="d", out="o")
     llama = finetune.lora_settings("llama", config)
-    assert (llama.r, llama.alpha, llama.dropout) == (16, 32, 0.05)
+    assert (llama.r, llama.alpha, llama.dropout) == (16, 32, 0.0)
     assert "gate_proj" in llama.target_modules
     assert finetune.lora_settings("gpt2", config).target_modules == ("c_attn", "c_proj", "c_fc")
     assert finetune.lora_settings("some_new_arch", config).target_modules == "all-linear"
-    custom = replace(config, lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj"))
-    assert finetune.lora_settings("llama", custom) == finetune.LoraSettings(4, 8, 0.0, ("q_proj", "v_proj"))
+    custom = replace(config, lora_r=4, lora_alpha=8, lora_dropout=0.05, target_modules=("q_proj", "v_proj"))
+    assert finetune.lora_settings("llama", custom) == finetune.LoraSettings(4, 8, 0.05, ("q_proj", "v_proj"))
 
 
 def test_cli_finetune_prints_progress_and_the_loss_line(tiny_llama, rows_file, tmp_path, capsys):
