@@ -29,6 +29,7 @@ import os
 import stat
 import struct
 import sys
+import threading
 import time
 import zlib
 from array import array
@@ -128,6 +129,7 @@ class KVCache:
     def __init__(self, directory: str | os.PathLike | None = None, *, max_bytes: int = DEFAULT_MAX_MB * MIB):
         self.directory = Path(directory) if directory is not None else kv_dir()
         self.max_bytes = max_bytes
+        self._prefetched: dict[int, _Prefetch] = {}
 
     def path_for(self, conversation_id: int) -> Path:
         return self.directory / f"{int(conversation_id)}{SUFFIX}"
@@ -162,17 +164,13 @@ class KVCache:
         Raises StateRejected for a file that is not a valid state for `key`.
         """
         path = self.path_for(conversation_id)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateRejected(f"{path.name}: cannot be opened ({exc.strerror or exc})") from exc
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise StateRejected(f"{path.name}: not a regular file")
-            saved = decode(f, info.st_size, path.name)
+        prefetched = self._prefetched.pop(conversation_id, None)
+        saved = prefetched.result(path) if prefetched is not None else None
+        if saved is None:
+            read = _read_state(path)
+            if read is None:
+                return None
+            saved = read[1]
         if saved.conversation_id != conversation_id:
             raise StateRejected(f"{path.name}: made for conversation {saved.conversation_id}")
         check_key(saved.header, key, path.name)
@@ -181,6 +179,13 @@ class KVCache:
         except OSError:
             pass
         return SavedState(conversation_id, saved.tokens, saved.payload)
+
+    def prefetch(self, conversation_id: int) -> None:
+        """Start reading and checking a conversation's state file in a thread, so that a new
+        process reads it while its model loads; `load` then takes what was read if the file is
+        still the same one (device, inode, size, modification time), and reads it again if not."""
+        if conversation_id not in self._prefetched:
+            self._prefetched[conversation_id] = _Prefetch(self.path_for(conversation_id))
 
     def peek_tokens(self, conversation_id: int) -> int:
         """How many tokens a conversation's state file says it holds, from its header alone (0: none,
@@ -258,6 +263,54 @@ class KVCache:
                     path.unlink()
             except OSError:
                 pass
+
+
+def _read_state(path: Path) -> tuple[tuple, "_Decoded"] | None:
+    """A state file's identity and its checked contents; None when there is none. Never follows
+    a symlink; StateRejected for anything that is not a whole, regular state file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateRejected(f"{path.name}: cannot be opened ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise StateRejected(f"{path.name}: not a regular file")
+        return _identity(info), decode(f, info.st_size, path.name)
+
+
+def _identity(info: os.stat_result) -> tuple:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class _Prefetch:
+    """One state file read and checked in a daemon thread (KVCache.prefetch)."""
+
+    def __init__(self, path: Path):
+        self._read: tuple | None = None
+        self._failed = False
+        self._thread = threading.Thread(target=self._run, args=(path,), name="kv-state-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._read = _read_state(path)
+        except Exception:  # noqa: BLE001 - load() reads the file again and says why
+            self._failed = True
+
+    def result(self, path: Path) -> "_Decoded | None":
+        """What was read, if `path` is still that file (None: read it again)."""
+        self._thread.join()
+        if self._failed or self._read is None:
+            return None
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None
+        identity, decoded = self._read
+        return decoded if stat.S_ISREG(info.st_mode) and _identity(info) == identity else None
 
 
 def delete_conversation_state(conversation_id: int) -> None:

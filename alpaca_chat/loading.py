@@ -119,11 +119,14 @@ def kept_rows(rows) -> list:
     return [m for m in rows if m.role != "system" and (m.content or m.role == "user")]
 
 
-def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None, *, notice=None) -> ChatSession:
+def new_session(
+    loaded: LoadedModel, settings: Settings, store=None, saved=None, *, notice=None, kv_cache=None
+) -> ChatSession:
     """A session on a loaded model: a new conversation, or `saved` with its settings restored.
 
     With history on and `kv_cache` set, the session saves and restores KV states (instant
-    resume); `notice` receives its one-line notes (e.g. a state file that was ignored).
+    resume; `kv_cache` passes in one already open, else it is opened here); `notice` receives
+    its one-line notes (e.g. a state file that was ignored).
     """
     history, sampling, system = [], settings.sampling, settings.system
     if saved is not None:
@@ -139,7 +142,7 @@ def new_session(loaded: LoadedModel, settings: Settings, store=None, saved=None,
         store=store,
         conversation_id=saved.id if saved else None,
         history=history,
-        kv_cache=open_kv_cache(settings) if store is not None else None,
+        kv_cache=kv_cache if kv_cache is not None else open_kv_cache(settings) if store is not None else None,
         notice=notice,
     )
 
@@ -171,8 +174,11 @@ def open_session(
 ) -> ChatSession:
     store = open_store(save_history)
     saved = saved_conversation(store, continue_last, conversation_id)
+    kv_cache = open_kv_cache(settings) if store is not None else None
+    if kv_cache is not None and saved is not None:
+        kv_cache.prefetch(saved.id)  # its state file is read while the model loads
     loaded = load_model(settings.model or (saved.model if saved else None), settings, verbose=verbose)
-    return new_session(loaded, settings, store, saved, notice=verbose_notice(verbose))
+    return new_session(loaded, settings, store, saved, notice=verbose_notice(verbose), kv_cache=kv_cache)
 
 
 def _explicit_sampling(settings: Settings) -> dict:

@@ -322,3 +322,41 @@ def test_kill_9_during_a_save_leaves_the_old_state_or_the_new_one(cache):
     cache.evict()  # a dead save's temp file goes once it is old
     for leftover in cache.directory.glob(".*.tmp"):
         assert time.time() - leftover.stat().st_mtime < kvcache.STALE_TEMP_S
+
+
+def test_a_prefetched_state_is_used_only_if_the_file_is_still_the_same(cache, monkeypatch):
+    # A new process reads the state file while its model loads (KVCache.prefetch); load() takes
+    # that read only while the file is unchanged, else it reads and checks the file again.
+    cache.save(3, KEY, TOKENS, PAYLOAD)
+    reads = []
+    real_read = kvcache._read_state
+    monkeypatch.setattr(kvcache, "_read_state", lambda path: reads.append(path) or real_read(path))
+    cache.prefetch(3)
+    assert cache.load(3, KEY).tokens == TOKENS
+    assert len(reads) == 1  # the prefetch's read, not a second one
+
+    cache.prefetch(3)
+    cache._prefetched[3]._thread.join()
+    cache.save(3, KEY, TOKENS + [6], PAYLOAD)  # another process saved meanwhile: a new file
+    assert cache.load(3, KEY).tokens == TOKENS + [6]
+    assert len(reads) == 3
+
+    cache.prefetch(3)
+    cache._prefetched[3]._thread.join()
+    path = cache.path_for(3)
+    os.utime(path, ns=(1, 1))  # same bytes but touched after the read: read again and checked
+    _corrupt(path, path.stat().st_size - 10)
+    with pytest.raises(StateRejected, match="payload checksum"):
+        cache.load(3, KEY)
+
+
+def test_a_prefetch_never_follows_a_symlink_put_there_later(cache, tmp_path):
+    cache.save(4, KEY, TOKENS, PAYLOAD)
+    cache.prefetch(4)
+    cache._prefetched[4]._thread.join()
+    path = cache.path_for(4)
+    elsewhere = tmp_path / "elsewhere.kv"
+    os.replace(path, elsewhere)
+    path.symlink_to(elsewhere)
+    with pytest.raises(StateRejected, match="cannot be opened"):
+        cache.load(4, KEY)
