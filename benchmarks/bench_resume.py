@@ -12,12 +12,12 @@ reply's wall time (target <= 5 %) in total (what `--prompt` waits for before it 
 that held the engine (what line mode and the app wait for: they write the file in a thread), and state
 bytes per token (with --kv-type's cache, f16 by default).
 
-On the 2-core machine, busy (a fine-tune beside it; cold prompts took twice their quiet time), bundled
-model, f16 without flash attention: at 2,000 tokens resumed 439 ms (restore 139), cold 24.4 s, live 275 ms:
-resumed/live 1.60, resumed/cold 0.018; at 4,000 tokens 1.51 and 0.009. Saves 265-354 ms at 2,000 tokens
-(engine held 56-59 ms), 733-902 ms at 4,000 (held 190-444): 1.0-26 % of the reply in total, 0.2-6.8 %
-held (the high ends after a 32-token reply). Before (quiet machine, flash attention on, the state copied
-three times): resumed/live 1.32 and 1.17, resumed/cold 0.078 and 0.056, saves 350-853 ms = 2.2-25 %.
+On the quiet 2-core machine, bundled model, f16 without flash attention, the state file read while the
+model loads: at 2,000 tokens resumed 290 ms (restore 100), cold 16.3 s, live 212 ms: resumed/live 1.36,
+resumed/cold 0.018; at 4,000 tokens 1.59 and 0.010. Saves 312-415 ms at 2,000 tokens (engine held 79-82 ms),
+648-757 ms at 4,000 (held 150-157): 1.5-30 % of the reply in total, 0.3-6.2 % held (the high ends after
+a 32-token reply). Before (quiet, flash attention on, the state copied three times, read after the
+model): resumed/live 1.32 and 1.17, resumed/cold 0.078 and 0.056, saves 350-853 ms = 2.2-25 %.
 
 Then, for both cache types (`--sizes` with no sizes: only this): llama.cpp's state bytes per token of a
 conversation of about 2000 tokens, and q8_0's quality against f16, teacher-forced over the first 500 tokens
