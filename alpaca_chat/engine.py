@@ -1,4 +1,5 @@
-"""The only module that imports llama_cpp: load a GGUF, tokenize, stream tokens.
+"""The only module that imports llama_cpp: load a GGUF, tokenize, stream tokens (parallel.py
+schedules parallel sequences through it).
 
 It drives llama.cpp through llama-cpp-python's low-level bindings (llama_decode
 and llama.cpp's native sampler chain) rather than `Llama.create_completion`:
@@ -14,9 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 # llama.cpp's threads meet at an OpenMP barrier many times per token, and by
 # default libgomp waits there by spinning 300,000 times before it sleeps. That
@@ -31,6 +30,7 @@ import llama_cpp  # noqa: E402 - after GOMP_SPINCOUNT
 from alpaca_chat.config import KV_TYPES
 from alpaca_chat.conversation import GenerationStats, SamplingParams, StopStringFilter
 from alpaca_chat.errors import EngineError, UsageError
+from alpaca_chat.parallel import ParallelRequest, ParallelResult, ParallelRun, Segment  # noqa: F401 - re-exported
 
 # How many recent tokens the repeat penalty looks at (llama.cpp's default).
 REPEAT_PENALTY_LAST_N = 64
@@ -54,9 +54,17 @@ _FLASH_ATTN = {
 }
 
 
-def flash_attention(kv_type: str = "f16") -> int:
+def flash_attention(kv_type: str = "f16", *, parallel: bool = False) -> int:
     """llama.cpp's `flash_attn_type` for a KV cache type: every context the engine makes uses it (and
-    benchmarks/bench_engine.py's reference loop, so that both run the same attention kernel)."""
+    benchmarks/bench_engine.py's reference loop, so that both run the same attention kernel).
+
+    A context of parallel sequences (the self-instruct teacher) keeps it on with f16 too: with it a
+    sequence's logits do not depend on where its rows lie in a shared batch. Without it llama.cpp's
+    f16 matrix kernels round a row by its offset in the batch (KL 0.00075 measured at one offset),
+    enough to change a greedy reply after a dozen tokens, so K requests at once would not give what
+    each gives alone."""
+    if parallel and kv_type == "f16":
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     return _FLASH_ATTN[kv_type]
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
@@ -267,7 +275,7 @@ class Engine:
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
         else:
             params.type_k = params.type_v = _GGML_KV_TYPES[self.kv_type]
-        params.flash_attn_type = flash_attention(self.kv_type)
+        params.flash_attn_type = flash_attention(self.kv_type, parallel=self.n_seq_max > 1)
 
     def _read_metadata(self) -> dict[str, str]:
         buf = ctypes.create_string_buffer(4096)
@@ -551,10 +559,33 @@ class Engine:
         stats = GenerationStats(prompt_tokens=len(tokens))
         return Generation(self._stream(tokens, sampling, stop_strings, cancel, stats), stats)
 
+    def new_sampler(self, sampling: SamplingParams, history: list[int]):
+        """A sampler chain for `sampling` that has seen the prompt's last tokens (the repeat
+        penalty's window); free it with `free_sampler`."""
+        sampler = self._sampler(sampling)
+        for token in history[-REPEAT_PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return sampler
+
+    def sample(self, sampler, idx: int) -> int:
+        """The next token from the logits at batch index `idx` (-1: the last evaluated)."""
+        return llama_cpp.llama_sampler_sample(sampler, self._ctx, idx)
+
+    @staticmethod
+    def free_sampler(sampler) -> None:
+        llama_cpp.llama_sampler_free(sampler)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def drop_sequence(self, seq: int) -> None:
+        """Forget a parallel sequence's cells in the KV cache."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, -1, -1)
+
     def _stream(self, tokens, sampling, stop_strings, cancel, stats) -> Iterator[str]:
         if not self._lock.acquire(blocking=False):
             raise EngineError("the engine is already generating")
-        sampler = self._sampler(sampling)
+        sampler = self.new_sampler(sampling, tokens)
         try:
             yield from self._run(tokens, sampling, stop_strings, cancel, stats, sampler)
         finally:
@@ -564,8 +595,6 @@ class Engine:
     def _run(self, tokens, sampling, stop_strings, cancel, stats, sampler) -> Iterator[str]:
         started = time.perf_counter()
         stats.cached_tokens = self._reuse_prefix(tokens)
-        for token in tokens[-REPEAT_PENALTY_LAST_N:]:
-            llama_cpp.llama_sampler_accept(sampler, token)
         self._decode(tokens[stats.cached_tokens :], stats.cached_tokens)
         prompt_done = time.perf_counter()
         evaluated = len(tokens) - stats.cached_tokens
@@ -623,17 +652,17 @@ class Engine:
         with self._exclusive():
             self.reset()
             logits: dict[int, list[float]] = {}
-            segments = [_Segment(seq, list(tokens), 0) for seq, tokens in enumerate(prompts)]
+            segments = [Segment(seq, list(tokens), 0) for seq, tokens in enumerate(prompts)]
             self._decode_segments(segments, lambda seg, idx: logits.__setitem__(seg.seq, self._logits_at(idx)))
             self.reset()
         return [logits[seq] for seq in range(len(prompts))]
 
     def generate_parallel(
         self,
-        next_request: Callable[[], "ParallelRequest | None"],
+        next_request: Callable[[], ParallelRequest | None],
         *,
         cancel: threading.Event | None = None,
-    ) -> Iterator["ParallelResult"]:
+    ) -> Iterator[ParallelResult]:
         """Run requests up to `n_seq_max` at a time, yielding each result as it completes.
 
         `next_request` is called whenever a sequence is free; None means no more for
@@ -642,7 +671,7 @@ class Engine:
         with self._exclusive():
             self.reset()
             try:
-                yield from _ParallelRun(self, next_request, cancel).results()
+                yield from ParallelRun(self, next_request, cancel).results()
             finally:
                 self.reset()
 
@@ -663,12 +692,12 @@ class Engine:
         row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
         return row[: self.n_vocab]
 
-    def _decode_segments(self, segments: list["_Segment"], on_last: Callable[["_Segment", int], None]) -> None:
+    def _decode_segments(self, segments: list[Segment], on_last: Callable[[Segment, int], None]) -> None:
         """Evaluate each segment's tokens in its own sequence, packing segments into shared
         batches; `on_last(segment, batch index)` runs while that segment's last logits are
         readable (before the next llama_decode overwrites them)."""
         batch = self._batch
-        pending: list[tuple[_Segment, int]] = []
+        pending: list[tuple[Segment, int]] = []
         n = 0
         for seg in segments:
             for offset, token in enumerate(seg.tokens):
@@ -722,150 +751,3 @@ class StateSnapshot:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-@dataclass
-class ParallelRequest:
-    """One request of a parallel run: a tokenized prompt and how to sample its reply."""
-
-    tokens: list[int]
-    sampling: SamplingParams
-    stop_strings: tuple[str, ...] = ()
-    tag: Any = None  # the caller's, handed back with the result
-
-
-@dataclass
-class ParallelResult:
-    request: ParallelRequest
-    text: str
-    stats: GenerationStats
-
-
-@dataclass
-class _Segment:
-    seq: int
-    tokens: list[int]
-    start_pos: int
-
-
-@dataclass
-class _Slot:
-    """A running request: its sequence, sampler and text so far."""
-
-    seq: int
-    request: ParallelRequest
-    sampler: Any
-    pos: int
-    stops: StopStringFilter
-    started: float
-    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    parts: list[str] = field(default_factory=list)
-    next_token: int | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-class _ParallelRun:
-    """The loop of Engine.generate_parallel: admit requests into free sequences, decode one
-    token of every running request per batch, hand back each request as it ends."""
-
-    def __init__(self, engine: Engine, next_request, cancel):
-        self.engine = engine
-        self.next_request = next_request
-        self.cancel = cancel
-        self.slots: dict[int, _Slot] = {}
-        self.done: list[ParallelResult] = []
-        self.exhausted = False
-        self.held: ParallelRequest | None = None  # pulled, waiting for room in the context
-
-    def results(self) -> Iterator[ParallelResult]:
-        try:
-            while True:
-                new = self._admit()
-                if not self.slots:
-                    return
-                segments = [_Segment(s.seq, s.request.tokens, 0) for s in new]
-                segments += [_Segment(s.seq, [s.next_token], s.pos) for s in self.slots.values() if s not in new]
-                self.engine._decode_segments(segments, self._sample)
-                for s in new:
-                    s.stats.prompt_tokens_per_s = len(s.request.tokens) / max(time.perf_counter() - s.started, 1e-9)
-                yield from self._take_done()
-                if self.cancel is not None and self.cancel.is_set():
-                    for slot in list(self.slots.values()):
-                        slot.stats.stop_reason = "cancelled"
-                        self._finish(slot)
-                    yield from self._take_done()
-                    return
-        finally:
-            for slot in self.slots.values():
-                llama_cpp.llama_sampler_free(slot.sampler)
-
-    def _reserved(self) -> int:
-        return sum(len(s.request.tokens) + s.request.sampling.max_tokens for s in self.slots.values())
-
-    def _admit(self) -> list[_Slot]:
-        """Pull requests into free sequences while the context has room for them."""
-        new: list[_Slot] = []
-        free = [seq for seq in range(self.engine.n_seq_max) if seq not in self.slots]
-        while free and not self.exhausted:
-            request, self.held = self.held or self.next_request(), None
-            if request is None:
-                self.exhausted = True
-                break
-            need = len(request.tokens) + request.sampling.max_tokens
-            if not request.tokens or need > self.engine.n_ctx:
-                raise EngineError(
-                    f"a request needs {need} tokens (prompt + max_tokens); the context holds {self.engine.n_ctx}"
-                )
-            if self.slots and self._reserved() + need > self.engine.n_ctx:
-                self.held = request  # admitted once running requests have finished
-                break
-            slot = self._open(free.pop(0), request)
-            new.append(slot)
-        return new
-
-    def _open(self, seq: int, request: ParallelRequest) -> _Slot:
-        sampler = self.engine._sampler(request.sampling)
-        for token in request.tokens[-REPEAT_PENALTY_LAST_N:]:
-            llama_cpp.llama_sampler_accept(sampler, token)
-        slot = _Slot(seq, request, sampler, len(request.tokens), StopStringFilter(request.stop_strings),
-                     time.perf_counter())
-        slot.stats.prompt_tokens = len(request.tokens)
-        self.slots[seq] = slot
-        return slot
-
-    def _sample(self, seg: _Segment, idx: int) -> None:
-        slot = self.slots[seg.seq]
-        engine = self.engine
-        if seg.start_pos:  # a generated token was just evaluated
-            slot.pos += 1
-        token = llama_cpp.llama_sampler_sample(slot.sampler, engine._ctx, idx)
-        stats = slot.stats
-        if stats.generated_tokens == 0:
-            stats.time_to_first_token_s = time.perf_counter() - slot.started
-        if llama_cpp.llama_vocab_is_eog(engine._vocab, token):
-            stats.stop_reason = "eos"
-            return self._finish(slot)
-        stats.generated_tokens += 1
-        slot.parts.append(slot.stops.feed(slot.utf8.decode(engine._piece(token))))
-        if slot.stops.stopped:
-            stats.stop_reason = "stop_string"
-            return self._finish(slot)
-        if stats.generated_tokens >= slot.request.sampling.max_tokens:
-            stats.stop_reason = "length"
-            return self._finish(slot)
-        slot.next_token = token
-
-    def _finish(self, slot: _Slot) -> None:
-        slot.parts.append(slot.stops.feed(slot.utf8.decode(b"", final=True)) + slot.stops.flush())
-        elapsed = time.perf_counter() - slot.started - slot.stats.time_to_first_token_s
-        slot.stats.generation_tokens_per_s = slot.stats.generated_tokens / max(elapsed, 1e-9)
-        memory = llama_cpp.llama_get_memory(self.engine._ctx)
-        llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
-        llama_cpp.llama_sampler_free(slot.sampler)
-        del self.slots[slot.seq]
-        self.done.append(ParallelResult(slot.request, "".join(slot.parts), slot.stats))
-
-    def _take_done(self) -> Iterator[ParallelResult]:
-        done, self.done = self.done, []
-        yield from done
-

@@ -35,17 +35,32 @@ def parallel_engine(default_model_path):
         yield loaded
 
 
+def _kl(p_logits, q_logits) -> float:
+    p = np.exp(p_logits - p_logits.max())
+    q = np.exp(q_logits - q_logits.max())
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * np.log(p / q)).sum())
+
+
 def test_parallel_sequences_never_see_each_other(parallel_engine):
-    """Next-token logits of prompts decoded together in shared batches match each prompt alone."""
+    """Next-token logits of prompts decoded together in shared batches do not depend on what the
+    other sequences hold, and match each prompt alone up to the batched kernels' rounding."""
     prompts = [parallel_engine.tokenize(p) for p in PROMPTS]
     together = parallel_engine.next_token_logits(prompts)
-    for prompt, shared in zip(prompts, together):
-        alone = np.asarray(parallel_engine.next_token_logits([prompt])[0])
+    rng = np.random.default_rng(0)
+    for i, (prompt, shared) in enumerate(zip(prompts, together)):
         shared = np.asarray(shared)
-        # llama.cpp's batched kernels may round differently from a single sequence; a leak
-        # between sequences would move logits by whole units, not by rounding.
-        assert np.abs(shared - alone).max() < 1e-2
+        # The same batch layout with other content in the other sequences: a leak between
+        # sequences would move this prompt's logits; the rounding (which depends on where a
+        # row lies in the batch, not on what the other rows hold) would not.
+        others = [p if j == i else [int(t) for t in rng.integers(1000, 40000, size=len(p))] for j, p in enumerate(prompts)]
+        with_other_content = np.asarray(parallel_engine.next_token_logits(others)[i])
+        assert np.abs(with_other_content - shared).max() < 1e-3
+        alone = np.asarray(parallel_engine.next_token_logits([prompt])[0])
+        # Without flash attention llama.cpp's f16 matrix kernels round a row differently by its
+        # offset in the batch (measured: KL 0.00075 at one offset, 0 at others).
         assert shared.argmax() == alone.argmax()
+        assert _kl(alone, shared) < 0.01
 
 
 def test_parallel_generation_matches_one_at_a_time(parallel_engine):
