@@ -12,7 +12,7 @@ from alpaca_chat.loading import saved_conversation
 from alpaca_chat.store import Store
 from alpaca_chat.tui.app import ChatApp
 from alpaca_chat.tui.screens import ConfirmScreen, HelpScreen, TextPromptScreen
-from alpaca_chat.tui.widgets import AssistantMessage, MemoryDivider, UserMessage
+from alpaca_chat.tui.widgets import AssistantMessage, ConversationItem, MemoryDivider, UserMessage
 from fake_engine import FakeEngine, fake_loaded
 
 SIZE = (100, 32)
@@ -315,9 +315,12 @@ def seed_conversations(store, titles):
 
 
 def sidebar_titles(app):
-    from alpaca_chat.tui.widgets import ConversationItem
-
     return [item.conversation.title for item in app.sidebar.query(ConversationItem)]
+
+
+def highlighted_title(app):
+    item = app.sidebar.query_one("#conversations").highlighted_child
+    return item.conversation.title if isinstance(item, ConversationItem) else None
 
 
 def highlight(app, title):
@@ -345,10 +348,14 @@ async def test_sidebar_open_new_rename_delete_filter(engine, store):
         await pilot.press("ctrl+f", *"cherr")
         await until(pilot, lambda: sidebar_titles(app) == ["cherries"])
         app.sidebar.query_one("#filter").value = ""
-        await until(pilot, lambda: len(sidebar_titles(app)) == 3)
+        # Settled: the whole list again, and show() has put the highlight back on the open one
+        # (it does so after mounting the items: highlighting before that would be undone).
+        await until(pilot, lambda: len(sidebar_titles(app)) == 3 and highlighted_title(app) == "bananas")
+        await pilot.pause()
 
         # Rename the highlighted conversation with F2.
         highlight(app, "cherries")
+        await until(pilot, lambda: highlighted_title(app) == "cherries")
         await pilot.press("f2")
         await until(pilot, lambda: isinstance(app.screen, TextPromptScreen))
         assert app.screen.query_one("Input").value == "cherries"
