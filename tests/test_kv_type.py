@@ -20,9 +20,8 @@ from alpaca_chat.engine import Engine
 from alpaca_chat.errors import EngineError, UsageError
 from alpaca_chat.kvcache import KVCache
 from alpaca_chat.loading import load_model
-from alpaca_chat.session import ChatSession
 from alpaca_chat.store import Store
-from alpaca_chat.templates import resolve_template
+from test_kvcache_resume import reply_of, session_on  # the same greedy session helpers
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 CTX = 2048  # the shared f16 `engine` fixture's: only the cache type differs
@@ -38,20 +37,6 @@ def engine_q8(default_model_path):
 
 def facts(n: int) -> str:
     return " ".join(f"Fact {i}: the llama called Nube{i} lives in valley {i * 7 % 13}." for i in range(n))
-
-
-def session_on(engine, store=None, cache=None, history=(), conversation_id=None, notes=None):
-    template = resolve_template("auto", engine.chat_template, engine.bos_token, engine.eos_token)
-    return ChatSession(engine, template, model_label="smollm2", sampling=GREEDY, store=store,
-                       conversation_id=conversation_id, history=list(history), kv_cache=cache,
-                       notice=(notes.append if notes is not None else None))
-
-
-def reply_of(session, text):
-    reply = session.send(text)
-    for _ in reply:
-        pass
-    return reply
 
 
 def state_bytes_per_token(engine, text: str) -> float:
