@@ -1,10 +1,13 @@
 """Slash commands shared by the full-screen app and the line mode. Pure: no I/O.
 
-Each front end parses a line with `parse_command` and runs the command its
-own way; the names, their arguments and their help live here, once.
+The names, their arguments and their help live here, once, and so does the
+dispatch: each front end supplies an object with one handler method per
+command (`CommandHandlers`) and runs lines through a `CommandDispatcher`,
+which refuses, when it is built, an object that lacks a handler.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from alpaca_chat.errors import UsageError
 
@@ -52,6 +55,65 @@ def parse_command(line: str) -> tuple[str, str]:
     if name not in _BY_NAME:
         raise UsageError(f"unknown command /{name} (try /help)")
     return name, args.strip()
+
+
+class CommandHandlers(Protocol):
+    """One method per command in COMMANDS, named after it, given the text after the name.
+
+    The app's handlers are coroutines; line mode's `exit` returns False. The
+    dispatcher hands back whatever a handler returns.
+    """
+
+    def help(self, args: str): ...
+
+    def new(self, args: str): ...
+
+    def system(self, args: str): ...
+
+    def set(self, args: str): ...
+
+    def model(self, args: str): ...
+
+    def stats(self, args: str): ...
+
+    def clear(self, args: str): ...
+
+    def export(self, args: str): ...
+
+    def exit(self, args: str): ...
+
+
+def missing_handlers(handlers) -> list[str]:
+    """The commands in COMMANDS that `handlers` (a class or an object) has no method for."""
+    return [c.name for c in COMMANDS if not callable(getattr(handlers, c.name, None))]
+
+
+def _refuse_missing(handlers, what: str) -> None:
+    missing = missing_handlers(handlers)
+    if missing:
+        raise TypeError(f"{what} has no handler for {', '.join('/' + name for name in missing)}")
+
+
+def handles_commands(cls):
+    """Class decorator for a front end's handlers: one that misses a command fails on import."""
+    _refuse_missing(cls, cls.__qualname__)
+    return cls
+
+
+class CommandDispatcher:
+    """Runs a command line through the handler of its command."""
+
+    def __init__(self, handlers: CommandHandlers):
+        _refuse_missing(handlers, type(handlers).__qualname__)
+        self._handlers = {c.name: getattr(handlers, c.name) for c in COMMANDS}
+
+    def __call__(self, line: str):
+        """Parse `line` and run its command's handler; UsageError for an unknown command."""
+        name, args = parse_command(line)
+        return self._handlers[name](args)
+
+
+_refuse_missing(CommandHandlers, "CommandHandlers")  # the protocol itself names every command
 
 
 def parse_set(args: str) -> dict:

@@ -10,8 +10,8 @@ import threading
 from contextlib import contextmanager
 
 from alpaca_chat import paths
-from alpaca_chat.commands import command_lines, format_sampling, format_stats, is_command, parse_command
-from alpaca_chat.commands import parse_set  # noqa: F401 - re-exported: `/set` parsing lives in commands
+from alpaca_chat.commands import (CommandDispatcher, command_lines, format_sampling, format_stats, handles_commands,
+                                  is_command, parse_set)
 from alpaca_chat.errors import AlpacaChatError, UsageError
 
 HELP = (
@@ -22,8 +22,10 @@ HELP = (
 )
 
 
+@handles_commands
 class LineChat:
-    """The commands and the streaming of one line-mode chat; `run` adds the prompt."""
+    """One line-mode chat: its commands (one handler per command, `CommandHandlers`) and its replies;
+    `run` adds the prompt."""
 
     def __init__(self, session, output=sys.stdout, *, load_model=None):
         self.session = session
@@ -31,35 +33,11 @@ class LineChat:
         self.last_stats = None
         # (spec) -> LoadedModel, for /model; None: /model is not available.
         self.load_model = load_model
+        self._dispatch = CommandDispatcher(self)
 
     def handle_command(self, line: str) -> bool:
         """Run a slash command; return False when the user asked to quit."""
-        name, args = parse_command(line)
-        if name == "exit":
-            return False
-        if name == "help":
-            self._say(HELP)
-        elif name == "new":
-            self.session.start_new()
-            self._say("(new conversation)")
-        elif name == "system":
-            self.session.set_system_prompt(args or None)
-            self._save_settings()
-            self._say("(system prompt set)" if args else "(system prompt cleared)")
-        elif name == "set":
-            self.session.sampling = self.session.sampling.with_changes(**parse_set(args))
-            self._save_settings()
-            self._say(f"({format_sampling(self.session.sampling)})")
-        elif name == "model":
-            self._switch_model(args)
-        elif name == "stats":
-            self._say(format_stats(self.last_stats) if self.last_stats else "(no reply yet)")
-        elif name == "export":
-            self._export(args)
-        elif name == "clear":
-            self.out.write("\033[2J\033[H")
-            self.out.flush()
-        return True
+        return self._dispatch(line) is not False
 
     def reply_to(self, text: str) -> None:
         cancel = threading.Event()
@@ -81,37 +59,66 @@ class LineChat:
             # thread while the user types; run() waits for it before returning.
             save_state(wait=False)
         if reply.dropped:
-            self._say(f"({len(reply.dropped)} old message(s) no longer fit the context; the model forgot them)")
+            self.say(f"({len(reply.dropped)} old message(s) no longer fit the context; the model forgot them)")
 
-    def _switch_model(self, spec: str) -> None:
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- the commands --------------------------------------------------------
+
+    def help(self, args: str) -> None:
+        self.say(HELP)
+
+    def new(self, args: str) -> None:
+        self.session.start_new()
+        self.say("(new conversation)")
+
+    def system(self, args: str) -> None:
+        self.session.set_system_prompt(args or None)
+        self._save_settings()
+        self.say("(system prompt set)" if args else "(system prompt cleared)")
+
+    def set(self, args: str) -> None:
+        self.session.sampling = self.session.sampling.with_changes(**parse_set(args))
+        self._save_settings()
+        self.say(f"({format_sampling(self.session.sampling)})")
+
+    def model(self, spec: str) -> None:
         if not spec:
             raise UsageError("usage: /model NAME_OR_PATH")
         if self.load_model is None:
             raise UsageError("/model is not available here")
-        self._say(f"(loading {spec}...)")
+        self.say(f"(loading {spec}...)")
         loaded = self.load_model(spec)
         old = self.session.engine
         self.session.switch_model(loaded.engine, loaded.template, loaded.label)
         if old is not loaded.engine and hasattr(old, "close"):
             old.close()
-        self._say(f"(now chatting with {loaded.display_name})")
+        self.say(f"(now chatting with {loaded.display_name})")
 
-    def _export(self, path: str) -> None:
+    def stats(self, args: str) -> None:
+        self.say(format_stats(self.last_stats) if self.last_stats else "(no reply yet)")
+
+    def clear(self, args: str) -> None:
+        self.out.write("\033[2J\033[H")
+        self.out.flush()
+
+    def export(self, path: str) -> None:
         from alpaca_chat.export import export_conversation
 
         if self.session.store is None or self.session.conversation_id is None:
             raise UsageError("nothing to export yet (or history is off)")
         written = export_conversation(self.session.store, self.session.conversation_id, path or None)
-        self._say(f"(saved to {written})")
+        self.say(f"(saved to {written})")
+
+    def exit(self, args: str) -> bool:
+        return False
 
     def _save_settings(self) -> None:
         save = getattr(self.session, "save_settings", None)
         if save is not None:
             save()
-
-    def _say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
 
 
 def run(session, *, load_model=None) -> int:
@@ -124,10 +131,10 @@ def run(session, *, load_model=None) -> int:
     chat = LineChat(session, load_model=load_model)
     interactive = sys.stdin.isatty()
     if interactive:
-        chat._say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
+        chat.say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
         for message in session.messages:
             if message.role != "system":
-                chat._say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
+                chat.say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")
     try:
         for line in _prompted_lines() if interactive else _piped_lines():
             if not line.strip():
@@ -139,7 +146,7 @@ def run(session, *, load_model=None) -> int:
                 else:
                     chat.reply_to(line[1:] if line.startswith("//") else line)
             except AlpacaChatError as exc:
-                chat._say(f"error: {exc}")
+                chat.say(f"error: {exc}")
         return 0
     finally:
         finish_saving = getattr(chat.session, "finish_saving", None)

@@ -9,8 +9,8 @@ def run_app(settings, store=None, saved=None, *, verbose: bool = False) -> int:
     try:
         app.run()
     finally:
-        if app.loaded is not None:
-            app.loaded.engine.close()
+        if app.chats.loaded is not None:
+            app.chats.loaded.engine.close()
         if store is not None:
             store.close()
     return app.return_code or 0

@@ -12,12 +12,14 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Input, Label, ListItem, ListView, Markdown, Static, TextArea
 
 # Markers shown in a reply's header for replies that did not complete.
 STATUS_NOTES = {"streaming": "…", "stopped": "stopped", "partial": "incomplete", "error": "error"}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+SPINNER_INTERVAL_S = 0.25
 
 
 class StreamBuffer:
@@ -161,6 +163,18 @@ class PromptInput(TextArea):
         self.cursor_blink = False
         self.prompt_history: list[str] = []
         self._recalling: int | None = None
+        self.editing = False  # the box holds the last message, to send again
+
+    def start_editing(self, text: str) -> None:
+        self.load_text(text)
+        self.move_cursor(self.document.end)
+        self.editing = True
+        self.border_title = "editing your last message: Enter sends it again, Esc cancels"
+        self.focus()
+
+    def end_editing(self) -> None:
+        self.editing = False
+        self.border_title = None
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
@@ -211,7 +225,7 @@ class PromptInput(TextArea):
 
 
 class StatusBar(Static):
-    """Model · context used/total · speed of the last reply · state."""
+    """Model · context used/total · speed of the last reply · state (turning while a model loads)."""
 
     model = reactive("")
     ctx_used = reactive(0)
@@ -221,9 +235,20 @@ class StatusBar(Static):
     spin = reactive(0)
     note = reactive("")  # e.g. "restored 2,000 tokens": shown while ready, gone once a reply starts
 
+    _spinner: Timer | None = None
+
     def watch_state(self, state: str) -> None:
         if state == "generating":
             self.note = ""
+        loading = state.startswith("loading")  # while generating, the streamed batches turn it
+        if loading and self._spinner is None:
+            self._spinner = self.set_interval(SPINNER_INTERVAL_S, self._turn)
+        elif not loading and self._spinner is not None:
+            self._spinner.stop()
+            self._spinner = None
+
+    def _turn(self) -> None:
+        self.spin += 1
 
     def render(self) -> Text:
         state = self.state
@@ -247,7 +272,8 @@ class ConversationItem(ListItem):
 
 
 class Sidebar(Vertical):
-    """Saved conversations, newest first, with a filter box."""
+    """Saved conversations, newest first, with a filter box. It asks the app to show, open,
+    rename or delete them with Sidebar.Action ("filter": the filter text changed)."""
 
     BINDINGS = [
         Binding("f2", "rename", "Rename"),
@@ -255,7 +281,7 @@ class Sidebar(Vertical):
     ]
 
     class Action(Message):
-        """The user asked to open, rename or delete a conversation."""
+        """The user asked to open, rename or delete a conversation, or changed the filter."""
 
         def __init__(self, action: str, conversation):
             super().__init__()
@@ -277,6 +303,10 @@ class Sidebar(Vertical):
     @property
     def query_text(self) -> str:
         return self.query_one("#filter", Input).value.strip()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self.post_message(self.Action("filter", None))
 
     def on_list_view_selected(self, event: ListView.Selected) -> None:
         event.stop()
