@@ -1,4 +1,9 @@
-"""Shared fixtures: every test gets its own user dirs; the default model is found once."""
+"""Shared fixtures: every test gets its own user dirs; the default model is found once.
+
+Also the helpers of the app's Pilot tests (`from conftest import make_app, until`).
+"""
+
+import time
 
 import pytest
 
@@ -11,6 +16,41 @@ def isolated_home(tmp_path, monkeypatch):
     # Never let a test reach the Hugging Face hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture
+def store():
+    """An empty history database in the test's own home."""
+    from alpaca_chat.store import Store
+
+    with Store() as opened:
+        yield opened
+
+
+def make_app(engine, store, saved=None, settings=None, loader=None, **kwargs):
+    """The chat app over a scripted engine; `app.loads` lists the model specs it asked for."""
+    from alpaca_chat.config import Settings
+    from alpaca_chat.tui.app import ChatApp
+    from fake_engine import fake_loaded
+
+    loads = []
+
+    def load(spec):
+        loads.append(spec)
+        return fake_loaded(engine)
+
+    app = ChatApp(settings or Settings(), store, saved, loader=loader or load, **kwargs)
+    app.loads = loads
+    return app
+
+
+async def until(pilot, predicate, what="condition", timeout=10.0):
+    """Let the app run until predicate() holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,7 @@ from alpaca_chat.commands import is_command, parse_command, parse_set
 from alpaca_chat.conversation import SamplingParams
 from alpaca_chat.errors import AlpacaChatError, StoreError, UsageError
 from alpaca_chat.session import ChatSession
-from alpaca_chat.store import Store
 from fake_engine import fake_loaded
-
-
-@pytest.fixture
-def store():
-    with Store() as opened:
-        yield opened
 
 
 def chat(store, **kwargs):

@@ -7,7 +7,6 @@ import pytest
 from alpaca_chat.conversation import Message
 from alpaca_chat.errors import ContextOverflowError
 from alpaca_chat.session import ChatSession
-from alpaca_chat.store import Store
 from alpaca_chat.templates import ChatTemplate
 from fake_engine import FakeEngine
 
@@ -20,12 +19,6 @@ MISTRAL_V01 = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
-
-
-@pytest.fixture
-def store():
-    with Store() as opened:
-        yield opened
 
 
 def strict_session(store, engine, **kwargs):

@@ -9,10 +9,9 @@ from alpaca_chat.config import Settings
 from alpaca_chat.conversation import SamplingParams
 from alpaca_chat.errors import EngineError, ModelNotFoundError
 from alpaca_chat.loading import saved_conversation
-from alpaca_chat.store import Store
-from alpaca_chat.tui.app import ChatApp
 from alpaca_chat.tui.screens import ConfirmScreen, HelpScreen, TextPromptScreen
 from alpaca_chat.tui.widgets import AssistantMessage, ConversationItem, MemoryDivider, UserMessage
+from conftest import make_app, until
 from fake_engine import FakeEngine, fake_loaded
 
 SIZE = (100, 32)
@@ -25,34 +24,8 @@ def anyio_backend():
 
 
 @pytest.fixture
-def store():
-    with Store() as opened:
-        yield opened
-
-
-@pytest.fixture
 def engine():
     return FakeEngine()
-
-
-def make_app(engine, store, saved=None, settings=None, loader=None, **kwargs):
-    loads = []
-
-    def load(spec):
-        loads.append(spec)
-        return fake_loaded(engine)
-
-    app = ChatApp(settings or Settings(), store, saved, loader=loader or load, **kwargs)
-    app.loads = loads
-    return app
-
-
-async def until(pilot, predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
 
 
 async def ready(pilot):

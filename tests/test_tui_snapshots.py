@@ -6,12 +6,8 @@ and look at the SVGs in tests/__snapshots__/ before committing them.
 
 import time
 
-import pytest
-
-from alpaca_chat.config import Settings
-from alpaca_chat.store import Store
-from alpaca_chat.tui.app import ChatApp
-from fake_engine import FakeEngine, fake_loaded
+from conftest import make_app
+from fake_engine import FakeEngine
 
 SIZE = (100, 30)
 
@@ -23,17 +19,6 @@ print(squares)
 ```
 
 It reads as *"n squared for each n"*."""
-
-
-@pytest.fixture
-def store():
-    with Store() as opened:
-        yield opened
-
-
-def app_for(store, saved=None):
-    engine = FakeEngine()
-    return ChatApp(Settings(), store, saved, loader=lambda spec: fake_loaded(engine))
 
 
 def seed(store):
@@ -56,11 +41,11 @@ async def settled(pilot):
 
 
 def test_empty_main_screen(snap_compare, store):
-    assert snap_compare(app_for(store), terminal_size=SIZE, run_before=settled)
+    assert snap_compare(make_app(FakeEngine(), store), terminal_size=SIZE, run_before=settled)
 
 
 def test_mid_conversation(snap_compare, store):
-    assert snap_compare(app_for(store, seed(store)), terminal_size=SIZE, run_before=settled)
+    assert snap_compare(make_app(FakeEngine(), store, seed(store)), terminal_size=SIZE, run_before=settled)
 
 
 def test_with_sidebar(snap_compare, store):
@@ -71,7 +56,7 @@ def test_with_sidebar(snap_compare, store):
         await pilot.press("ctrl+b")
         await pilot.pause(0.1)
 
-    assert snap_compare(app_for(store, saved), terminal_size=SIZE, run_before=open_sidebar)
+    assert snap_compare(make_app(FakeEngine(), store, saved), terminal_size=SIZE, run_before=open_sidebar)
 
 
 def test_help(snap_compare, store):
@@ -80,4 +65,4 @@ def test_help(snap_compare, store):
         await pilot.press("f1")
         await pilot.pause(0.1)
 
-    assert snap_compare(app_for(store), terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(make_app(FakeEngine(), store), terminal_size=SIZE, run_before=open_help)
