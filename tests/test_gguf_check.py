@@ -435,13 +435,13 @@ def test_enough_memory(tmp_path, tiny_bytes, default_model_path):
 
 
 def test_memory_check_uses_the_machine(tmp_path, tiny_bytes, monkeypatch):
-    import alpaca_chat.gguf_check as gguf_check
+    import alpaca_chat.gguf_memory as gguf_memory
 
     info = check_gguf(save(tmp_path, tiny_bytes))
-    monkeypatch.setattr(gguf_check, "available_memory_bytes", lambda: 1)
+    monkeypatch.setattr(gguf_memory, "available_memory_bytes", lambda: 1)
     with pytest.raises(InsufficientMemoryError):
         check_memory(info, 512)
-    monkeypatch.setattr(gguf_check, "available_memory_bytes", lambda: None)  # unknown: skipped
+    monkeypatch.setattr(gguf_memory, "available_memory_bytes", lambda: None)  # unknown: skipped
     assert check_memory(info, 512) > 0
 
 
