@@ -1,8 +1,9 @@
 """Resolve what the user passes as `--model` to a local GGUF file.
 
-This is the only module that talks to the network, and only through
-huggingface_hub, which is imported lazily: resolving the bundled default model
-or a local path never imports it (startup time matters).
+It reads the registry, finds bundled models, and formats `--list-models`;
+hub references and registry entries are fetched through `hub`, the only module
+that talks to the network (lazily: resolving the bundled default model or a
+local path never imports huggingface_hub).
 
 A model spec is one of:
 
@@ -21,7 +22,6 @@ import importlib.resources
 import importlib.util
 import os
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +31,29 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import ModelNotFoundError, UsageError
+from alpaca_chat import hub
+from alpaca_chat.errors import ModelNotFoundError, UsageError
+from alpaca_chat.model_files import PREFERRED_QUANTS, parse_quant, pick_gguf
+
+__all__ = [  # parse_quant, pick_gguf and PREFERRED_QUANTS live in model_files; importable from here too
+    "DEFAULT_MODEL",
+    "PREFERRED_QUANTS",
+    "ModelListing",
+    "RegistryEntry",
+    "ResolvedModel",
+    "format_model_table",
+    "format_size",
+    "list_models",
+    "load_registry",
+    "parse_hub_ref",
+    "parse_quant",
+    "pick_gguf",
+    "resolve_model",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 REGISTRY_FILE = "registry.toml"
 
-# Without an explicit quant, the first of these present in a repo is chosen.
-PREFERRED_QUANTS = ("Q4_K_M", "Q4_0", "Q8_0")
-
-# Quantization names as llama.cpp and the usual GGUF uploaders spell them in file
-# names: Q4_K_M, Q8_0, Q4_0_4_4, IQ4_XS, IQ2_XXS, TQ1_0, F16, BF16, MXFP4...
-_QUANT_RE = re.compile(
-    r"(?<![A-Za-z0-9])(I?Q\d+(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|FP?16|FP?32|MXFP4)(?![A-Za-z0-9])",
-    re.IGNORECASE,
-)
-_SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _HUB_REF_RE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<selector>[\w.+-]+))?")
 _HUB_PREFIXES = ("hf:", "https://huggingface.co/", "huggingface.co/", "hf.co/")
 
@@ -108,76 +116,7 @@ class ModelListing:
     description: str = ""
 
 
-# --- Pure helpers: quants, file picking, spec parsing -------------------------
-
-
-def parse_quant(filename: str) -> str | None:
-    """The quantization named in a GGUF file name, upper-cased ('Q4_K_M'), or None."""
-    name = _SHARD_RE.sub(".gguf", filename.rsplit("/", 1)[-1])
-    stem = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-    matches = _QUANT_RE.findall(stem)
-    return matches[-1].upper() if matches else None
-
-
-def pick_gguf(filenames: Iterable[str], selector: str | None = None, *, label: str = "the repo") -> tuple[str, ...]:
-    """Choose the GGUF to load among a repo's files.
-
-    `selector` is a quant (matched case-insensitively against the quant in each
-    file name) or an exact file name ending in `.gguf`; None prefers
-    PREFERRED_QUANTS, else the only GGUF. Returns the files to fetch: one, or
-    every shard of a split model, the first being the one to load. Multimodal
-    projectors (mmproj) are never picked. `label` names the repo in errors.
-    """
-    units = _gguf_units(filenames)
-    if not units:
-        raise ModelNotFoundError(f"{label} has no GGUF files")
-    if selector and selector.lower().endswith(".gguf"):
-        for unit in units:
-            if any(f == selector or f.rsplit("/", 1)[-1] == selector for f in unit):
-                return unit
-        files = ", ".join(unit[0] for unit in units)
-        raise ModelNotFoundError(f"{label} has no file {selector} (GGUF files: {files})")
-    if selector:
-        matches = [unit for unit in units if parse_quant(unit[0]) == selector.upper()]
-        if not matches:
-            raise ModelNotFoundError(
-                f"{label} has no GGUF with quant {selector.upper()} (available: {_available(units)})"
-            )
-        return _only(matches, label)
-    if len(units) == 1:
-        return units[0]
-    for quant in PREFERRED_QUANTS:
-        matches = [unit for unit in units if parse_quant(unit[0]) == quant]
-        if matches:
-            return _only(matches, label)
-    raise ModelNotFoundError(
-        f"{label} has several GGUF files; pick one with {label}:QUANT (available: {_available(units)})"
-    )
-
-
-def _gguf_units(filenames: Iterable[str]) -> list[tuple[str, ...]]:
-    """Group a repo's GGUF files into loadable units: single files, or all shards of a split."""
-    groups: dict[str, list[str]] = {}
-    for filename in filenames:
-        basename = filename.rsplit("/", 1)[-1].lower()
-        if not basename.endswith(".gguf") or "mmproj" in basename:
-            continue
-        shard = _SHARD_RE.search(filename)
-        key = filename[: shard.start()] if shard else filename
-        groups.setdefault(key, []).append(filename)
-    return [tuple(sorted(files)) for _, files in sorted(groups.items())]
-
-
-def _available(units: list[tuple[str, ...]]) -> str:
-    names = {parse_quant(unit[0]) or unit[0] for unit in units}
-    return ", ".join(sorted(names))
-
-
-def _only(matches: list[tuple[str, ...]], label: str) -> tuple[str, ...]:
-    if len(matches) > 1:
-        files = ", ".join(unit[0] for unit in matches)
-        raise ModelNotFoundError(f"{label} has several matching GGUF files ({files}); name one as {label}:FILE.gguf")
-    return matches[0]
+# --- Parsing a spec -----------------------------------------------------------
 
 
 def parse_hub_ref(spec: str) -> tuple[str, str | None] | None:
@@ -291,7 +230,7 @@ def resolve_model(spec: str | None = None, *, default: str | None = None, offlin
         return ResolvedModel(path=path.absolute(), source="local", name=path.name, quant=parse_quant(path.name))
     if hub_ref is not None:
         repo, selector = hub_ref
-        found = _fetch_from_hub(repo, selector, label=text, offline=offline)
+        found = hub.fetch(repo, selector, label=text, offline=offline)
         quant = parse_quant(found.name)
         name = f"{repo}:{quant}" if quant else f"{repo}:{found.name}"
         return ResolvedModel(path=found, source="hub", name=name, quant=quant, repo=repo)
@@ -321,7 +260,7 @@ def _resolve_entry(entry: RegistryEntry, *, offline: bool | None) -> ResolvedMod
         return ResolvedModel(
             path=_bundled_path(entry), source="default", name=entry.name, quant=entry.quant, template=entry.template
         )
-    found = _fetch_from_hub(entry.repo, entry.selector, label=entry.name, offline=offline)
+    found = hub.fetch(entry.repo, entry.selector, label=entry.name, offline=offline)
     return ResolvedModel(
         path=found,
         source="registry",
@@ -353,158 +292,6 @@ def _bundled_path_or_none(entry: RegistryEntry) -> Path | None:
     return Path(str(resource)) if resource.is_file() else None
 
 
-# --- The hub (the only network access) ---------------------------------------
-
-
-class _HubUnreachable(Exception):
-    """The hub could not be asked (offline, no connection, server error): fall back to the cache."""
-
-
-def _fetch_from_hub(repo: str, selector: str | None, *, label: str, offline: bool | None) -> Path:
-    """Download (or find in the HF cache) the GGUF `selector` picks from `repo`."""
-    reason = "offline" if _offline(offline) else None
-    if reason is None:
-        try:
-            return _download(repo, selector, label=label)
-        except _HubUnreachable as unreachable:
-            reason = str(unreachable)
-    cached = _find_cached(repo, selector)
-    if cached:
-        return cached[0]
-    cached_quants = _available(_gguf_units(_cached_snapshot_files(repo)))
-    hint = f" (cached for this repo: {cached_quants})" if cached_quants else ""
-    raise ModelNotFoundError(
-        f"{label} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); "
-        f"download it once online{hint}"
-    )
-
-
-def _offline(offline: bool | None) -> bool:
-    if offline is not None:
-        return offline
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
-
-
-def _download(repo: str, selector: str | None, *, label: str) -> Path:
-    """Fetch the picked GGUF (every shard of a split one) into the HF cache; the file to load."""
-    from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    filename = selector
-    try:
-        # model_info is one request without retries (list_repo_files, and hf_hub_download
-        # of an uncached file, back off for half a minute): offline, we fall back at once.
-        info = HfApi().model_info(repo, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        files = pick_gguf((sibling.rfilename for sibling in info.siblings or ()), selector, label=repo)
-        paths = []
-        for filename in files:
-            # huggingface_hub draws its own tqdm progress bar, on stderr.
-            paths.append(Path(hf_hub_download(repo, filename)))
-    except HFValidationError as exc:
-        raise UsageError(f"invalid hub repo id {repo!r} in {label!r}") from exc
-    except LocalEntryNotFoundError as exc:  # the hub did not answer and the file is not cached
-        raise _HubUnreachable("connection failed") from exc
-    except GatedRepoError as exc:
-        raise ModelNotFoundError(f"{repo} is gated: accept its terms on the hub, then log in (hf auth login)") from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelNotFoundError(f"no such model repo on the Hugging Face hub: {repo} (or it is private)") from exc
-    except RevisionNotFoundError as exc:
-        raise ModelNotFoundError(f"{repo} has no main branch on the Hugging Face hub") from exc
-    except EntryNotFoundError as exc:
-        raise ModelNotFoundError(f"{repo} has no file {filename}") from exc
-    except OfflineModeIsEnabled as exc:
-        raise _HubUnreachable("offline") from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "error"
-        raise _HubUnreachable(f"HTTP {status} from the hub") from exc
-    except _transport_errors() as exc:
-        raise _HubUnreachable("connection failed") from exc
-    return paths[0]
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection-level errors of whichever HTTP client this huggingface_hub uses."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    clients = (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException"))
-    for module_name, class_name in clients:
-        error = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(error, type) and issubclass(error, BaseException):
-            errors.append(error)
-    return tuple(errors)
-
-
-# --- The local Hugging Face cache (no network) --------------------------------
-
-
-def _hub_cache_dir() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _repo_cache_dir(repo: str, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or _hub_cache_dir()) / ("models--" + repo.replace("/", "--"))
-
-
-def _snapshots(repo_dir: Path) -> list[Path]:
-    """A cached repo's snapshots: the one `refs/main` points to first, then newest first."""
-    snapshots_dir = repo_dir / "snapshots"
-    if not snapshots_dir.is_dir():
-        return []
-    snapshots = [p for p in snapshots_dir.iterdir() if p.is_dir()]
-    snapshots.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    try:
-        main = (repo_dir / "refs" / "main").read_text(encoding="utf-8").strip()
-    except OSError:
-        main = None
-    return sorted(snapshots, key=lambda p: p.name != main)
-
-
-def _snapshot_files(snapshot: Path) -> list[str]:
-    """GGUF files present in a snapshot (broken links to missing blobs left out)."""
-    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.gguf") if p.is_file())
-
-
-def _cached_snapshot_files(repo: str) -> list[str]:
-    return sorted({f for snapshot in _snapshots(_repo_cache_dir(repo)) for f in _snapshot_files(snapshot)})
-
-
-def _find_cached(repo: str, selector: str | None, cache_dir: Path | None = None) -> tuple[Path, ...]:
-    """The cached files of the GGUF `selector` picks from `repo` (first: the one to load); () if none."""
-    for snapshot in _snapshots(_repo_cache_dir(repo, cache_dir)):
-        try:
-            files = pick_gguf(_snapshot_files(snapshot), selector, label=repo)
-        except ModelNotFoundError:
-            continue
-        return tuple(snapshot / f for f in files)
-    return ()
-
-
-def _cached_ggufs(cache_dir: Path) -> dict[str, list[tuple[Path, ...]]]:
-    """Every cached model repo's GGUFs in its current snapshot: repo -> [files of each model]."""
-    found: dict[str, list[tuple[Path, ...]]] = {}
-    if not cache_dir.is_dir():
-        return found
-    for repo_dir in sorted(cache_dir.glob("models--*--*")):
-        repo = repo_dir.name[len("models--") :].replace("--", "/", 1)
-        snapshots = _snapshots(repo_dir)
-        if snapshots:
-            units = _gguf_units(_snapshot_files(snapshots[0]))
-            found[repo] = [tuple(snapshots[0] / f for f in unit) for unit in units]
-    return found
-
-
 # --- Listing ------------------------------------------------------------------
 
 
@@ -514,7 +301,7 @@ def list_models(*, registry_path: Path | None = None, cache_dir: Path | None = N
     Looks only at the disk, never the network. `cache_dir` defaults to the
     standard Hugging Face hub cache.
     """
-    cache_dir = cache_dir if cache_dir is not None else _hub_cache_dir()
+    cache_dir = cache_dir if cache_dir is not None else hub.default_cache_dir()
     listings: list[ModelListing] = []
     claimed: set[Path] = set()
     for entry in load_registry(registry_path).values():
@@ -523,7 +310,7 @@ def list_models(*, registry_path: Path | None = None, cache_dir: Path | None = N
             files: tuple[Path, ...] = (bundled,) if bundled else ()
             status = "bundled" if files else "not installed"
         else:
-            files = _find_cached(entry.repo, entry.selector, cache_dir)
+            files = hub.find_cached(entry.repo, entry.selector, cache_dir)
             status = "cached" if files else "not downloaded"
         claimed.update(files[:1])
         listings.append(
@@ -539,7 +326,7 @@ def list_models(*, registry_path: Path | None = None, cache_dir: Path | None = N
                 description=entry.description,
             )
         )
-    for repo, units in _cached_ggufs(cache_dir).items():
+    for repo, units in hub.cached_ggufs(cache_dir).items():
         for files in units:
             if files[0] in claimed:
                 continue
