@@ -1,22 +1,4 @@
-"""Chat history in SQLite: the only module that touches the database.
-
-Design choices, and why:
-
-- Conversation ids are INTEGER AUTOINCREMENT so users can type them on the
-  command line (`--resume 42`), and a deleted id is never handed out again.
-- Every write is one `BEGIN IMMEDIATE ... COMMIT` transaction: it takes the
-  write lock up front (so `busy_timeout` applies instead of a lock-upgrade
-  failure when two processes write at once), and a `kill -9` loses nothing
-  that was committed.
-- WAL mode lets a second alpaca-chat read while the first writes.
-- Schema changes are named, ordered migration functions recorded in
-  `_migrations` (after simonw/llm's migrations.py).
-- A corrupt file (checked with `PRAGMA quick_check` on open) is moved aside,
-  never deleted, and a fresh database started; `Store.recovered_from` tells
-  the caller where the old file went.
-- One connection per Store, guarded by a lock, usable from a worker thread
-  (the TUI saves streamed replies from one).
-"""
+"""The `Store`: conversations and their messages in the history database (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -25,122 +7,31 @@ import json
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from alpaca_chat import paths
 from alpaca_chat.errors import StoreError
+from alpaca_chat.store.database import (
+    CorruptDatabase,
+    configure,
+    immediate,
+    is_corruption,
+    looks_corrupt,
+    move_aside,
+    utc_now,
+)
+from alpaca_chat.store.migrations import migrate
 
 ROLES = ("system", "user", "assistant")
 STATUSES = ("complete", "partial", "stopped", "error")
 TITLE_MAX_CHARS = 60
 MEMORY = ":memory:"
 DEFAULT_BUSY_TIMEOUT_MS = 5000
-# Files SQLite keeps beside the database; they travel with it when it is moved aside.
-_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
-
-
-def migration(fn: Migration) -> Migration:
-    """Register a schema migration. Append only: never reorder or rename one."""
-    MIGRATIONS.append(fn)
-    return fn
-
-
-@migration
-def m001_initial(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE conversations (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            title TEXT NOT NULL DEFAULT '',
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            model TEXT NOT NULL,
-            template TEXT NOT NULL,
-            system_prompt TEXT,
-            sampling TEXT NOT NULL DEFAULT '{}'
-        )
-        """
-    )
-    conn.execute(
-        """
-        CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id INTEGER NOT NULL
-                REFERENCES conversations(id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL,
-            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-            content TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            status TEXT NOT NULL DEFAULT 'complete'
-                CHECK (status IN ('complete', 'partial', 'stopped', 'error')),
-            model TEXT,
-            template TEXT,
-            sampling TEXT,
-            stats TEXT,
-            UNIQUE (conversation_id, seq)
-        )
-        """
-    )
-    conn.execute("CREATE INDEX conversations_by_update ON conversations (updated_at)")
-
-
-def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply the migrations not yet recorded, in order, in one transaction.
-
-    Returns the names applied. `conn` must be in autocommit mode
-    (isolation_level=None). All or nothing: SQLite DDL is transactional, so a
-    failing migration leaves the schema as it was.
-    """
-    migrations = MIGRATIONS if migrations is None else migrations
-    if not _pending(conn, migrations):
-        return []  # the common case: no write lock taken
-    with _immediate(conn):
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations "
-            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        # Re-read under the write lock: another process may have just migrated.
-        pending = _pending(conn, migrations)
-        for fn in pending:
-            fn(conn)
-            conn.execute(
-                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                (fn.__name__, _utc_now().isoformat()),
-            )
-    return [fn.__name__ for fn in pending]
-
-
-def _pending(conn: sqlite3.Connection, migrations: list[Migration]) -> list[Migration]:
-    has_table = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
-    ).fetchone()
-    if not has_table:
-        return list(migrations)
-    applied = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    return [fn for fn in migrations if fn.__name__ not in applied]
-
-
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One write transaction holding the write lock from its start."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        # Some errors (disk full, I/O) already rolled back inside SQLite.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -185,10 +76,6 @@ class _Unset:
 _UNSET: Any = _Unset()
 
 
-class _CorruptDatabase(Exception):
-    """Internal: the file is not a usable SQLite database."""
-
-
 class Store:
     """The chat history database. Open it, use it, close it (or use `with`)."""
 
@@ -220,15 +107,15 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path.parent}: {exc.strerror}") from exc
-        if self.path.exists() and _looks_corrupt(self.path, self.busy_timeout_ms):
-            self.recovered_from = _move_aside(self.path)
+        if self.path.exists() and looks_corrupt(self.path, self.busy_timeout_ms):
+            self.recovered_from = move_aside(self.path)
             return self._connect_or_raise()
         try:
             return self._connect()
-        except _CorruptDatabase:
+        except CorruptDatabase:
             # Corruption the read-only probe could not see (it gives up on locks
             # and hot journals, which only a writable connection can resolve).
-            self.recovered_from = _move_aside(self.path)
+            self.recovered_from = move_aside(self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open history database {self.path}: {exc}") from exc
         return self._connect_or_raise()
@@ -236,7 +123,7 @@ class Store:
     def _connect_or_raise(self) -> sqlite3.Connection:
         try:
             return self._connect()
-        except (_CorruptDatabase, sqlite3.Error) as exc:
+        except (CorruptDatabase, sqlite3.Error) as exc:
             raise StoreError(f"cannot open history database {self.path or MEMORY}: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
@@ -244,12 +131,12 @@ class Store:
             str(self.path or MEMORY), isolation_level=None, check_same_thread=False
         )
         try:
-            _configure(conn, self.busy_timeout_ms)
+            configure(conn, self.busy_timeout_ms)
             migrate(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if _is_corruption(exc):
-                raise _CorruptDatabase(str(exc)) from exc
+            if is_corruption(exc):
+                raise CorruptDatabase(str(exc)) from exc
             raise
         except BaseException:
             conn.close()
@@ -452,15 +339,6 @@ class Store:
             )
         return cursor.rowcount
 
-    def get_message(self, message_id: int) -> Message:
-        with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
-        if row is None:
-            raise StoreError(f"no message with id {message_id}")
-        return _message(row)
-
     def messages(self, conversation_id: int) -> list[Message]:
         """A conversation's messages, in the order they were added."""
         with self._read() as conn:
@@ -477,7 +355,7 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                with _immediate(self._conn) as conn:
+                with immediate(self._conn) as conn:
                     yield conn
             except sqlite3.Error as exc:
                 raise StoreError(f"could not write history database: {exc}") from exc
@@ -507,11 +385,12 @@ class Store:
         within one clock tick must still sort in the order they happened.
         """
         with self._lock:
-            now = _utc_now()
+            now = utc_now()
             if self._last_now is not None and now <= self._last_now:
                 now = self._last_now + timedelta(microseconds=1)
             self._last_now = now
         return now.isoformat(timespec="microseconds")
+
 
 
 def default_title(content: str) -> str:
@@ -522,92 +401,9 @@ def default_title(content: str) -> str:
     return line[: TITLE_MAX_CHARS - 1].rstrip() + "…"
 
 
-def _configure(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
-    # First, because the statements after it may have to wait for a lock.
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    conn.execute("PRAGMA foreign_keys = ON")  # per connection; needed for ON DELETE CASCADE
-    _enable_wal(conn, busy_timeout_ms)
-    conn.create_function("casefold", 1, _casefold, deterministic=True)
-
-
-def _enable_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
-    """Switch the file to WAL (a persistent mode: a no-op once done).
-
-    Switching needs an exclusive lock, and when two processes open a new
-    database at once SQLite answers "database is locked" at once rather than
-    wait in the busy handler (which could deadlock). So retry, for as long as
-    the busy timeout allows.
-    """
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _looks_corrupt(path: Path, busy_timeout_ms: int) -> bool:
-    """True if the database at `path` is not SQLite or fails `PRAGMA quick_check`.
-
-    The probe is read-only: a writable connection to a corrupt file would, on
-    close, checkpoint into it and delete its -wal, and the file must be moved
-    aside exactly as it was. Failures that are not corruption (locked, no
-    permission, a hot journal to roll back) are left for the real open.
-    """
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    try:
-        with closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as conn:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            return conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]
-    except sqlite3.DatabaseError as exc:
-        return _is_corruption(exc)
-
-
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    """True for SQLITE_CORRUPT / SQLITE_NOTADB ("file is not a database", "malformed").
-
-    Python raises exactly DatabaseError for those; busy, locked, I/O and
-    permission errors are OperationalError and must not get a healthy
-    database moved aside.
-    """
-    return type(exc) is sqlite3.DatabaseError
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename a corrupt database (and its -wal/-shm) to <name>.corrupt-<UTC time>."""
-    stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    counter = 1
-    while any(Path(f"{target}{suffix}").exists() for suffix in ("", *_SIBLING_SUFFIXES)):
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
-        counter += 1
-    try:
-        path.rename(target)
-        for suffix in _SIBLING_SUFFIXES:
-            sibling = Path(f"{path}{suffix}")
-            if sibling.exists():
-                sibling.rename(f"{target}{suffix}")
-    except OSError as exc:
-        raise StoreError(
-            f"history database {path} is corrupt and could not be moved aside: {exc}"
-        ) from exc
-    return target
-
-
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-
-def _casefold(text: str | None) -> str | None:
-    return None if text is None else text.casefold()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _dump_json(value: Mapping[str, Any] | Any) -> str | None:
