@@ -112,13 +112,6 @@ def tokens_sha256(tokens: list[int]) -> str:
     return hashlib.sha256(_token_bytes(tokens)).hexdigest()
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def kv_dir() -> Path:
     return paths.data_dir() / "kv"
 
@@ -220,9 +213,6 @@ class KVCache:
                 continue
             found.append(Entry(int(path.stem), path, st.st_size, tokens, st.st_mtime))
         return sorted(found, key=lambda e: e.last_used, reverse=True)
-
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries())
 
     def evict(self, keep: int | None = None) -> list[int]:
         """Delete the least recently used files until the cache fits its budget."""

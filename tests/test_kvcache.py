@@ -194,7 +194,7 @@ def test_least_recently_used_states_are_evicted_over_the_budget(isolated_home):
     cache.load(1, KEY)  # used: now the most recent
     cache.save(4, KEY, TOKENS, PAYLOAD)
     assert sorted(e.conversation_id for e in cache.entries()) == [1, 3, 4]
-    assert cache.total_bytes() <= cache.max_bytes
+    assert sum(e.size for e in cache.entries()) <= cache.max_bytes
     # A state larger than the whole budget is not kept at all.
     assert KVCache(max_bytes=size - 1).save(9, KEY, TOKENS, PAYLOAD) == 0
     assert not cache.path_for(9).exists()
