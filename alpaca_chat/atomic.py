@@ -2,7 +2,7 @@
 
 A crash, a kill -9, Ctrl+C or a full disk leaves either the old file or the new one, never a
 mix, and a power cut after the rename does not bring back the old one. Every writer (exports,
-the converter's outputs through `convert.atomic`) goes through here.
+saved KV states, the converter's outputs through `convert.atomic`) goes through here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from alpaca_chat.errors import AlpacaChatError
+
 Buffer = bytes | bytearray | memoryview  # collections.abc.Buffer from Python 3.12 on
+
+
+class WriteError(AlpacaChatError, OSError):
+    """`write_atomic` could not write a file: str() is one line naming it and why.
+
+    Also an OSError, with the errno and strerror of the failure, for callers that catch those.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None) -> None:
+        super().__init__(errno, strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @contextmanager
@@ -66,6 +82,9 @@ def write_atomic(
 
     `data` may be a sequence of bytes-like parts (e.g. a header and a memoryview of a large
     payload): they are written one after the other, never joined into one copy in memory.
+    A leading ~ in `path` is the user's home. `mode` None gives the usual permissions (0666
+    less the umask). Raises WriteError (an OSError) when the file cannot be written: the old
+    file, or none, stays.
     """
     if isinstance(data, str):
         parts: Sequence[Buffer] = [data.encode("utf-8")]
@@ -73,14 +92,19 @@ def write_atomic(
         parts = [data]
     else:
         parts = data
-    with atomic_path(path, mode=mode) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        try:
-            for part in parts:
-                _write_all(fd, part)
-        finally:
-            os.close(fd)
-    return Path(path)
+    target = Path(path).expanduser()
+    try:
+        with atomic_path(target, mode=mode) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                for part in parts:
+                    _write_all(fd, part)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise WriteError(f"cannot write {target.absolute()}: {reason}", exc.errno, exc.strerror) from exc
+    return target
 
 
 def _write_all(fd: int, data: Buffer) -> None:

@@ -1,15 +1,15 @@
 """Export a saved conversation as Markdown or JSON.
 
 `render` is pure (it takes the store's Conversation and Message records);
-`write_atomic` writes the result to a temp file beside the target, then
-renames it into place, so a reader never sees half a file.
+the result is written with `atomic.write_atomic` (a temp file beside the
+target, renamed into place), so a reader never sees half a file.
 """
 
 import json
 import os
 from pathlib import Path
 
-from alpaca_chat.errors import AlpacaChatError
+from alpaca_chat.atomic import write_atomic  # the one atomic writer (its WriteError is a one-line AlpacaChatError)
 
 FORMATS = ("md", "json")
 _STATUS_NOTES = {"stopped": "stopped", "partial": "incomplete", "error": "failed"}
@@ -66,17 +66,6 @@ def to_json(conversation, messages) -> str:
     return json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text to path via a temp file in the same directory and os.replace."""
-    from alpaca_chat.atomic import write_atomic as write_durably  # the one atomic writer
-
-    target = Path(path).expanduser().absolute()
-    try:
-        return write_durably(target, text, mode=0o644)
-    except OSError as exc:
-        raise AlpacaChatError(f"cannot write {target}: {exc.strerror or exc}") from exc
-
-
 def default_filename(conversation_id: int, fmt: str = "md") -> str:
     return f"alpaca-chat-{conversation_id}.{fmt}"
 
@@ -86,4 +75,4 @@ def export_conversation(store, conversation_id: int, path: str | os.PathLike | N
     path = path or default_filename(conversation_id)
     conversation = store.get_conversation(conversation_id)
     text = render(conversation, store.messages(conversation_id), format_for_path(path))
-    return write_atomic(path, text)
+    return write_atomic(Path(path).expanduser().absolute(), text, mode=0o644)
