@@ -175,18 +175,18 @@ def build_side(side: str, args, workdir: Path, steps: int, *, autocast_by_traine
     does, as the Trainer's bf16 setting would)."""
     import transformers
 
-    from convert import finetune
+    from convert import data, finetune, model_loading
 
     config = finetune.FinetuneConfig(
         base=args.base, data=args.data, out=workdir, max_steps=steps, batch_size=args.batch_size, grad_accum=1,
         max_length=args.max_length, val_size=0, save_steps=10**6, learning_rate=1e-3, lr_scheduler="constant",
     )
-    base = finetune.resolve_base(config.base)
-    tokenizer = finetune.load_tokenizer(base)
-    prepared = finetune.prepare_data(config, tokenizer, config.max_length)
+    base = model_loading.resolve_base(config.base)
+    tokenizer = model_loading.load_tokenizer(base)
+    prepared = data.prepare_data(config, tokenizer, config.max_length)
     transformers.set_seed(config.seed)
     precision = finetune.pick_precision("auto", "cpu") if side == "ours" else "fp32"
-    model = finetune.load_model(base, "cpu", dtype=finetune.FROZEN_DTYPES[precision])
+    model = model_loading.load_model(base, "cpu", dtype=model_loading.FROZEN_DTYPES[precision])
     model = finetune.add_lora(model, finetune.lora_settings("llama", config))
     training_args = finetune.training_arguments(
         config, workdir, "cpu", prepared, resuming=False, precision=precision if autocast_by_trainer else "fp32"

@@ -23,6 +23,7 @@ from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import UsageError
 from alpaca_chat.templates import ALPACA_JINJA, ChatTemplate, alpaca_template
 from convert import data as datamod
+from convert.run_files import read_training_meta
 
 EXPORT_TYPES = ("F16", "BF16", "F32")
 REFERENCE_CHARS = 300  # the data's answer is shown shortened: it is there to compare, not to read
@@ -64,9 +65,7 @@ def models_from(
 ) -> list[ModelSpec]:
     """The models to ask: explicit ones first, else those of a pipeline directory."""
     if pipeline is not None:
-        from convert import finetune
-
-        meta = finetune.read_training_meta(pipeline / "adapter")
+        meta = read_training_meta(pipeline / "adapter")
         if meta is None:
             raise UsageError(f"{pipeline} is not a pipeline directory (no adapter/training.json)")
         base = base or meta["base_path"]
@@ -115,11 +114,11 @@ def compare(models: Sequence[ModelSpec], prompts: Sequence[Prompt], *, max_token
 def _ask_checkpoint(path, prompts: Sequence[Prompt], max_tokens: int) -> list[str]:
     import torch
 
-    from convert import finetune
+    from convert.model_loading import load_model, load_tokenizer, resolve_base
 
-    base_path = finetune.resolve_base(str(path))
-    tokenizer = finetune.load_tokenizer(base_path)
-    model = finetune.load_model(base_path, "cpu").eval()
+    base_path = resolve_base(str(path))
+    tokenizer = load_tokenizer(base_path)
+    model = load_model(base_path, "cpu").eval()
     template = _template_of(tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
     replies = []
     for prompt in prompts:

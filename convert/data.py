@@ -20,6 +20,7 @@ No I/O here apart from reading the data source, and no torch. Every problem is a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,9 +28,13 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alpaca_chat.errors import DataError
 from alpaca_chat.templates import ALPACA_JINJA, alpaca_prompt
+
+if TYPE_CHECKING:
+    from convert.finetune_config import FinetuneConfig
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch's cross-entropy default)
 ALPACA = "alpaca"  # the template name recorded for Alpaca rows
@@ -351,6 +356,52 @@ def _apply_template(tokenizer, template: str, messages: list[dict], where: str, 
         )
     except Exception as exc:  # noqa: BLE001 - a template is user code; any failure is a data problem
         raise DataError(f"{where}: the chat template failed on this conversation: {exc}") from None
+
+
+# -- a fine-tune's data, ready to train on -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: list[Example]
+    val: list[Example]
+    val_records: list[Record]
+    template: str  # "alpaca", or the chat template's Jinja text
+    train_report: TokenizeReport
+    val_report: TokenizeReport | None
+    fingerprint: str  # sha256 of the rows, for --resume
+
+    def describe(self, max_length: int) -> str:
+        r = self.train_report
+        text = f"data: {r.examples} training examples ({r.tokens} tokens, {r.trained_tokens} trained on)"
+        if self.val_report:
+            text += f", {self.val_report.examples} held out"
+        cut = r.truncated + (self.val_report.truncated if self.val_report else 0)
+        dropped = r.dropped + (self.val_report.dropped if self.val_report else 0)
+        if cut or dropped:
+            text += f"; {cut} truncated to {max_length} tokens, {dropped} dropped (prompt alone too long)"
+        return text
+
+
+def prepare_data(config: FinetuneConfig, tokenizer, max_length: int) -> PreparedData:
+    """Load, split and tokenize `config.data` (and `config.val_data`) for a fine-tune."""
+    records = load_records(config.data)
+    if config.val_data:
+        train_records, val_records = records, load_records(config.val_data)
+    else:
+        train_records, val_records = split(records, config.val_size, config.seed)
+    common = dict(max_length=max_length, train_on_inputs=config.train_on_inputs, check_fit=False)
+    train, train_report = tokenize(train_records, tokenizer, **common)
+    val, val_report = [], None
+    if val_records:
+        val, val_report = tokenize(val_records, tokenizer, **common)
+    check_some_fit([r for r in (train_report, val_report) if r], max_length, config.data)
+    if not train:
+        raise DataError(f"{config.data}: no training example is left after truncation to {max_length} tokens")
+    digest = hashlib.sha256(to_jsonl(train_records + val_records).encode()).hexdigest()
+    return PreparedData(
+        train, val, val_records, template_source(train_records, tokenizer), train_report, val_report, digest
+    )
 
 
 # -- writing held-out rows ---------------------------------------------------------------

@@ -2,21 +2,16 @@
 
     finetune(FinetuneConfig(base=..., data=..., out=...)) -> FinetuneResult
 
-What it writes in `out`:
-
-    adapter_model.safetensors, adapter_config.json   the LoRA adapter (peft)
-    training.json     settings, the chat template trained with, the base's shape
-    metrics.json      train/eval loss per step, tokens/s, wall time
-    loss.png          the loss curves
-    heldout.jsonl     the validation rows (for `compare` and the pipeline)
-    checkpoints/      Trainer checkpoints, for --resume
+What it writes in `out`: the adapter, training.json, metrics.json, loss.png,
+heldout.jsonl and checkpoints/ (convert/run_files.py names them).
 
 No compute goes to padding: each batch is packed into one row, positions
 restart at every example and the attention mask keeps examples apart
 (transformers derives it from the position ids). Logits, the largest activation
 of a small model, are computed only where a token is trained on. That is
 convert/packing.py; the Trainer around it, Ctrl+C and the metrics are
-convert/trainer.py; this module loads, prepares and runs.
+convert/trainer.py; the base is loaded by convert/model_loading.py; this module
+prepares and runs.
 
 The CPU is the default; a CUDA GPU is used when present. `--precision auto`
 computes in bf16 where the GPU or the CPU (AVX512-BF16, AMX) has it
@@ -27,7 +22,6 @@ a second one aborts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -40,14 +34,17 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from alpaca_chat.errors import DataError, TrainingError, UsageError
+from alpaca_chat.errors import TrainingError, UsageError
 from convert import data as datamod
 from convert.allocator import keep_freed_memory
 from convert.atomic import atomic_output
+from convert.data import PreparedData, prepare_data
 from convert.finetune_config import LORA_DEFAULTS, LORA_FALLBACK, FinetuneConfig, LoraSettings, lora_settings
-from convert.packing import PACKED_ROW_TOKENS, PackedCollator, attention_implementation, chunk_bounds, packed_loss
+from convert.gguf_base import read_provenance
+from convert.model_loading import FROZEN_DTYPES, base_shape, load_model, load_model_config, load_tokenizer, resolve_base
+from convert.packing import PACKED_ROW_TOKENS, PackedCollator, chunk_bounds, packed_loss
+from convert.run_files import CHECKPOINTS_DIR, HELDOUT_FILE, METRICS_FILE, PLOT_FILE, TRAINING_FILE
 from convert.trainer import (
-    CHECKPOINTS_DIR,
     InterruptToCheckpoint,
     PackedTrainer,
     ProgressReport,
@@ -62,17 +59,12 @@ from convert.trainer import (
 # Names of convert/packing.py and convert/trainer.py stay importable from here.
 __all__ = [
     "CHECKPOINTS_DIR", "LORA_DEFAULTS", "LORA_FALLBACK", "PACKED_ROW_TOKENS", "FinetuneConfig", "LoraSettings",
-    "PackedCollator", "PackedTrainer", "ProgressReport", "build_trainer", "chunk_bounds", "collect_metrics",
-    "finetune", "lora_settings", "packed_loss", "plot_losses", "total_steps", "training_arguments",
+    "PackedCollator", "PackedTrainer", "ProgressReport", "add_lora", "build_trainer", "chunk_bounds",
+    "collect_metrics", "finetune", "lora_settings", "packed_loss", "pick_device", "pick_precision", "plot_losses",
+    "total_steps", "training_arguments",
 ]
 
 log = logging.getLogger(__name__)
-
-TRAINING_FILE = "training.json"
-METRICS_FILE = "metrics.json"
-PLOT_FILE = "loss.png"
-HELDOUT_FILE = "heldout.jsonl"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 class TrainingInterrupted(TrainingError):
@@ -119,7 +111,7 @@ def finetune(
     log.info("fine-tuning %s on %s: %s, LoRA %s, device %s", config.base, config.data, config, lora, device)
     _print(f"settings: device {device}, precision {precision} (LoRA weights and optimizer fp32), "
            f"LoRA r={lora.r} alpha={lora.alpha} on {_as_json(lora.target_modules)}")
-    _print(_describe_data(prepared, max_length))
+    _print(prepared.describe(max_length))
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         meta = _training_meta(config, base_path, model_config, prepared, lora, max_length) | {"precision": precision}
@@ -162,82 +154,7 @@ def _write_outputs(out: Path, model, metrics: dict, *, adapter: bool) -> None:
         model.save_pretrained(out)
 
 
-# -- loading ---------------------------------------------------------------------------
-
-
-def resolve_base(spec: str) -> Path:
-    """A local checkpoint directory, a hub id fetched into the HF cache, or a GGUF (a path or
-    any `alpaca-chat --model` name) dequantized once into a cached checkpoint (convert/gguf_base.py)."""
-    from convert import gguf_base
-    from convert.export.checkpoint import CheckpointError, resolve_checkpoint
-
-    if gguf_base.is_gguf_spec(spec):
-        return gguf_base.checkpoint_from_gguf(spec)
-
-    try:
-        path, _ = resolve_checkpoint(spec)
-    except CheckpointError as exc:
-        raise TrainingError(f"base model: {exc}") from None
-    if not (path / "config.json").is_file():
-        raise TrainingError(f"base model: no config.json in {path}: not a Hugging Face model directory")
-    if not any(path.glob("*.safetensors")):
-        raise TrainingError(
-            f"base model: {path} has no .safetensors weights; only safetensors are loaded (pickles can run code)"
-        )
-    return path
-
-
-def load_tokenizer(path: Path):
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"cannot load the tokenizer of {path}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model_config(path: Path):
-    try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"cannot read the model config in {path}: {exc}") from None
-
-
-# The frozen base weights are stored in the compute type: half the memory, no cast per op. The LoRA
-# weights peft adds stay fp32 (its autocast_adapter_dtype), and so does the optimizer state.
-FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_model(path: Path, device: str, dtype: torch.dtype | None = None):
-    """The base model from safetensors only, float32 unless `dtype` says otherwise."""
-    if dtype is None:
-        dtype = torch.float32
-    config = load_model_config(path)
-    quantization = getattr(config, "quantization_config", None)
-    if _quant_method(quantization) == "gguf":
-        # transformers marks weights it dequantized from a GGUF this way; on disk they are plain floats.
-        del config.quantization_config
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path,
-            config=config,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=False,
-            attn_implementation=attention_implementation(config),
-        )
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"cannot load the base model from {path}: {exc}") from None
-    model.config.use_cache = False  # a cache only costs memory while training
-    return model
-
-
-def _quant_method(quantization) -> str | None:
-    if isinstance(quantization, dict):
-        return quantization.get("quant_method")
-    method = getattr(quantization, "quant_method", None)
-    return getattr(method, "value", method)
+# -- the model -------------------------------------------------------------------------
 
 
 def add_lora(model, lora: LoraSettings):
@@ -271,52 +188,6 @@ def pick_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
-
-
-# -- data ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    train: list[datamod.Example]
-    val: list[datamod.Example]
-    val_records: list[datamod.Record]
-    template: str  # "alpaca", or the chat template's Jinja text
-    train_report: datamod.TokenizeReport
-    val_report: datamod.TokenizeReport | None
-    fingerprint: str  # sha256 of the rows, for --resume
-
-
-def prepare_data(config: FinetuneConfig, tokenizer, max_length: int) -> PreparedData:
-    records = datamod.load_records(config.data)
-    if config.val_data:
-        train_records, val_records = records, datamod.load_records(config.val_data)
-    else:
-        train_records, val_records = datamod.split(records, config.val_size, config.seed)
-    common = dict(max_length=max_length, train_on_inputs=config.train_on_inputs, check_fit=False)
-    train, train_report = datamod.tokenize(train_records, tokenizer, **common)
-    val, val_report = [], None
-    if val_records:
-        val, val_report = datamod.tokenize(val_records, tokenizer, **common)
-    datamod.check_some_fit([r for r in (train_report, val_report) if r], max_length, config.data)
-    if not train:
-        raise DataError(f"{config.data}: no training example is left after truncation to {max_length} tokens")
-    digest = hashlib.sha256(datamod.to_jsonl(train_records + val_records).encode()).hexdigest()
-    return PreparedData(
-        train, val, val_records, datamod.template_source(train_records, tokenizer), train_report, val_report, digest
-    )
-
-
-def _describe_data(prepared: PreparedData, max_length: int) -> str:
-    r = prepared.train_report
-    text = f"data: {r.examples} training examples ({r.tokens} tokens, {r.trained_tokens} trained on)"
-    if prepared.val_report:
-        text += f", {prepared.val_report.examples} held out"
-    cut = r.truncated + (prepared.val_report.truncated if prepared.val_report else 0)
-    dropped = r.dropped + (prepared.val_report.dropped if prepared.val_report else 0)
-    if cut or dropped:
-        text += f"; {cut} truncated to {max_length} tokens, {dropped} dropped (prompt alone too long)"
-    return text
 
 
 # -- resume and Ctrl+C --------------------------------------------------------------------------
@@ -368,7 +239,7 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
     return {
         "base": config.base,
         "base_path": str(base_path),
-        "base_gguf": _gguf_provenance(base_path),  # None unless the base was dequantized from a GGUF
+        "base_gguf": read_provenance(base_path),  # None unless the base was dequantized from a GGUF
         "base_model": base_shape(model_config),
         "template": prepared.template,
         "max_length": max_length,
@@ -379,30 +250,8 @@ def _training_meta(config, base_path, model_config, prepared: PreparedData, lora
     }
 
 
-def _gguf_provenance(base_path: Path) -> dict | None:
-    from convert.gguf_base import read_provenance
-
-    return read_provenance(base_path)
-
-
-def base_shape(model_config) -> dict:
-    """What an adapter must be merged into: the model type and its language model's shape
-    (an image-text model such as Gemma 3 4B keeps that in its text config)."""
-    text_config = model_config.get_text_config()
-    shape = {name: getattr(text_config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size")}
-    return {"model_type": model_config.model_type, **shape}
-
-
 def _as_json(target_modules: tuple[str, ...] | str) -> list[str] | str:
     return target_modules if isinstance(target_modules, str) else list(target_modules)
-
-
-def read_training_meta(adapter_dir: Path) -> dict | None:
-    """training.json of an adapter made here, or None for one made elsewhere."""
-    try:
-        return json.loads((Path(adapter_dir) / TRAINING_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from alpaca_chat.errors import TrainingError
+from convert.atomic import atomic_directory, recover_directory
 
 PROVENANCE_FILE = "alpaca_base.json"
 CACHE_ENV = "ALPACA_CONVERT_CACHE"
@@ -49,6 +48,7 @@ def checkpoint_from_gguf(spec: str) -> Path:
     gguf_check.check_gguf(resolved.path)  # a corrupt file fails here, in one line, before transformers reads it
     identity = file_identity(resolved.path)
     target = cache_dir() / identity["key"]
+    recover_directory(target)  # a run killed while swapping it in left the old one aside
     if _cached(target, identity):
         return target
     _dequantize(resolved.path, target, {**identity, "source": resolved.name, "quant": resolved.quant})
@@ -94,7 +94,7 @@ def _cached(target: Path, identity: dict) -> bool:
 
 
 def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
-    """Load with transformers' GGUF reader, save as a plain checkpoint; atomically (a temp dir renamed)."""
+    """Load with transformers' GGUF reader, save as a plain checkpoint; atomically (convert/atomic.py's swap)."""
     import torch
     import transformers
 
@@ -113,18 +113,10 @@ def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # plain floats from here on; the provenance file says where from
     model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _first_line(exc: BaseException) -> str:

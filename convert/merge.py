@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,11 @@ import torch
 
 from alpaca_chat.errors import TrainingError, UsageError
 from alpaca_chat.templates import ALPACA_JINJA, alpaca_prompt
-from convert import finetune
+from convert.atomic import atomic_directory
 from convert.data import ALPACA
+from convert.gguf_base import PROVENANCE_FILE
+from convert.model_loading import base_shape, load_model, load_model_config, load_tokenizer, resolve_base
+from convert.run_files import ADAPTER_FILES, read_training_meta
 
 # Files that make up a tokenizer, copied from the base unchanged (the chat template aside).
 TOKENIZER_FILES = (
@@ -77,16 +79,18 @@ def merge(
 ) -> MergeResult:
     started = time.perf_counter()
     out, adapter = Path(out), Path(adapter)
-    base_path = finetune.resolve_base(base)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    base_path = resolve_base(base)
     _check_adapter_files(adapter)
-    meta = finetune.read_training_meta(adapter) or {}
-    model_config = finetune.load_model_config(base_path)
+    meta = read_training_meta(adapter) or {}
+    model_config = load_model_config(base_path)
     _check_base_matches(meta, model_config, adapter, base)
     save_dtype = _save_dtype(dtype, model_config)
 
-    tokenizer = finetune.load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path)
     probe = _probe_ids(tokenizer)
-    model = finetune.load_model(base_path, "cpu", dtype=torch.float32)
+    model = load_model(base_path, "cpu", dtype=torch.float32)
     base_logits = _logits(model, probe)
     peft_model = attach_adapter(model, adapter, base)
     expected = _logits(peft_model, probe)
@@ -94,7 +98,7 @@ def merge(
     difference = verify_logits(_logits(merged, probe), expected, tolerance)
 
     template = meta.get("template", ALPACA)
-    with _replaced_directory(out) as tmp:
+    with atomic_directory(out) as tmp:
         merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
         _drop_quantization_config(tmp / "config.json")
         copy_tokenizer(base_path, tmp)
@@ -115,7 +119,7 @@ def merge(
 def _check_adapter_files(adapter: Path) -> None:
     if not adapter.is_dir():
         raise TrainingError(f"adapter directory not found: {adapter}")
-    missing = [name for name in finetune.ADAPTER_FILES if not (adapter / name).is_file()]
+    missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
     if missing:
         raise TrainingError(f"{adapter} is not a LoRA adapter: no {', '.join(missing)} (did the fine-tune finish?)")
 
@@ -123,7 +127,7 @@ def _check_adapter_files(adapter: Path) -> None:
 def _check_base_matches(meta: dict, model_config, adapter: Path, base: str) -> None:
     """Compare the base's shape with the one recorded at training time, when there is one."""
     trained_on = meta.get("base_model") or {}
-    shape = finetune.base_shape(model_config)
+    shape = base_shape(model_config)
     differences = [
         f"{name} {trained_on[name]} vs {value}"
         for name, value in shape.items()
@@ -219,8 +223,6 @@ def _save_dtype(choice: str, model_config) -> torch.dtype:
 
 def copy_tokenizer(base: Path, out: Path) -> None:
     """Every tokenizer file and the generation config, byte for byte."""
-    from convert.gguf_base import PROVENANCE_FILE
-
     # PROVENANCE_FILE: a base dequantized from a GGUF says so, through the merge into the exported GGUF.
     for name in (*TOKENIZER_FILES, "generation_config.json", PROVENANCE_FILE):
         if (base / name).is_file():
@@ -243,33 +245,3 @@ def _drop_quantization_config(config_file: Path) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.pop("quantization_config", None) is not None:
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-class _replaced_directory:
-    """Build a directory beside `out`, then swap it in: `out` is never half written."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} is a file, not a directory")
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".partial"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alpaca_chat import __version__
-from convert import finetune as ft
+from convert import run_files
 from convert.atomic import atomic_output
+from convert.finetune_config import FinetuneConfig
 from convert.generate import GenerateOptions
 
 MANIFESTS = "manifests"
@@ -44,7 +45,7 @@ HASH_CACHE = ".hash-cache.json"
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    finetune: ft.FinetuneConfig  # its `out` is the pipeline's directory
+    finetune: FinetuneConfig  # its `out` is the pipeline's directory
     quants: tuple[str, ...] = ("Q4_K_M",)
     merge_dtype: str = "auto"
     evaluate: bool = True
@@ -152,13 +153,14 @@ class Summary:
 
 
 def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = lambda line: None) -> Summary:
+    from convert.model_loading import resolve_base
     from convert.quantize import parse_quant_type
 
     for qtype in options.quants:
         parse_quant_type(qtype)  # an unknown type fails now, not after the fine-tune
     options.out.mkdir(parents=True, exist_ok=True)
     hasher = Hasher(options.out / MANIFESTS / HASH_CACHE)
-    base = ft.resolve_base(options.finetune.base)
+    base = resolve_base(options.finetune.base)
     outcomes = []
     for step in build_steps(options, base):
         outcomes.append(run_step(step, options.out, hasher, report))
@@ -173,7 +175,7 @@ def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = la
 def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
     config = options.finetune
     adapter = options.adapter_dir
-    adapter_files = [adapter / name for name in (*ft.ADAPTER_FILES, ft.TRAINING_FILE)]
+    adapter_files = [adapter / name for name in (*run_files.ADAPTER_FILES, run_files.TRAINING_FILE)]
     data_inputs = {"data": _input(config.data)}
     if config.val_data:
         data_inputs["val_data"] = _input(config.val_data)
@@ -186,7 +188,7 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
             "finetune",
             {"base": base, **data_inputs},
             {k: v for k, v in config.run_settings().items() if k not in ("base", "data", "val_data")},
-            (*adapter_files, adapter / ft.METRICS_FILE),
+            (*adapter_files, adapter / run_files.METRICS_FILE),
             lambda resume: _finetune(options, resume),
         ),
         Step(
@@ -218,7 +220,7 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
         steps.append(
             Step(
                 "eval",
-                {"metrics": adapter / ft.METRICS_FILE, "reference": options.exported}
+                {"metrics": adapter / run_files.METRICS_FILE, "reference": options.exported}
                 | {qtype: options.quantized(qtype) for qtype in options.quants},
                 {"quants": list(options.quants)},
                 (options.eval_file,),
@@ -286,13 +288,14 @@ def _generate(gen: GenerateOptions) -> dict:
             "requests": tally.requests, "rejected": dict(tally.rejected)}
 
 
-
 def _finetune(options: PipelineOptions, resume: bool) -> dict:
+    from convert import finetune
+
     adapter = options.adapter_dir
-    can_resume = resume and any((adapter / ft.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    can_resume = resume and any((adapter / run_files.CHECKPOINTS_DIR).glob("checkpoint-*"))
     if not can_resume and adapter.exists():
         shutil.rmtree(adapter)  # a run with other inputs: start over
-    result = ft.finetune(replace(options.finetune, out=adapter, resume=can_resume))
+    result = finetune.finetune(replace(options.finetune, out=adapter, resume=can_resume))
     m = result.metrics
     return {
         "base_eval_loss": m.get("base_eval_loss"),
@@ -301,7 +304,7 @@ def _finetune(options: PipelineOptions, resume: bool) -> dict:
         "tokens_per_second": m.get("tokens_per_second"),
         "steps": m.get("steps"),
         # The base was a quantized GGUF (dequantized once): which one, in the manifest too.
-        "base_gguf": (ft.read_training_meta(options.adapter_dir) or {}).get("base_gguf"),
+        "base_gguf": (run_files.read_training_meta(options.adapter_dir) or {}).get("base_gguf"),
     }
 
 
@@ -330,7 +333,7 @@ def _quantize(options: PipelineOptions, qtype: str) -> dict:
 def _evaluate(options: PipelineOptions) -> dict:
     from convert.evaluate import compare
 
-    metrics = json.loads((options.adapter_dir / ft.METRICS_FILE).read_text(encoding="utf-8"))
+    metrics = json.loads((options.adapter_dir / run_files.METRICS_FILE).read_text(encoding="utf-8"))
     quality = []
     for qtype in options.quants:
         report = compare(options.quantized(qtype), options.exported, ctx=512, max_chunks=1)
@@ -358,7 +361,7 @@ def _answer_scores(options: PipelineOptions) -> dict:
     """ROUGE-L F of base, fine-tuned and each GGUF's greedy answers on the held-out rows, and the chart."""
     from convert import compare
 
-    heldout = options.adapter_dir / ft.HELDOUT_FILE
+    heldout = options.adapter_dir / run_files.HELDOUT_FILE
     if not heldout.is_file() or not heldout.read_text(encoding="utf-8").strip():
         return {}
     models = compare.models_from(pipeline=options.out, ggufs=[options.quantized(q) for q in options.quants])

@@ -24,11 +24,10 @@ from transformers import TrainerCallback
 from convert.atomic import atomic_output
 from convert.finetune_config import FinetuneConfig
 from convert.packing import PackedCollator, packed_loss
+from convert.run_files import CHECKPOINTS_DIR
 
 if TYPE_CHECKING:
-    from convert.finetune import PreparedData
-
-CHECKPOINTS_DIR = "checkpoints"
+    from convert.data import PreparedData
 
 
 def build_trainer(

@@ -396,7 +396,7 @@ def test_unknown_rope_scaling_type_in_a_transformers_4_config(capsys, checkpoint
 
 def test_tokenizer_of_a_kind_the_family_does_not_expect(capsys, checkpoint, out_dir, monkeypatch):
     """A family that declares its tokenizer kind (e.g. SentencePiece only) refuses another kind."""
-    from convert.export.base import model_class_for
+    from convert.export.registry import model_class_for
 
     family = model_class_for({"architectures": ["LlamaForCausalLM"]})
     monkeypatch.setattr(family, "expected_tokenizers", ("llama",))
@@ -413,7 +413,7 @@ def test_tokenizer_of_a_kind_the_family_does_not_expect(capsys, checkpoint, out_
 
 
 def test_registered_families_expect_known_tokenizer_kinds():
-    from convert.export.base import _REGISTRY
+    from convert.export.registry import _REGISTRY
 
     for name, family in _REGISTRY.items():
         assert set(family.expected_tokenizers) <= {"llama", "gpt2"}, name
@@ -443,7 +443,7 @@ def test_sentencepiece_style_tokenizer_json_without_tokenizer_model(capsys, chec
 def _one_case_per_family_expecting_one_tokenizer_kind():
     from convert_helpers import TINY_CASES
 
-    from convert.export.base import model_class_for
+    from convert.export.registry import model_class_for
 
     seen, cases = set(), []
     for case in TINY_CASES:
@@ -463,7 +463,7 @@ def test_family_given_a_tokenizer_of_another_kind(capsys, tmp_path, out_dir, cas
     """E.g. Gemma (SentencePiece only) with a byte-level BPE tokenizer.json: one line, nothing written."""
     import dataclasses
 
-    from convert.export.base import model_class_for
+    from convert.export.registry import model_class_for
 
     expected = model_class_for({"architectures": [case.architecture]}).expected_tokenizers[0]
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the stand-in tokenizer's, not the family's

@@ -19,7 +19,7 @@ pytest.importorskip("peft", reason="needs the convert extra")
 import torch  # noqa: E402
 
 from alpaca_chat.templates import ALPACA_JINJA  # noqa: E402
-from convert import data, finetune  # noqa: E402
+from convert import data, finetune, model_loading  # noqa: E402
 from convert.finetune_config import FinetuneConfig  # noqa: E402
 from convert.packing import PackedCollator, packed_loss  # noqa: E402
 from convert.pipeline import PipelineOptions, run_pipeline  # noqa: E402
@@ -90,7 +90,7 @@ def with_sliding_window(checkpoint, out):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_lora_defaults_name_real_linear_layers(name, checkpoints):
     checkpoint = checkpoints.get(name)
-    model = finetune.load_model(checkpoint, "cpu")
+    model = model_loading.load_model(checkpoint, "cpu")
     settings = finetune.lora_settings(model.config.model_type, FinetuneConfig(base="b", data="d", out="o"))
     assert model.config.model_type in finetune.LORA_DEFAULTS, f"no LoRA defaults for {model.config.model_type}"
     peft_model = finetune.add_lora(model, settings)
@@ -115,7 +115,7 @@ def test_packed_examples_never_see_each_other(name, checkpoints, tmp_path):
     the trainer loads the family with (and a sliding window shorter than the examples)."""
     checkpoint = checkpoints.get(name)
     variant = with_sliding_window(checkpoint, tmp_path / "variant")
-    model = finetune.load_model(variant, "cpu").eval()
+    model = model_loading.load_model(variant, "cpu").eval()
     attention = model.config._attn_implementation
     if getattr(model.config.get_text_config(), "attn_logit_softcapping", None):
         assert attention == "eager", "soft-capped attention must not run in sdpa, which drops the cap"
@@ -143,7 +143,7 @@ def test_packed_examples_never_see_each_other(name, checkpoints, tmp_path):
     if getattr(model.config.get_text_config(), "sliding_window", None) == WINDOW:  # the window is in effect
         widest = max(range(len(examples)), key=lambda i: len(examples[i]))
         with torch.no_grad():
-            unwindowed = finetune.load_model(checkpoint, "cpu").eval()
+            unwindowed = model_loading.load_model(checkpoint, "cpu").eval()
             logits = unwindowed(input_ids=torch.tensor([examples[widest]]), use_cache=False).logits[0]
         assert (logits - alone[widest]).abs().max().item() > 1e-3
 
@@ -193,7 +193,7 @@ def trains_on_chat_rows(checkpoint, max_length: int) -> bool:
     conversation prefix by prefix (so that replies are told apart from prompts), and leave
     room for a reply within the tiny model's `max_length` (SmolLM3's default system prompt
     alone is longer than that)."""
-    tokenizer = finetune.load_tokenizer(checkpoint)
+    tokenizer = model_loading.load_tokenizer(checkpoint)
     if not getattr(tokenizer, "chat_template", None):
         return False
     records = [data.parse_row(row, f"row {i}") for i, row in enumerate(training_rows(chat=True), 1)]

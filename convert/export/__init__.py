@@ -9,9 +9,9 @@ from convert.export import mixtral, qwen3, qwen3_moe  # noqa: F401 - registers t
 from convert.export import gemma  # noqa: F401 - registers the architectures
 from convert.export import glm, phi3  # noqa: F401 - registers the architectures
 from convert.export import granite, olmo2, smollm3  # noqa: F401 - registers the architectures
-from convert.export.base import UnsupportedArchitectureError, supported_architectures
 from convert.export.checkpoint import CheckpointError
 from convert.export.exporter import OUTTYPES, ExportResult, export
+from convert.export.registry import UnsupportedArchitectureError, supported_architectures
 from convert.export.vocab import TokenizerError
 
 __all__ = [

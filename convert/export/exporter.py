@@ -27,8 +27,9 @@ import numpy as np
 from alpaca_chat.errors import ConversionError, UsageError
 from convert import provenance
 from convert.atomic import atomic_output, check_writable
-from convert.export.base import ArchModel, CombinedTensor, model_class_for
+from convert.export.base import ArchModel, CombinedTensor
 from convert.export.checkpoint import Checkpoint, open_checkpoint
+from convert.export.registry import model_class_for
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {

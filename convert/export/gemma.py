@@ -37,8 +37,9 @@ import gguf
 import numpy as np
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
+from convert.export.registry import register
 
 # transformers' config defaults (Gemma2Config, Gemma3TextConfig) for what a config.json leaves out.
 GEMMA2_DEFAULTS: dict[str, Any] = {

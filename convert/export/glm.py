@@ -30,7 +30,8 @@ from typing import ClassVar
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
+from convert.export.registry import register
 from convert.export.vocab import TokenizerError, Vocab
 
 # Our detected pre-tokenizer -> llama.cpp's name for the same split in GLM's tokenizers.

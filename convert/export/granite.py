@@ -25,9 +25,9 @@ from collections.abc import Callable
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import register
 from convert.export.checkpoint import Checkpoint
 from convert.export.llama import LlamaModel
+from convert.export.registry import register
 
 # config.json key -> the GGUFWriter method that writes llama.cpp's key; transformers' default is 1.0 for each.
 MULTIPLIERS: dict[str, Callable[[gguf.GGUFWriter, float], None]] = {

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import gguf
 import numpy as np
 
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
+from convert.export.registry import register
 
 
 @register("LlamaForCausalLM")

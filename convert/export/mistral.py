@@ -9,8 +9,8 @@ import logging
 
 import gguf
 
-from convert.export.base import register
 from convert.export.llama import LlamaModel
+from convert.export.registry import register
 
 log = logging.getLogger(__name__)
 

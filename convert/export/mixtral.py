@@ -9,8 +9,9 @@ reads as the feed-forward length: no separate expert length is written.
 
 import gguf
 
-from convert.export.base import MixtureOfExperts, register
 from convert.export.llama import LlamaModel
+from convert.export.moe import MixtureOfExperts
+from convert.export.registry import register
 
 
 @register("MixtralForCausalLM")

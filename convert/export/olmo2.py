@@ -19,8 +19,9 @@ from __future__ import annotations
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
+from convert.export.registry import register
 
 
 @register("Olmo2ForCausalLM")

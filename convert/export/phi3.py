@@ -28,7 +28,8 @@ import gguf
 import numpy as np
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
+from convert.export.registry import register
 
 _LONGROPE_TYPES = ("longrope", "su")
 

@@ -7,7 +7,8 @@ Small Qwen2 models tie the output projection to the embeddings.
 
 import gguf
 
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
+from convert.export.registry import register
 
 
 @register("Qwen2ForCausalLM")

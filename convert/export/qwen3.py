@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel, register
+from convert.export.base import ArchModel
+from convert.export.registry import register
 
 
 @register("Qwen3ForCausalLM")

@@ -15,8 +15,9 @@ from collections.abc import Iterable
 
 import gguf
 
-from convert.export.base import MixtureOfExperts, register
+from convert.export.moe import MixtureOfExperts
 from convert.export.qwen3 import check_qwen3_attention
+from convert.export.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import logging
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import register
 from convert.export.checkpoint import Checkpoint
 from convert.export.llama import LlamaModel
+from convert.export.registry import register
 
 log = logging.getLogger(__name__)
 

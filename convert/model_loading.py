@@ -1,0 +1,104 @@
+"""The one checkpoint and tokenizer loader of every `convert` command that runs a model.
+
+    path = resolve_base(spec)            a directory, a hub id, or a GGUF (dequantized once)
+    config = load_model_config(path)     transformers' config, no weights
+    tokenizer = load_tokenizer(path)     with a pad token (EOS when it has none)
+    model = load_model(path, "cpu")      safetensors only, float32 unless told
+
+finetune, merge, compare, the pipeline (through them) and the GGUF base cache
+all load here, so that every command accepts the same `--base` and refuses the
+same things: pickled weights, remote code, a directory without config.json.
+A failure is a TrainingError of one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from alpaca_chat.errors import TrainingError
+from convert import gguf_base
+from convert.packing import attention_implementation
+
+# The frozen base weights are stored in the compute type: half the memory, no cast per op. The LoRA
+# weights peft adds stay fp32 (its autocast_adapter_dtype), and so does the optimizer state.
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_base(spec: str) -> Path:
+    """A local checkpoint directory, a hub id fetched into the HF cache, or a GGUF (a path or
+    any `alpaca-chat --model` name) dequantized once into a cached checkpoint (convert/gguf_base.py)."""
+    from convert.export.checkpoint import CheckpointError, resolve_checkpoint
+
+    if gguf_base.is_gguf_spec(spec):
+        return gguf_base.checkpoint_from_gguf(spec)
+    try:
+        path, _ = resolve_checkpoint(spec)
+    except CheckpointError as exc:
+        raise TrainingError(f"base model: {exc}") from None
+    if not (path / "config.json").is_file():
+        raise TrainingError(f"base model: no config.json in {path}: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise TrainingError(
+            f"base model: {path} has no .safetensors weights; only safetensors are loaded (pickles can run code)"
+        )
+    return path
+
+
+def load_tokenizer(path: Path):
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load the tokenizer of {path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(path: Path):
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read the model config in {path}: {exc}") from None
+
+
+def load_model(path: Path, device: str, dtype: torch.dtype | None = None):
+    """The base model from safetensors only, float32 unless `dtype` says otherwise. It stays on the
+    CPU: the Trainer (or the caller) moves it to `device`."""
+    if dtype is None:
+        dtype = torch.float32
+    config = load_model_config(path)
+    quantization = getattr(config, "quantization_config", None)
+    if _quant_method(quantization) == "gguf":
+        # transformers marks weights it dequantized from a GGUF this way; on disk they are plain floats.
+        del config.quantization_config
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+            attn_implementation=attention_implementation(config),
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load the base model from {path}: {exc}") from None
+    model.config.use_cache = False  # a cache only costs memory while training
+    return model
+
+
+def base_shape(model_config) -> dict:
+    """What an adapter must be merged into: the model type and its language model's shape
+    (an image-text model such as Gemma 3 4B keeps that in its text config)."""
+    text_config = model_config.get_text_config()
+    shape = {name: getattr(text_config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    return {"model_type": model_config.model_type, **shape}
+
+
+def _quant_method(quantization) -> str | None:
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method")
+    method = getattr(quantization, "quant_method", None)
+    return getattr(method, "value", method)
