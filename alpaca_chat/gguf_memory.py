@@ -8,13 +8,11 @@ hyperparameters `gguf_check` has bounded and matched against the tensors.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from alpaca_chat.errors import InsufficientMemoryError
 from alpaca_chat.gguf_parse import as_int
-
-if TYPE_CHECKING:
-    from alpaca_chat.gguf_check import GGUFInfo
 
 # llama.cpp's KV cache is f16 by default; the compute buffers hold a micro-batch
 # of activations plus one layer's attention scores.
@@ -23,7 +21,17 @@ _N_UBATCH = 512
 _COMPUTE_OVERHEAD_BYTES = 64 * 1024 * 1024
 
 
-def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+class ModelShape(Protocol):
+    """What the estimate reads of a checked GGUF (`gguf_check.GGUFInfo` has it)."""
+
+    path: Path
+    tensor_data_bytes: int
+    vocab_size: int | None
+
+    def arch_value(self, suffix: str) -> Any: ...
+
+
+def kv_cache_bytes(info: ModelShape, n_ctx: int) -> int:
     """Size of an f16 KV cache for `n_ctx` tokens (0 if the header lacks the shape)."""
     n_layer = as_int(info.arch_value("block_count"))
     n_embd = as_int(info.arch_value("embedding_length"))
@@ -36,7 +44,7 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
     return n_ctx * sum(n_head_kv) * (k_dim + v_dim) * _KV_BYTES_PER_ELEMENT
 
 
-def estimated_ram_bytes(info: GGUFInfo, n_ctx: int) -> int:
+def estimated_ram_bytes(info: ModelShape, n_ctx: int) -> int:
     """Rough RAM needed to chat with `n_ctx` tokens of context.
 
     Weights (the tensor data, memory-mapped) + f16 KV cache + compute buffers
@@ -73,7 +81,7 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def check_memory(info: GGUFInfo, n_ctx: int, available: int | None = None) -> int:
+def check_memory(info: ModelShape, n_ctx: int, available: int | None = None) -> int:
     """Raise InsufficientMemoryError if the model will not fit; return the estimate in bytes.
 
     `available` defaults to `available_memory_bytes()`; when that is unknown
