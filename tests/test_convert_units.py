@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from convert import cli
+from convert import cli, commands
 from convert.atomic import OutputError, atomic_output
 from convert.export.checkpoint import bf16_to_f32
 from convert.export.llama import permute_rope_rows
@@ -214,12 +214,12 @@ def test_plugins_load_only_when_a_command_may_be_theirs(tmp_path):
 
 
 def test_output_names():
-    assert cli._outputs(None, "smol", ["Q4_K_M"]) == {"Q4_K_M": cli.Path("smol.Q4_K_M.gguf")}
-    assert cli._outputs("out.gguf", "smol", ["Q8_0"]) == {"Q8_0": cli.Path("out.gguf")}
-    assert cli._outputs("out.gguf", "smol", ["Q8_0", "Q4_0"])["Q4_0"] == cli.Path("out.Q4_0.gguf")
-    assert cli._outputs("m-{quant}.gguf", "smol", ["Q8_0"]) == {"Q8_0": cli.Path("m-Q8_0.gguf")}
-    assert cli._quantized_name(cli.Path("d/smol.F16.gguf"), "Q4_K_M") == cli.Path("d/smol.Q4_K_M.gguf")
-    assert cli._quantized_name(cli.Path("smol.gguf"), "Q8_0") == cli.Path("smol.Q8_0.gguf")
+    assert commands._outputs(None, "smol", ["Q4_K_M"]) == {"Q4_K_M": cli.Path("smol.Q4_K_M.gguf")}
+    assert commands._outputs("out.gguf", "smol", ["Q8_0"]) == {"Q8_0": cli.Path("out.gguf")}
+    assert commands._outputs("out.gguf", "smol", ["Q8_0", "Q4_0"])["Q4_0"] == cli.Path("out.Q4_0.gguf")
+    assert commands._outputs("m-{quant}.gguf", "smol", ["Q8_0"]) == {"Q8_0": cli.Path("m-Q8_0.gguf")}
+    assert commands._quantized_name(cli.Path("d/smol.F16.gguf"), "Q4_K_M") == cli.Path("d/smol.Q4_K_M.gguf")
+    assert commands._quantized_name(cli.Path("smol.gguf"), "Q8_0") == cli.Path("smol.Q8_0.gguf")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -259,11 +259,11 @@ def test_training_commands_plug_in(monkeypatch, capsys):
 def test_chat_template_choice(tmp_path):
     from alpaca_chat.templates import ALPACA_JINJA
 
-    assert cli._chat_template(None) is None and cli._chat_template("auto") is None
-    assert cli._chat_template("alpaca") == ALPACA_JINJA
+    assert commands._chat_template(None) is None and commands._chat_template("auto") is None
+    assert commands._chat_template("alpaca") == ALPACA_JINJA
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
-    assert cli._chat_template(str(template)) == "{{ messages }}"
+    assert commands._chat_template(str(template)) == "{{ messages }}"
 
 
 def test_eval_chunks():
