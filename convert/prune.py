@@ -10,7 +10,8 @@ keeps the same number of neurons and heads, its own best ones), so transformers 
 and `alpaca-convert export` converts it; FFN widths stay multiples of `ffn_multiple` (256:
 K-quants take 256-wide rows whole). What each family's tensors mean for a head, a neuron
 or a layer is `convert/prune_families.py`. pruning.json records what went and the scores.
-The output directory is written beside OUT and renamed into place when complete.
+The output is built in a directory beside OUT and swapped in whole when complete
+(convert/atomic.py's atomic_directory): OUT is never half written.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from alpaca_chat.errors import TrainingError, UsageError
 from convert import prune_families as fam
+from convert.atomic import atomic_directory
 from convert.prune_scores import Scores
 
 PRUNING_FILE = "pruning.json"
@@ -279,7 +279,7 @@ def prune(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], reque
     with torch.no_grad():
         state = _pruned_state(model, plan, old, scores, family, record)
         new_config = _pruned_config(model.config, plan, old)
-        with staged_directory(out) as stage:
+        with atomic_directory(out) as stage:
             _save(new_config, state, stage, _save_dtype(config))
             _copy_tokenizer(path, stage)
             (stage / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -359,31 +359,5 @@ def _copy_tokenizer(source: Path, stage: Path) -> None:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists():
-        raise UsageError(f"-o {out} already exists; prune writes a new directory")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
-
-
-class staged_directory:
-    """Build OUT's content in a hidden directory beside it, renamed to OUT only when complete."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".partial"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for file in self.tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        os.rename(self.tmp, self.out)  # OUT did not exist: checked before the work
-        return False
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file, not a directory")
