@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from alpaca_chat.conversation import GenerationStats, Message, SamplingParams, fit_to_context, split_turns
-from alpaca_chat.engine import Engine
+from alpaca_chat.engine import ChatEngine, common_prefix
 from alpaca_chat.templates import ChatTemplate
 
 # How often a streaming reply is written to the database.
@@ -44,7 +44,7 @@ class Reply:
 class ChatSession:
     def __init__(
         self,
-        engine: Engine,
+        engine: ChatEngine,
         template: ChatTemplate,
         *,
         model_label: str,
@@ -120,7 +120,7 @@ class ChatSession:
             self.store.delete_last_turn(self.conversation_id)
         return user
 
-    def switch_model(self, engine: Engine, template: ChatTemplate, model_label: str) -> None:
+    def switch_model(self, engine: ChatEngine, template: ChatTemplate, model_label: str) -> None:
         """Carry on the conversation with another model (the caller closes the old engine)."""
         self.engine, self.template, self.model_label = engine, template, model_label
         self.save_settings()
@@ -214,7 +214,7 @@ class ChatSession:
                 return 0
             try:
                 key = self._state_key()  # of this engine and template, whatever happens while it is written
-                snap = self._snapshot()
+                snap = self.engine.snapshot()
             except Exception as exc:  # noqa: BLE001 - resume is an optimisation, never a failure
                 self.notice(f"KV state not saved: {exc}")
                 return 0
@@ -242,13 +242,6 @@ class ChatSession:
             writers, self._writers = self._writers, []
         for writer in writers:
             writer.join()
-
-    def _snapshot(self):
-        snapshot = getattr(self.engine, "snapshot", None)
-        if snapshot is not None:
-            return snapshot()
-        payload, tokens = self.engine.state()  # an engine without snapshots (a test double)
-        return _Copied(payload, tokens)
 
     def _write_state(self, snap, conversation_id: int, key, started: float, held: float, background: bool) -> int:
         try:
@@ -304,7 +297,7 @@ class ChatSession:
             return held
         if saved is None:
             return held
-        usable = min(_common_prefix(saved.tokens, tokens), len(tokens) - 1)  # one is evaluated for logits
+        usable = min(common_prefix(saved.tokens, tokens), len(tokens) - 1)  # one is evaluated for logits
         if usable <= held or usable < MIN_RESTORE_TOKENS:
             # e.g. a changed system prompt; an edited turn keeps the turns before it
             self.notice(f"saved KV state ignored: it shares {usable} of {len(tokens)} prompt tokens")
@@ -323,7 +316,7 @@ class ChatSession:
 
     def _kv_usable(self) -> bool:
         """A KV cache is configured and the engine can hand its state over."""
-        return self.kv_cache is not None and hasattr(self.engine, "restore")
+        return self.kv_cache is not None and self.engine.supports_state
 
     def _state_key(self):
         from alpaca_chat.kvcache import state_key
@@ -331,9 +324,8 @@ class ChatSession:
         engine, template = self.engine, self.template
         return state_key(engine.model_path, engine.n_ctx, engine.kv_type, f"{template.name}\n{template.source}")
 
-    def _engine_tokens(self) -> list[int] | None:
-        cached = getattr(self.engine, "cached_tokens", None)
-        return list(cached) if cached is not None else None
+    def _engine_tokens(self) -> list[int]:
+        return self.engine.cached_tokens
 
     # -- persistence (no-ops without a store) --------------------------------
 
@@ -370,23 +362,6 @@ class ChatSession:
         if self.store is None or message_id is None:
             return
         self.store.update_message(message_id, text, status, stats=stats.to_dict() if stats else None)
-
-
-class _Copied:
-    """A state already copied (an engine without snapshots): the snapshot interface, nothing to release."""
-
-    def __init__(self, data, tokens: list[int]):
-        self.data, self.tokens = data, tokens
-
-    def release(self) -> None:
-        pass
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 class PartialSaver:

@@ -1,4 +1,4 @@
-"""A scripted stand-in for Engine: what ChatSession needs, and nothing of llama.cpp.
+"""A scripted stand-in for the engine: the `ChatEngine` protocol, and nothing of llama.cpp.
 
     engine = FakeEngine()
     engine.enqueue(["Hello", " there"])            # the next reply, in deltas
@@ -8,14 +8,23 @@
     gate.release(1)                                 # lets one delta through
 
 Tokens are words (whitespace-split), so context budgeting is easy to reason about.
+
+With `stateful=True` it also keeps a KV state as the real engine does (the tokens of the last
+prompt; `snapshot`/`restore`), and a restore can be held until the test lets it go:
+
+    engine = FakeEngine(model_path=path, stateful=True)
+    engine.restore_gate.clear()     # restores wait; engine.restoring is set when one starts
 """
 
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from alpaca_chat.conversation import GenerationStats
+from alpaca_chat.engine import StateSnapshot, common_prefix
+from alpaca_chat.errors import EngineError
 from alpaca_chat.loading import LoadedModel
 from alpaca_chat.templates import chatml_template
 
@@ -77,13 +86,21 @@ class FakeEngine:
     bos_token = ""
     eos_token = "<|im_end|>"
     chat_template = None
+    kv_type = "f16"
 
-    def __init__(self, n_ctx: int = 2048):
+    def __init__(self, n_ctx: int = 2048, *, model_path: str | Path = "fake.gguf", stateful: bool = False):
         self.n_ctx = n_ctx
+        self.model_path = Path(model_path)
+        self.supports_state = stateful
         self.scripts: deque[Script] = deque()
         self.prompts: list[str] = []
         self.closed = False
         self.lock = threading.Lock()
+        self._cached: list[int] = []
+        self.restores: list[list[int]] = []
+        self.restore_gate = threading.Event()
+        self.restore_gate.set()
+        self.restoring = threading.Event()
 
     def enqueue(self, deltas, *, delay=0.0, error=None, gated=False) -> Script:
         script = Script(list(deltas), delay, error, threading.Semaphore(0) if gated else None)
@@ -95,11 +112,33 @@ class FakeEngine:
 
     def generate(self, prompt, sampling, *, stop_strings=(), cancel=None) -> FakeGeneration:
         self.prompts.append(prompt)
+        if self.supports_state:
+            self._cached = self.tokenize(prompt)
         script = self.scripts.popleft() if self.scripts else Script(["ok"])
         return FakeGeneration(script, len(self.tokenize(prompt)), cancel)
 
+    @property
+    def cached_tokens(self) -> list[int]:
+        return list(self._cached)
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        return common_prefix(self._cached, tokens)
+
+    def snapshot(self) -> StateSnapshot:
+        if not self.supports_state:
+            raise EngineError("this fake engine keeps no state")
+        return StateSnapshot(memoryview(b"fake state " + bytes(len(self._cached))), list(self._cached))
+
+    def restore(self, data, tokens: list[int]) -> None:
+        if not self.supports_state:
+            raise EngineError("this fake engine keeps no state")
+        self.restoring.set()
+        assert self.restore_gate.wait(10)
+        self.restores.append(list(tokens))
+        self._cached = list(tokens)
+
     def reset(self) -> None:
-        pass
+        self._cached = []
 
     def close(self) -> None:
         self.closed = True

@@ -16,6 +16,7 @@ from rouge_score import rouge_scorer
 
 from alpaca_chat.conversation import SamplingParams
 from alpaca_chat.engine import Engine, ParallelRequest
+from alpaca_chat.engine.parallel import Segment
 from convert import cli
 from convert.generate import GenerateOptions, OutputFile, load_seed_tasks, normalize, rejection, run
 
@@ -35,6 +36,16 @@ def parallel_engine(default_model_path):
         yield loaded
 
 
+def next_token_logits(engine, prompts: list[list[int]]) -> list[list[float]]:
+    """Next-token logits after each prompt, every prompt in its own sequence of shared batches."""
+    logits: dict[int, list[float]] = {}
+    engine.reset()
+    segments = [Segment(seq, list(tokens), 0) for seq, tokens in enumerate(prompts)]
+    engine.decode_segments(segments, lambda seg, idx: logits.__setitem__(seg.seq, engine.logits_at(idx)))
+    engine.reset()
+    return [logits[seq] for seq in range(len(prompts))]
+
+
 def _kl(p_logits, q_logits) -> float:
     p = np.exp(p_logits - p_logits.max())
     q = np.exp(q_logits - q_logits.max())
@@ -46,7 +57,7 @@ def test_parallel_sequences_never_see_each_other(parallel_engine):
     """Next-token logits of prompts decoded together in shared batches do not depend on what the
     other sequences hold, and match each prompt alone up to the batched kernels' rounding."""
     prompts = [parallel_engine.tokenize(p) for p in PROMPTS]
-    together = parallel_engine.next_token_logits(prompts)
+    together = next_token_logits(parallel_engine, prompts)
     rng = np.random.default_rng(0)
     for i, (prompt, shared) in enumerate(zip(prompts, together)):
         shared = np.asarray(shared)
@@ -54,9 +65,9 @@ def test_parallel_sequences_never_see_each_other(parallel_engine):
         # sequences would move this prompt's logits; the rounding (which depends on where a
         # row lies in the batch, not on what the other rows hold) would not.
         others = [p if j == i else [int(t) for t in rng.integers(1000, 40000, size=len(p))] for j, p in enumerate(prompts)]
-        with_other_content = np.asarray(parallel_engine.next_token_logits(others)[i])
+        with_other_content = np.asarray(next_token_logits(parallel_engine, others)[i])
         assert np.abs(with_other_content - shared).max() < 1e-3
-        alone = np.asarray(parallel_engine.next_token_logits([prompt])[0])
+        alone = np.asarray(next_token_logits(parallel_engine, [prompt])[0])
         # Without flash attention llama.cpp's f16 matrix kernels round a row differently by its
         # offset in the batch (measured: KL 0.00075 at one offset, 0 at others).
         assert shared.argmax() == alone.argmax()

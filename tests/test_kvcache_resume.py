@@ -65,14 +65,14 @@ def test_engine_state_round_trip_gives_the_same_logits_and_continuation(engine, 
     follow = held + engine.tokenize(" And then?")[1:]  # without a second BOS
     live = engine.generate(follow, GREEDY)
     live_text = "".join(live)
-    live_logits = engine._logits_at(-1)
+    live_logits = engine.logits_at(-1)
     with Engine(default_model_path, n_ctx=engine.n_ctx) as fresh:
         fresh.restore(payload, held)
         assert fresh.cached_tokens == held
         resumed = fresh.generate(follow, GREEDY)
         assert "".join(resumed) == live_text and first
         assert resumed.stats.cached_tokens == live.stats.cached_tokens == len(held)
-        assert fresh._logits_at(-1) == live_logits  # bit for bit: the same cache, the same kernels
+        assert fresh.logits_at(-1) == live_logits  # bit for bit: the same cache, the same kernels
 
 
 def test_llama_cpp_refuses_a_state_of_another_shape(engine, default_model_path):

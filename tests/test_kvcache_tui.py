@@ -1,16 +1,12 @@
 """Instant resume in the app (Pilot over a scripted engine): restore in a worker, the status bar, saving on switch."""
 
-import threading
-
 import pytest
 
 from alpaca_chat import kvcache
-from alpaca_chat.config import Settings
 from alpaca_chat.conversation import Message
 from alpaca_chat.kvcache import KVCache
 from alpaca_chat.loading import saved_conversation
-from alpaca_chat.store import Store
-from alpaca_chat.tui.app import ChatApp
+from conftest import make_app, until
 from fake_engine import FakeEngine, fake_loaded
 
 pytestmark = pytest.mark.anyio
@@ -22,52 +18,11 @@ def anyio_backend():
     return "asyncio"
 
 
-class StatefulFakeEngine(FakeEngine):
-    """The fake engine plus the state API: restores can be held until the test lets them go."""
-
-    kv_type = "f16"
-
-    def __init__(self, model_path):
-        super().__init__()
-        self.model_path = model_path
-        self._cached: list[int] = []
-        self.restores: list[list[int]] = []
-        self.restore_gate = threading.Event()
-        self.restore_gate.set()
-        self.restoring = threading.Event()
-
-    @property
-    def cached_tokens(self):
-        return list(self._cached)
-
-    def common_prefix(self, tokens):
-        return kvcache.common_prefix(self._cached, tokens)
-
-    def generate(self, prompt, sampling, *, stop_strings=(), cancel=None):
-        self._cached = self.tokenize(prompt)
-        return super().generate(prompt, sampling, stop_strings=stop_strings, cancel=cancel)
-
-    def state(self):
-        return b"fake state " + bytes(len(self._cached)), list(self._cached)
-
-    def restore(self, data, tokens):
-        self.restoring.set()
-        assert self.restore_gate.wait(10)
-        self.restores.append(list(tokens))
-        self._cached = list(tokens)
-
-
 @pytest.fixture
 def engine(tmp_path):
     model = tmp_path / "fake.gguf"
     model.write_bytes(b"GGUF fake model")
-    return StatefulFakeEngine(model)
-
-
-@pytest.fixture
-def store(isolated_home):
-    with Store() as opened:
-        yield opened
+    return FakeEngine(model_path=model, stateful=True)
 
 
 def seed(store, text):
@@ -84,18 +39,6 @@ def save_state_for(engine, conversation, store):
     key = kvcache.state_key(engine.model_path, engine.n_ctx, "f16", f"{template.name}\n{template.source}")
     KVCache().save(conversation.id, key, tokens, b"fake state")
     return tokens
-
-
-def make_app(engine, store, saved=None):
-    return ChatApp(Settings(), store, saved, loader=lambda spec: fake_loaded(engine))
-
-
-async def until(pilot, predicate, what="condition"):
-    for _ in range(500):
-        if predicate():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_opening_a_conversation_restores_in_a_worker_while_typing_goes_on(engine, store):

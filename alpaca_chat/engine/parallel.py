@@ -1,19 +1,20 @@
 """Parallel sequences: the scheduling behind `Engine.generate_parallel`.
 
 Several independent requests decode together: each has its own sequence id in
-the KV cache and its own sampler, and one llama_decode evaluates a token of
-every running request. This module decides which request runs in which
-sequence and when it ends; every llama.cpp call goes through the engine
-(engine.py stays the only module that imports llama_cpp).
+the KV cache and its own `SequenceStep` (sampler, stop strings, limits), and one
+llama_decode evaluates a token of every running request. On a CPU a batch of K
+tokens costs far less than K single-token steps (the weights are read once per
+batch). This module decides which request runs in which sequence and when it
+ends, through the engine's public methods only (protocol.EngineProtocol).
 """
 
-import codecs
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from alpaca_chat.conversation import GenerationStats, SamplingParams, StopStringFilter
+from alpaca_chat.conversation import GenerationStats, SamplingParams
+from alpaca_chat.engine.step import SequenceStep
 from alpaca_chat.errors import EngineError
 
 
@@ -36,6 +37,8 @@ class ParallelResult:
 
 @dataclass
 class Segment:
+    """Tokens to evaluate in sequence `seq` from position `start_pos` on."""
+
     seq: int
     tokens: list[int]
     start_pos: int
@@ -43,18 +46,14 @@ class Segment:
 
 @dataclass
 class _Slot:
-    """A running request: its sequence, sampler and text so far."""
+    """A running request: its sequence, its step and its text so far."""
 
     seq: int
     request: ParallelRequest
-    sampler: Any
+    step: SequenceStep
     pos: int
-    stops: StopStringFilter
-    started: float
-    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     parts: list[str] = field(default_factory=list)
     next_token: int | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 class ParallelRun:
@@ -78,19 +77,18 @@ class ParallelRun:
                     return
                 segments = [Segment(s.seq, s.request.tokens, 0) for s in new]
                 segments += [Segment(s.seq, [s.next_token], s.pos) for s in self.slots.values() if s not in new]
-                self.engine._decode_segments(segments, self._sample)
+                self.engine.decode_segments(segments, self._advance)
                 for s in new:
-                    s.stats.prompt_tokens_per_s = len(s.request.tokens) / max(time.perf_counter() - s.started, 1e-9)
+                    s.step.prompt_evaluated(len(s.request.tokens))
                 yield from self._take_done()
                 if self.cancel is not None and self.cancel.is_set():
                     for slot in list(self.slots.values()):
-                        slot.stats.stop_reason = "cancelled"
-                        self._finish(slot)
+                        self._finish(slot, slot.step.end("cancelled"))
                     yield from self._take_done()
                     return
         finally:
             for slot in self.slots.values():
-                self.engine.free_sampler(slot.sampler)
+                slot.step.close()
 
     def _reserved(self) -> int:
         return sum(len(s.request.tokens) + s.request.sampling.max_tokens for s in self.slots.values())
@@ -112,50 +110,31 @@ class ParallelRun:
             if self.slots and self._reserved() + need > self.engine.n_ctx:
                 self.held = request  # admitted once running requests have finished
                 break
-            slot = self._open(free.pop(0), request)
+            step = SequenceStep(self.engine, request.sampling, request.tokens, request.stop_strings)
+            slot = _Slot(free.pop(0), request, step, len(request.tokens))
+            self.slots[slot.seq] = slot
             new.append(slot)
         return new
 
-    def _open(self, seq: int, request: ParallelRequest) -> _Slot:
-        sampler = self.engine.new_sampler(request.sampling, request.tokens)
-        slot = _Slot(seq, request, sampler, len(request.tokens), StopStringFilter(request.stop_strings),
-                     time.perf_counter())
-        slot.stats.prompt_tokens = len(request.tokens)
-        self.slots[seq] = slot
-        return slot
-
-    def _sample(self, seg: Segment, idx: int) -> None:
+    def _advance(self, seg: Segment, idx: int) -> None:
         slot = self.slots[seg.seq]
-        engine = self.engine
         if seg.start_pos:  # a generated token was just evaluated
             slot.pos += 1
-        token = engine.sample(slot.sampler, idx)
-        stats = slot.stats
-        if stats.generated_tokens == 0:
-            stats.time_to_first_token_s = time.perf_counter() - slot.started
-        if engine.is_end_of_generation(token):
-            stats.stop_reason = "eos"
-            return self._finish(slot)
-        stats.generated_tokens += 1
-        slot.parts.append(slot.stops.feed(slot.utf8.decode(engine._piece(token))))
-        if slot.stops.stopped:
-            stats.stop_reason = "stop_string"
-            return self._finish(slot)
-        if stats.generated_tokens >= slot.request.sampling.max_tokens:
-            stats.stop_reason = "length"
-            return self._finish(slot)
+        if slot.step.finished:  # max_tokens 0: nothing to generate
+            return self._finish(slot, "")
+        text, token = slot.step.advance(idx)
+        slot.parts.append(text)
+        if token is None:
+            return self._finish(slot, "")
         slot.next_token = token
 
-    def _finish(self, slot: _Slot) -> None:
-        slot.parts.append(slot.stops.feed(slot.utf8.decode(b"", final=True)) + slot.stops.flush())
-        elapsed = time.perf_counter() - slot.started - slot.stats.time_to_first_token_s
-        slot.stats.generation_tokens_per_s = slot.stats.generated_tokens / max(elapsed, 1e-9)
+    def _finish(self, slot: _Slot, tail: str) -> None:
+        slot.parts.append(tail)
         self.engine.drop_sequence(slot.seq)
-        self.engine.free_sampler(slot.sampler)
+        slot.step.close()
         del self.slots[slot.seq]
-        self.done.append(ParallelResult(slot.request, "".join(slot.parts), slot.stats))
+        self.done.append(ParallelResult(slot.request, "".join(slot.parts), slot.step.stats))
 
     def _take_done(self) -> Iterator[ParallelResult]:
         done, self.done = self.done, []
         yield from done
-
