@@ -37,8 +37,12 @@ def flash_attention(kv_type: str = "f16", *, parallel: bool = False) -> int:
     return _FLASH_ATTN[kv_type]
 
 
-def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: int, kv_type: str, label: str):
-    """A context on `model`; `kv_type` is f16, q8_0 or f32 (exact: F32 cache, no flash attention)."""
+def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: int, kv_type: str, label: str,
+                eval_callback=None):
+    """A context on `model`; `kv_type` is f16, q8_0 or f32 (exact: F32 cache, no flash attention).
+
+    `eval_callback` (a llama_cpp.ggml_backend_sched_eval_callback, kept alive by the caller) sees every
+    node of the compute graph: the converter's importance matrix reads the activations through it."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = n_batch
@@ -51,6 +55,9 @@ def new_context(model, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: i
         params.kv_unified = True
     params.type_k = params.type_v = _GGML_KV_TYPES[kv_type]
     params.flash_attn_type = flash_attention(kv_type, parallel=n_seq_max > 1)
+    if eval_callback is not None:
+        params.cb_eval = eval_callback
+        params.cb_eval_user_data = None
     with logged_errors() as errors:
         ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:

@@ -77,6 +77,7 @@ class Engine:
         exact: bool = False,
         kv_type: str = "f16",
         verbose: bool = False,
+        eval_callback=None,
     ):
         if kv_type not in KV_TYPES:
             raise UsageError(f"kv_type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
@@ -98,11 +99,12 @@ class Engine:
         try:
             self._ctx = new_context(self._model, n_ctx=n_ctx or min(DEFAULT_N_CTX, self.n_ctx_train),
                                     n_batch=n_batch, n_threads=self.n_threads, n_seq_max=self.n_seq_max,
-                                    kv_type=self.kv_type, label=self.model_path.name)
+                                    kv_type=self.kv_type, label=self.model_path.name, eval_callback=eval_callback)
         except EngineError:
             llama_cpp.llama_model_free(self._model)  # e.g. a /model switch that failed: no leak
             raise
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._eval_callback = eval_callback  # llama.cpp calls it as long as the context lives
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # Tokens whose keys/values are in the KV cache (sequence 0), in order: the shared prefix
         # of the next prompt is not evaluated again.
