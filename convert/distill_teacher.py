@@ -37,14 +37,24 @@ def trained_positions(example: datamod.Example) -> np.ndarray:
 
 
 class HFTeacher:
+    """An HF checkpoint; its weights load on first use, after the cheap checks (vocabulary)."""
+
     def __init__(self, path: Path):
         from convert import model_loading
 
         self.path = path
         self.tokenizer = model_loading.load_tokenizer(path)
-        self.model = model_loading.load_model(path, "cpu")
-        self.model.eval()
-        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.n_vocab = int(model_loading.load_model_config(path).get_text_config().vocab_size)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from convert import model_loading
+
+            self._model = model_loading.load_model(self.path, "cpu")
+            self._model.eval()
+        return self._model
 
     def identity(self) -> dict:
         return {"kind": "hf", "files": _files_identity(sorted(self.path.glob("*.safetensors")) + [self.path / "config.json"])}
@@ -70,7 +80,7 @@ class HFTeacher:
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def close(self) -> None:
-        self.model = None
+        self._model = None
 
 
 class GGUFTeacher:

@@ -77,6 +77,8 @@ COMMANDS: dict[str, tuple[Need, ...]] = {
     "merge": (Need("convert", (*_TRAINING, "safetensors")),),
     "pipeline": (Need("convert", EXTRAS["convert"]),),
     "compare": (Need("convert", (*_TRAINING, "rouge_score", "matplotlib")),),
+    "prune": (Need("convert", ("torch", "transformers", "safetensors")),),
+    "distill": (Need("convert", (*_TRAINING, "safetensors")),),
 }
 
 

@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     _add_merge(subparsers, common)
     _add_pipeline(subparsers, common)
     _add_compare(subparsers, common)
+    from convert import distill_commands, prune_commands  # compression: their own modules
+
+    prune_commands.register(subparsers, common)
+    distill_commands.register(subparsers, common)
 
 
 # -- parsers ---------------------------------------------------------------------------

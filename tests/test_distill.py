@@ -152,3 +152,16 @@ def test_a_student_with_another_vocabulary_is_refused(tiny_llama, tiny_builds, t
         distill(fast_config(other, data, tmp_path / "out"), DistillSettings(teacher=str(tiny_llama)), progress=False)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_another_vocabulary_with_exit_2(tiny_llama, tiny_builds, tmp_path, capsys):
+    from convert.cli import main
+
+    other, _, _ = tiny_builds.get("llama3-bpe-tied")
+    data = write_json(tmp_path / "rows.json", seed_rows(8))
+    capsys.readouterr()  # what building the case printed
+    code = main(["distill", "--teacher", str(tiny_llama), "--student", str(other), "--data", str(data),
+                 "-o", str(tmp_path / "out"), "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "vocabulary" in err
+    assert not (tmp_path / "out").exists()

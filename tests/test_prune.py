@@ -159,3 +159,35 @@ def test_heads_of_a_family_that_derives_head_dim_are_refused(tiny_builds, tmp_pa
     with pytest.raises(UsageError, match="head_dim"):
         prune(checkpoint, tmp_path / "out", _request(heads_keep=0.5))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--ffn-keep", "2"],
+        ["--drop-layers", "2"],  # every layer
+        ["--heads-keep", "0.75", "--ffn-multiple", "32"],  # 3 heads cannot share 2 KV heads
+        ["--target-params", "lots"],
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_no_output(tiny_builds, tmp_path, capsys, flags):
+    from convert.cli import main
+
+    checkpoint, _, _ = tiny_builds.get("llama3-bpe-tied")
+    capsys.readouterr()  # what building the case printed
+    code = main(["prune", str(checkpoint), "-o", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("alpaca-convert: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prunes(tiny_builds, tmp_path, capsys):
+    from convert.cli import main
+
+    checkpoint, _, _ = tiny_builds.get("llama3-bpe-tied")
+    code = main(["prune", str(checkpoint), "-o", str(tmp_path / "out"), "--drop-layers", "1",
+                 "--ffn-multiple", "32", "--calibration-tokens", "256"])
+    assert code == 0, capsys.readouterr().err
+    assert "parameters" in capsys.readouterr().out
+    assert _config(tmp_path / "out")["num_hidden_layers"] == 1
