@@ -2,9 +2,15 @@
 
     python benchmarks/bench_engine.py [--model PATH_OR_NAME] [--rounds 5]
 
+The reference is the floor: llama_decode + llama.cpp's greedy (argmax) sampler and nothing else,
+with the engine's load parameters and attention kernel, doing exactly the engine's work per token
+(N samples, N - 1 decodes: the last token is never evaluated). It does not even turn tokens into text.
+
 Prints, as ratios (ours / reference) of medians over interleaved rounds:
   - generation tok/s (target >= 0.97)
   - prompt processing tok/s (target >= 0.95)
+  - `alpaca-chat --prompt ... --json --temp 0` against the same floor loop, each in a process of its
+    own, measured from outside the same way (target >= 0.97)
   - time to first token at turn 10 vs turn 1 of one conversation (target <= 1.2)
   - startup overhead of `alpaca-chat --prompt hi --max-tokens 1` vs
     `python -c "import llama_cpp"` + model load (target < 300 ms)
@@ -12,7 +18,7 @@ Absolute times on a shared machine are noise; only same-run ratios mean anything
 """
 
 import argparse
-import ctypes
+import json
 import statistics
 import subprocess
 import sys
@@ -67,12 +73,11 @@ class ReferenceLoop:
             llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
         t1 = time.perf_counter()
         one = (llama_cpp.llama_token * 1)()
-        piece = ctypes.create_string_buffer(64)
-        for _ in range(n_gen):
-            tok = llama_cpp.llama_sampler_sample(smpl, self.ctx, -1)
-            llama_cpp.llama_token_to_piece(self.vocab, tok, piece, 64, 0, False)
-            one[0] = tok
-            llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(one, 1))
+        batch = llama_cpp.llama_batch_get_one(one, 1)
+        for i in range(n_gen):
+            one[0] = llama_cpp.llama_sampler_sample(smpl, self.ctx, -1)
+            if i < n_gen - 1:  # as the engine: the last token is not evaluated
+                llama_cpp.llama_decode(self.ctx, batch)
         t2 = time.perf_counter()
         llama_cpp.llama_sampler_free(smpl)
         return len(tokens) / (t1 - t0), n_gen / (t2 - t1)
@@ -161,14 +166,64 @@ def bench_startup(path: str, runs: int) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(ref)
 
 
+CLI_PROMPT = "Write a long story about a robot who learns to paint."
+
+
+def _floor_child(path: str, threads: int, n_gen: int) -> None:
+    """A process of its own running only the floor loop on the CLI's prompt: prints its generation tok/s."""
+    ref = ReferenceLoop(path, threads, n_ctx=4096)
+    engine = Engine(path, n_ctx=512, n_threads=threads)  # only to render and tokenize the prompt as the CLI does
+    template = resolve_template("auto", engine.chat_template, engine.bos_token, engine.eos_token)
+    tokens = engine.tokenize(template.render([Message("user", CLI_PROMPT)]))
+    engine.close()
+    print(ref.run(tokens, n_gen)[1])
+
+
+def bench_cli(path: str, threads: int, runs: int, n_gen: int) -> tuple[float, float, float]:
+    """`alpaca-chat --prompt ... --json` against the floor, each in its own process, alternating who goes
+    first; both report generation tok/s timed from the end of the prompt to the last token."""
+    ours, ref, ratios = [], [], []
+    cli = [sys.executable, "-m", "alpaca_chat", "--model", path, "--prompt", CLI_PROMPT, "--json", "--temp", "0",
+           "--max-tokens", str(n_gen), "--no-history", "--threads", str(threads)]
+    floor = [sys.executable, __file__, "--floor-child", "--model", path, "--threads", str(threads),
+             "--gen", str(n_gen)]
+    for i in range(runs):
+        pair = {}
+        for side in ("ours", "ref") if i % 2 == 0 else ("ref", "ours"):
+            out = subprocess.run(cli if side == "ours" else floor, check=True, capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL).stdout
+            if side == "ours":
+                stats = json.loads(out)["stats"]
+                pair[side] = stats["generation_tokens_per_s"] * stats["generated_tokens"] / n_gen  # same count
+                n_done = stats["generated_tokens"]
+            else:
+                pair[side] = float(out.strip().splitlines()[-1])
+        if n_done < n_gen:
+            raise SystemExit(f"the CLI stopped after {n_done} tokens; pick a prompt that runs {n_gen}")
+        ours.append(pair["ours"])
+        ref.append(pair["ref"])
+        ratios.append(pair["ours"] / pair["ref"])
+    return statistics.median(ours), statistics.median(ref), statistics.median(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model to benchmark (default: the bundled SmolLM2-135M)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--gen", type=int, default=GEN_TOKENS, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--only-cli", action="store_true", help="only the CLI against the floor")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
+    if args.floor_child:
+        return _floor_child(path, args.threads, args.gen)
     print(f"model: {path}\nthreads: {args.threads}, rounds: {args.rounds}\n")
+    ours, ref, ratio = bench_cli(path, args.threads, args.rounds, GEN_TOKENS)
+    print(f"alpaca-chat --prompt --json --temp 0 ({GEN_TOKENS} tokens): {ours:.1f} tok/s, floor loop {ref:.1f} tok/s, "
+          f"median per-run ratio {ratio:.3f} (target >= 0.97)")
+    if args.only_cli:
+        return
 
     r = bench_throughput(path, args.rounds, args.threads)
     print(f"prompt processing ({r['prompt_tokens']} tokens): ours {r['ours_pp']:.1f} tok/s, "
