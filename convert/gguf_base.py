@@ -2,8 +2,8 @@
 
 `--base` takes what `alpaca-chat --model` takes (a GGUF path, a registry name
 such as `smollm2-135m`, a hub GGUF reference) besides a checkpoint directory.
-transformers' GGUF loader dequantizes the file; its weights go into a fresh
-model of the same class, saved as safetensors with the tokenizer (its chat
+transformers' GGUF loader dequantizes the file (convert/model_loading.py's
+`load_gguf`); its weights go into a fresh model of the same class, saved as safetensors with the tokenizer (its chat
 template included) and the generation config, under the user's cache
 directory, keyed by the file's size and a hash of its first and last MiB.
 The next run finds it and loads nothing.
@@ -94,31 +94,12 @@ def _cached(target: Path, identity: dict) -> bool:
 
 
 def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
-    """Load with transformers' GGUF reader, save as a plain checkpoint; atomically (convert/atomic.py's swap)."""
-    import torch
-    import transformers
+    """Read the GGUF as a plain model (convert/model_loading.py), save it as a checkpoint beside its
+    tokenizer and provenance, swapped in whole (convert/atomic.py)."""
+    from convert.model_loading import load_gguf  # torch: only when a GGUF is dequantized
 
-    kwargs = {"gguf_file": gguf.name}
-    try:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
-        raise TrainingError(
-            f"base model: transformers cannot dequantize {gguf.name} ({_first_line(exc)}); "
-            "give a Hugging Face checkpoint directory instead"
-        ) from None
-    model = type(loaded)(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    model.config.architectures = [type(loaded).__name__]
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # plain floats from here on; the provenance file says where from
-    model.generation_config = loaded.generation_config
+    model, tokenizer = load_gguf(gguf)
     with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

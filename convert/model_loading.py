@@ -4,11 +4,13 @@
     config = load_model_config(path)     transformers' config, no weights
     tokenizer = load_tokenizer(path)     with a pad token (EOS when it has none)
     model = load_model(path, "cpu")      safetensors only, float32 unless told
+    model, tokenizer = load_gguf(file)   a GGUF dequantized by transformers, as a plain model
 
-finetune, merge, compare, the pipeline (through them) and the GGUF base cache
-all load here, so that every command accepts the same `--base` and refuses the
-same things: pickled weights, remote code, a directory without config.json.
-A failure is a TrainingError of one line.
+finetune, merge, compare, distill, prune and the pipeline all load here, so
+that every command accepts the same `--base` and refuses the same things:
+pickled weights, remote code, a directory without config.json. A GGUF given as
+`--base` goes through convert/gguf_base.py's cache, which reads it with
+`load_gguf` the first time. A failure is a TrainingError of one line.
 """
 
 from __future__ import annotations
@@ -89,6 +91,27 @@ def load_model(path: Path, device: str, dtype: torch.dtype | None = None):
     return model
 
 
+def load_gguf(gguf: Path):
+    """A GGUF's weights, dequantized by transformers' GGUF reader, in a fresh model of the same class
+    (plain float32 weights, no quantization config), and its tokenizer."""
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+        raise TrainingError(
+            f"base model: transformers cannot dequantize {gguf.name} ({_first_line(exc)}); "
+            "give a Hugging Face checkpoint directory instead"
+        ) from None
+    model = type(loaded)(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.config.architectures = [type(loaded).__name__]
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # plain floats from here on
+    model.generation_config = loaded.generation_config
+    return model, tokenizer
+
+
 def base_shape(model_config) -> dict:
     """What an adapter must be merged into: the model type and its language model's shape
     (an image-text model such as Gemma 3 4B keeps that in its text config)."""
@@ -102,3 +125,8 @@ def _quant_method(quantization) -> str | None:
         return quantization.get("quant_method")
     method = getattr(quantization, "quant_method", None)
     return getattr(method, "value", method)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
