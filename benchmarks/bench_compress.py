@@ -47,7 +47,7 @@ def main() -> int:
 
 
 def run(args, work: Path) -> None:
-    from convert.distill import DistillSettings, distill
+    from convert.distill import CACHE_DIR, DistillSettings, distill
     from convert.finetune_config import FinetuneConfig
     from convert.prune import PruneRequest, prune
 
@@ -67,6 +67,10 @@ def run(args, work: Path) -> None:
     runs = {}
     for name, alpha in (("distilled", 0.0), ("ce-trained", 1.0)):
         out = work / name
+        shared = work / "distilled" / CACHE_DIR
+        if name != "distilled" and shared.is_dir() and not (out / CACHE_DIR).exists():
+            out.mkdir(parents=True, exist_ok=True)  # the same teacher, data and k: the same cache key
+            (out / CACHE_DIR).symlink_to(shared.resolve(), target_is_directory=True)
         if not (out / "config.json").exists():
             config = FinetuneConfig(base=str(depth), data="alpaca-seed", out=out, max_steps=args.steps, batch_size=4,
                                     grad_accum=1, max_length=256, val_size=0.0, learning_rate=1e-4, save_steps=10_000,
