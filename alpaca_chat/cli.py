@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if argv[:1] == ["export"]:
             return _export(build_export_parser().parse_args(argv[1:]))
+        if argv[:1] == ["serve"]:  # starlette/uvicorn are imported only here
+            from alpaca_chat import server
+
+            return server.serve(server.build_serve_parser(_ArgumentParser).parse_args(argv[1:]))
         return _run(build_parser().parse_args(argv))
 
     return run_reporting_errors(PROG, run, debug="--debug" in argv)

@@ -32,6 +32,8 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     seed: int | None = None
     max_tokens: int = 512
+    # A GBNF grammar (root rule "root") the reply must follow; never stored with a conversation.
+    grammar: str | None = None
 
     def validated(self) -> "SamplingParams":
         """Return self, or raise UsageError naming the first out-of-range setting."""
@@ -50,7 +52,10 @@ class SamplingParams:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["grammar"] is None:
+            del data["grammar"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "SamplingParams":

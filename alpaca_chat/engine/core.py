@@ -218,6 +218,9 @@ class Engine:
         if sampling.repeat_penalty != 1.0:  # the only stage that looks at history
             for token in history[-REPEAT_PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(chain, token)
+        if sampling.grammar:  # first in the chain, after the history (a grammar must not see the prompt)
+            from alpaca_chat.engine.grammar import add_grammar_stage
+            add_grammar_stage(chain, self._vocab, sampling.grammar)
         return chain
 
     def _sampler_stages(self, sampling: SamplingParams) -> list:

@@ -1,0 +1,37 @@
+"""Grammar-constrained sampling: JSON schema -> GBNF, and the grammar stage of a sampler chain.
+
+llama-cpp-python's `llama_grammar` module carries llama.cpp's JSON-schema converter; it lives
+in llama_cpp, so it is called from here (the only package that imports llama_cpp).
+"""
+
+import json
+
+import llama_cpp
+from llama_cpp import llama_grammar
+
+from alpaca_chat.errors import EngineError, UsageError
+
+# Any JSON object (OpenAI's response_format json_object).
+JSON_OBJECT_GRAMMAR = llama_grammar.JSON_GBNF
+
+
+def json_schema_grammar(schema: dict) -> str:
+    """The GBNF grammar of the JSON texts `schema` accepts (UsageError if it cannot be converted)."""
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # noqa: BLE001 - the converter raises anything on a schema it cannot handle
+        raise UsageError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
+
+
+def add_grammar_stage(chain, vocab, grammar: str) -> None:
+    """Put a grammar stage first in `chain` (so no later stage can pick a token it forbids).
+    The stages already in the chain keep their state (the repeat penalty's history). If llama.cpp
+    cannot parse the grammar, the chain is freed and EngineError raised."""
+    stage = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not stage:
+        llama_cpp.llama_sampler_free(chain)
+        raise EngineError("llama.cpp could not parse the grammar (run with --verbose for its log)")
+    others = [llama_cpp.llama_sampler_chain_remove(chain, 0) for _ in range(llama_cpp.llama_sampler_chain_n(chain))]
+    llama_cpp.llama_sampler_chain_add(chain, stage)
+    for other in others:
+        llama_cpp.llama_sampler_chain_add(chain, other)

@@ -1,0 +1,280 @@
+"""The HTTP side of `alpaca-chat serve`: Starlette routes in OpenAI's shapes. Knows no llama.cpp:
+prompts are rendered and tokenized here, then generation is the scheduler's.
+
+Every request is checked (body size, JSON, fields, model, prompt size) before it is queued;
+every failure is one `{"error": {...}}` object with the right status.
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from alpaca_chat.conversation import SamplingParams
+from alpaca_chat.errors import AlpacaChatError, UsageError
+from alpaca_chat.server.scheduler import QueueFull, Scheduler
+from alpaca_chat.server.schemas import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
+
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "length": "length",
+                  "context_full": "length"}
+DISCONNECT_POLL_S = 0.1
+# A body over the limit is still read (and dropped) up to this many times the limit, so that a
+# client that sends it whole before reading the answer gets its 413 rather than a reset.
+DRAIN_FACTOR = 32
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 512
+    max_queue: int = 64
+
+
+def create_app(engine, template, config: ServerConfig, grammars=None) -> Starlette:
+    """The ASGI app over a loaded engine and its chat template. `grammars` turns a response_format
+    into a grammar (default: the engine's JSON-schema converter, imported when first needed)."""
+    scheduler = Scheduler(engine, max_queue=config.max_queue)
+    api = _Api(engine, template, config, scheduler, grammars)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.scheduler = scheduler
+    return app
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+
+class _Api:
+    def __init__(self, engine, template, config: ServerConfig, scheduler: Scheduler, grammars):
+        self.engine = engine
+        self.template = template
+        self.config = config
+        self.scheduler = scheduler
+        self._grammars = grammars
+
+    # -- routes ------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.config.model_id, **self.scheduler.status()})
+
+    async def models(self, request: Request) -> Response:
+        return await self._guarded(request, self._models)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._guarded(request, self._chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._guarded(request, self._completions)
+
+    async def _guarded(self, request: Request, handler) -> Response:
+        try:
+            self._authorize(request)
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "alpaca-chat"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        parsed = parse_chat(await self._body(request), self.config.max_tokens_limit)
+        self._check_model(parsed)
+        try:
+            prompt = self.template.render(parsed.messages)
+        except AlpacaChatError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        return await self._generate(request, parsed, prompt, chat=True)
+
+    async def _completions(self, request: Request) -> Response:
+        parsed = parse_completion(await self._body(request), self.config.max_tokens_limit)
+        self._check_model(parsed)
+        return await self._generate(request, parsed, parsed.prompt, chat=False)
+
+    # -- checks --------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.config.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> dict:
+        limit = self.config.max_body_bytes
+        too_large = ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit * DRAIN_FACTOR:
+            raise too_large  # not even read: the client may see the connection close
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit * DRAIN_FACTOR:
+                    raise too_large
+                if size <= limit:
+                    chunks.append(chunk)
+        except ClientDisconnect as exc:
+            raise ApiError(400, "the client went away while sending the body") from exc
+        if size > limit:  # read to the end (and dropped), so that a client still sending gets the answer
+            raise too_large
+        return parse_json(b"".join(chunks))
+
+    def _check_model(self, parsed: GenerationRequest) -> None:
+        if parsed.model not in (None, self.config.model_id):
+            raise ApiError(404, f"the model '{parsed.model}' does not exist; this server has '{self.config.model_id}'",
+                           param="model", code="model_not_found")
+
+    def _sampling(self, parsed: GenerationRequest, n_prompt: int) -> SamplingParams:
+        n_ctx = self.engine.n_ctx
+        if n_prompt >= n_ctx:
+            raise ApiError(400, f"the prompt is {n_prompt} tokens; the context holds {n_ctx}",
+                           param="messages" if parsed.messages else "prompt", code="context_length_exceeded")
+        room = n_ctx - n_prompt
+        if parsed.max_tokens is not None and parsed.max_tokens > room:
+            raise ApiError(400, f"the prompt is {n_prompt} tokens and max_tokens {parsed.max_tokens}; "
+                                f"the context holds {n_ctx}", param="max_tokens", code="context_length_exceeded")
+        max_tokens = parsed.max_tokens or min(self.config.default_max_tokens, room)
+        return SamplingParams(**{**parsed.sampling.to_dict(), "max_tokens": max_tokens,
+                                 "grammar": self._grammar(parsed)})
+
+    def _grammar(self, parsed: GenerationRequest) -> str | None:
+        if parsed.response_format is None:
+            return None
+        if self._grammars is None:
+            from alpaca_chat.engine import grammar
+
+            self._grammars = grammar
+        kind, schema = parsed.response_format
+        if kind == "json_object":
+            return self._grammars.JSON_OBJECT_GRAMMAR
+        try:
+            return self._grammars.json_schema_grammar(schema)
+        except UsageError as exc:
+            raise ApiError(400, str(exc), param="response_format") from exc
+
+    # -- generation ------------------------------------------------------------------
+
+    async def _generate(self, request: Request, parsed: GenerationRequest, prompt: str, *, chat: bool) -> Response:
+        tokens = self.engine.tokenize(prompt)
+        sampling = self._sampling(parsed, len(tokens))
+        stops = tuple(self.template.stop_strings) + parsed.stop if chat else parsed.stop
+        try:
+            stream = self.scheduler.submit(tokens, sampling, stops)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
+                           code="queue_full") from exc
+        reply = _Reply(self.config.model_id, chat)
+        watcher = asyncio.create_task(_watch_disconnect(request, stream))
+        if parsed.stream:
+            return StreamingResponse(self._events(stream, reply, parsed, watcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            text = "".join([delta async for delta in stream])
+        except AlpacaChatError as exc:
+            raise ApiError(500, str(exc), type="server_error") from exc
+        finally:
+            watcher.cancel()
+        return JSONResponse(reply.whole(text, stream.stats))
+
+    async def _events(self, stream, reply: "_Reply", parsed: GenerationRequest, watcher):
+        try:
+            if reply.chat:
+                yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+            async for delta in stream:
+                yield _sse(reply.chunk({"content": delta} if reply.chat else delta))
+            yield _sse(reply.chunk({} if reply.chat else "", FINISH_REASONS[stream.stats.stop_reason]))
+            if parsed.include_usage:
+                yield _sse({**reply.head("chunk"), "choices": [], "usage": _usage(stream.stats)})
+            yield b"data: [DONE]\n\n"
+        except AlpacaChatError as exc:
+            yield _sse(ApiError(500, str(exc), type="server_error").body())
+        finally:
+            stream.cancel()  # a no-op once it has ended; frees the sequence if the client went away
+            watcher.cancel()
+
+
+async def _watch_disconnect(request: Request, stream) -> None:
+    """Cancel `stream` once the client has gone away (polled: the body has been read by now)."""
+    while stream.stats is None:
+        if await request.is_disconnected():
+            stream.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+class _Reply:
+    """The response objects of one request (chat.completion or text_completion)."""
+
+    def __init__(self, model_id: str, chat: bool):
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model_id = model_id
+
+    def head(self, kind: str = "") -> dict:
+        obj = ("chat.completion" if self.chat else "text_completion") + (".chunk" if kind and self.chat else "")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id}
+
+    def chunk(self, delta, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": delta, "logprobs": None}
+        choice["finish_reason"] = finish_reason
+        return {**self.head("chunk"), "choices": [choice]}
+
+    def whole(self, text: str, stats) -> dict:
+        finish = FINISH_REASONS[stats.stop_reason]
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self.head(), "choices": [choice], "usage": _usage(stats)}

@@ -1,0 +1,175 @@
+"""OpenAI request bodies -> checked values, and the error shape. Pure: no I/O, no llama.cpp.
+
+Every field a request may carry is checked here before anything reaches the engine: a bad
+field is an `ApiError` (400 with `param` naming it), never an exception from deeper down.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from alpaca_chat.conversation import Message, SamplingParams
+from alpaca_chat.errors import UsageError
+
+# Sampling the API leaves unset: OpenAI's own defaults where it has them (no repeat penalty),
+# the chat's otherwise.
+API_SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+MAX_STOP_STRINGS = 4
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    """What /v1/chat/completions and /v1/completions ask for, checked."""
+
+    model: str | None
+    sampling: SamplingParams
+    max_tokens: int | None  # None: as many as the server allows
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[Message] = field(default_factory=list)  # chat
+    prompt: str = ""  # completions
+    # response_format: None, ("json_object", None) or ("json_schema", schema dict)
+    response_format: tuple[str, dict | None] | None = None
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def parse_chat(body: dict, max_tokens_limit: int) -> GenerationRequest:
+    request = _common(body, max_tokens_limit)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    request.messages = [_message(m, i) for i, m in enumerate(messages)]
+    request.response_format = _response_format(body.get("response_format"))
+    return request
+
+
+def parse_completion(body: dict, max_tokens_limit: int) -> GenerationRequest:
+    request = _common(body, max_tokens_limit)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    request.prompt = prompt
+    return request
+
+
+def _common(body: dict, max_tokens_limit: int) -> GenerationRequest:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stream = _typed(body, "stream", bool, False)
+    options = _typed(body, "stream_options", dict, None) or {}
+    include_usage = bool(options.get("include_usage", False))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ApiError(400, f"'{param}' must be a positive integer, not {max_tokens!r}", param=param)
+        if max_tokens > max_tokens_limit:
+            raise ApiError(400, f"'{param}' is {max_tokens}; this server allows at most {max_tokens_limit}",
+                           param=param)
+    changes: dict[str, Any] = {}
+    for name, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
+                       ("repeat_penalty", float), ("seed", int)):
+        value = _typed(body, name, kind, None)
+        if value is not None:
+            changes[name] = value
+    try:
+        sampling = API_SAMPLING.with_changes(**changes)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param=next((k for k in changes if k in str(exc)), None)) from exc
+    return GenerationRequest(model=model, sampling=sampling, max_tokens=max_tokens, stop=_stop(body.get("stop")),
+                             stream=stream, include_usage=include_usage)
+
+
+def _typed(body: dict, name: str, kind: type, default):
+    value = body.get(name, default)
+    if value is None or value is default:
+        return value
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ApiError(400, f"'{name}' must be a {kind.__name__}, not {value!r}", param=name)
+    return value
+
+
+def _stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    return tuple(stop)
+
+
+def _message(raw, index: int) -> Message:
+    param = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"{param} must be an object", param=param)
+    role = raw.get("role")
+    if role not in ROLES:
+        raise ApiError(400, f"{param}.role must be one of {', '.join(ROLES)}, not {role!r}", param=f"{param}.role")
+    content = raw.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{param}.content: only text parts are supported", param=f"{param}.content")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(400, f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
+    return Message(ROLES[role], content)
+
+
+def _response_format(raw) -> tuple[str, dict | None] | None:
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_object", None)
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be an object",
+                           param="response_format.json_schema.schema")
+        return ("json_schema", schema)
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")

@@ -1,0 +1,251 @@
+"""`alpaca-chat serve` end to end: a real server process on a loopback port, the bundled model,
+the real `openai` client (and raw HTTP for the malformed requests a client library won't send)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+API_KEY = "test-key-123"
+PARALLEL = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(default_model_path, tmp_path_factory):
+    """One server for the whole session: 8 parallel sequences, an API key."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "XDG_DATA_HOME": str(log.parent), "XDG_CONFIG_HOME": str(log.parent)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(default_model_path), "--port", str(port),
+             "--parallel", str(PARALLEL), "--ctx", "4096", "--api-key", API_KEY, "--max-queue", "32"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start: {log.read_text()}")
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    client.model_id = _health(server)["model"]  # what --model's file is served as
+    return client
+
+
+def _health(base: str) -> dict:
+    with urllib.request.urlopen(base + "/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _raw(base: str, path: str, body: bytes | None, key: str | None = API_KEY, method: str = "POST"):
+    """(status, parsed body) of one raw request."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(base + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _chat(content: str, **extra) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": content}], **extra}).encode()
+
+
+def test_models_and_health(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [_health(server)["model"]]
+
+
+def test_chat_non_streaming_and_streaming_agree(client):
+    messages = [{"role": "user", "content": "Name three colors."}]
+    whole = client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=24, temperature=0)
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= whole.usage.completion_tokens <= 24 and whole.usage.prompt_tokens > 5
+
+    chunks = list(client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy, alone in the batch: the same reply either way
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_endpoint_and_stop(client):
+    reply = client.completions.create(model=client.model_id, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0,
+                                      stop=["7"])
+    assert "7" not in reply.choices[0].text and reply.choices[0].text.strip()
+    assert reply.object == "text_completion"
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "happy": {"type": "boolean"}},
+    "required": ["name", "happy"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_validates_at_temperature_1(client):
+    def one(i):
+        reply = client.chat.completions.create(
+            model=client.model_id, messages=[{"role": "user", "content": "Describe a person as JSON."}],
+            temperature=1.0, seed=i, max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        return reply.choices[0].finish_reason, reply.choices[0].message.content
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        results = list(pool.map(one, range(50)))
+    for finish, text in results:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len({text for _, text in results}) > 1  # sampled, not one fixed answer
+
+
+def test_json_object_output_parses(client):
+    reply = client.chat.completions.create(
+        model=client.model_id, messages=[{"role": "user", "content": "A JSON object with a color."}],
+        temperature=0, max_tokens=40, response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still a prefix of an object
+        assert reply.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_eight_concurrent_streams_complete_and_unmixed(server, client):
+    """Each client's schema allows only its own tag: a token from another stream would break it."""
+    peak = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak.append(_health(server)["running"])
+            time.sleep(0.05)
+
+    def one(i):
+        schema = {"type": "object", "properties": {"client": {"enum": [f"client-{i}"]},
+                                                   "word": {"type": "string", "maxLength": 16}},
+                  "required": ["client", "word"], "additionalProperties": False}
+        chunks = list(client.chat.completions.create(
+            model=client.model_id, messages=[{"role": "user", "content": f"Say a word for client {i}."}],
+            temperature=0.8, seed=i, max_tokens=48, stream=True, stream_options={"include_usage": True},
+            response_format={"type": "json_schema", "json_schema": {"name": "tagged", "schema": schema}}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return {c.id for c in chunks}, text, chunks[-1].usage, schema
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            results = list(pool.map(one, range(PARALLEL)))
+    finally:
+        stop.set()
+        watcher.join()
+    for i, (ids, text, usage, schema) in enumerate(results):
+        assert len(ids) == 1
+        value = json.loads(text)
+        jsonschema.validate(value, schema)
+        assert value["client"] == f"client-{i}"
+        assert usage.completion_tokens >= 5
+    assert len({next(iter(ids)) for ids, *_ in results}) == PARALLEL
+    assert max(peak) >= 2  # they were decoded together, not one after another
+
+
+def test_disconnect_cancels_and_frees_its_sequence(server, client):
+    before = _health(server)
+    stream = client.completions.create(model=client.model_id, prompt="1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=2000,
+                                       temperature=0, stream=True)
+    received = [next(iter(stream)) for _ in range(3)]
+    assert all(chunk.choices[0].text is not None for chunk in received)
+    stream.close()  # the client goes away mid-reply
+    deadline = time.monotonic() + 10
+    while True:
+        health = _health(server)
+        if health["cancelled"] == before["cancelled"] + 1 and health["running"] == 0:
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    # and the freed sequence serves the next request
+    assert client.completions.create(model=client.model_id, prompt="Hello", max_tokens=4).choices[0].text is not None
+
+
+def _assert_error(status: int, body: dict, expected: int) -> None:
+    assert status == expected, body
+    assert list(body) == ["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+
+
+@pytest.mark.parametrize("body, key, expected", [
+    (b"{not json", API_KEY, 400),
+    (_chat("hi", model="no-such-model"), API_KEY, 404),
+    (_chat("hi", max_tokens=-5), API_KEY, 400),
+    (_chat("hi", max_tokens=10**6), API_KEY, 400),
+    (_chat("hi", n=2), API_KEY, 400),
+    (_chat("hi", temperature="hot"), API_KEY, 400),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), API_KEY, 400),
+    (json.dumps({"messages": []}).encode(), API_KEY, 400),
+    (b"[1, 2]", API_KEY, 400),
+    (b"x" * (10 * 1024 * 1024), API_KEY, 413),
+    (_chat("hi"), None, 401),
+    (_chat("hi"), "wrong-key", 401),
+], ids=["malformed-json", "unknown-model", "negative-max-tokens", "huge-max-tokens", "n-2", "bad-temperature",
+        "bad-role", "no-messages", "not-an-object", "10MB-body", "no-key", "wrong-key"])
+def test_bad_requests_get_one_error_object_and_the_server_keeps_serving(server, client, body, key, expected):
+    status, reply = _raw(server, "/v1/chat/completions", body, key)
+    _assert_error(status, reply, expected)
+    assert client.chat.completions.create(messages=[{"role": "user", "content": "ok?"}], model=client.model_id,
+                                          max_tokens=2).choices[0].message.content is not None
+
+
+def test_prompt_larger_than_the_context_names_the_sizes(server):
+    status, reply = _raw(server, "/v1/completions", json.dumps({"prompt": "word " * 5000}).encode())
+    _assert_error(status, reply, 400)
+    assert "4096" in reply["error"]["message"] and reply["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_and_wrong_method_are_openai_errors(server):
+    _assert_error(*_raw(server, "/v1/nothing", None, method="GET"), 404)
+    _assert_error(*_raw(server, "/v1/chat/completions", None, method="GET"), 405)
+
+
+def test_openai_client_raises_its_typed_errors(server):
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()

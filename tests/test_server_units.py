@@ -1,0 +1,65 @@
+"""`alpaca-chat serve`'s pure parts: request checking, the bind-address rule, lazy imports."""
+
+import subprocess
+import sys
+
+import pytest
+
+from alpaca_chat.server import is_loopback
+from alpaca_chat.server.schemas import ApiError, parse_chat, parse_completion, parse_json
+
+
+def test_chat_fields_become_sampling_and_messages():
+    parsed = parse_chat({"model": "m", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None}],
+        "temperature": 0, "top_p": 0.5, "seed": 7, "max_completion_tokens": 9, "stop": "END",
+        "stream": True, "stream_options": {"include_usage": True}}, 100)
+    assert [(m.role, m.content) for m in parsed.messages] == [("system", "be brief"), ("user", "ab"),
+                                                               ("assistant", "")]
+    assert (parsed.sampling.temperature, parsed.sampling.top_p, parsed.sampling.seed) == (0.0, 0.5, 7)
+    assert parsed.max_tokens == 9 and parsed.stop == ("END",) and parsed.stream and parsed.include_usage
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 101}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format"),
+])
+def test_bad_chat_fields_name_their_param(body, param):
+    with pytest.raises(ApiError) as caught:
+        parse_chat(body, 100)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_completion_prompt_and_json_body():
+    assert parse_completion({"prompt": ["once"]}, 10).prompt == "once"
+    with pytest.raises(ApiError):
+        parse_completion({"prompt": 5}, 10)
+    for raw in (b"{", b"[]", b"\xff"):
+        with pytest.raises(ApiError):
+            parse_json(raw)
+
+
+def test_loopback_addresses():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+def test_non_loopback_bind_needs_a_key_or_no_auth():
+    result = subprocess.run([sys.executable, "-m", "alpaca_chat", "serve", "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "--api-key" in result.stderr
+
+
+def test_prompt_path_does_not_import_the_server_stack():
+    code = ("import sys; import alpaca_chat.cli as c; c.build_parser().parse_args(['--prompt', 'x']); "
+            "print(any(m.split('.')[0] in ('starlette', 'uvicorn') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
