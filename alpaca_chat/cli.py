@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-history", action="store_true", help="do not save this conversation")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
     p.add_argument("--stats", action="store_true", help="print timing stats to stderr")
+    p.add_argument("--json-schema", metavar="FILE", help="with --prompt: the reply is JSON that FILE's schema accepts")
+    p.add_argument("--grammar", metavar="FILE.gbnf", help="with --prompt: the reply follows this GBNF grammar")
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, dest="max_tokens", help="maximum tokens to generate (default 512)")
     g.add_argument("--temp", type=float, dest="temperature", help="temperature; 0 = greedy (default 0.7)")
@@ -132,6 +134,8 @@ def _run(args) -> int:
         return _kv_cache_command(args.kv_cache)
     if args.continue_last and args.conversation is not None:
         raise UsageError("use either --continue or --conversation, not both")
+    if (args.json_schema or args.grammar) and args.prompt is None:
+        raise UsageError("--json-schema and --grammar need --prompt")
     settings = _settings(args)
     if args.prompt is None:
         terminal = sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
@@ -226,7 +230,12 @@ def _read_prompt(prompt: str) -> tuple[str, str]:
 
 
 def _one_shot(args, settings, prompt: str, context: str) -> int:
+    grammar = _read_grammar(args)
     session = _open_session(args, settings)
+    if grammar is not None:
+        from dataclasses import replace
+
+        session.sampling = replace(session.sampling, grammar=grammar)
     cancel = threading.Event()
     reply = session.send(prompt, input=context, cancel=cancel)
     try:
@@ -248,6 +257,31 @@ def _one_shot(args, settings, prompt: str, context: str) -> int:
     _print_error_stats(args, reply)
     session.save_state()  # after the reply is shown: the next -c resumes from it
     return 0
+
+
+def _read_grammar(args) -> str | None:
+    """The grammar of --grammar FILE.gbnf, or of --json-schema FILE's schema (None without either)."""
+    if args.json_schema and args.grammar:
+        raise UsageError("use either --json-schema or --grammar, not both")
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    if args.grammar:
+        return text
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise UsageError(f"{path} must hold a JSON schema object")
+    from alpaca_chat.engine.grammar import json_schema_grammar
+
+    return json_schema_grammar(schema)
 
 
 def _kv_cache_command(action: str) -> int:

@@ -53,8 +53,7 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if data["grammar"] is None:
-            del data["grammar"]
+        del data["grammar"]  # a per-request constraint, not a setting to save
         return data
 
     @classmethod

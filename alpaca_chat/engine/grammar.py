@@ -4,7 +4,11 @@ llama-cpp-python's `llama_grammar` module carries llama.cpp's JSON-schema conver
 in llama_cpp, so it is called from here (the only package that imports llama_cpp).
 """
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
 
 import llama_cpp
 from llama_cpp import llama_grammar
@@ -27,11 +31,31 @@ def add_grammar_stage(chain, vocab, grammar: str) -> None:
     """Put a grammar stage first in `chain` (so no later stage can pick a token it forbids).
     The stages already in the chain keep their state (the repeat penalty's history). If llama.cpp
     cannot parse the grammar, the chain is freed and EngineError raised."""
-    stage = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    with _stderr_captured() as captured:
+        stage = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     if not stage:
         llama_cpp.llama_sampler_free(chain)
-        raise EngineError("llama.cpp could not parse the grammar (run with --verbose for its log)")
+        why = captured["text"].strip().splitlines()
+        raise EngineError(f"llama.cpp could not parse the grammar{': ' + why[0] if why else ''}")
     others = [llama_cpp.llama_sampler_chain_remove(chain, 0) for _ in range(llama_cpp.llama_sampler_chain_n(chain))]
     llama_cpp.llama_sampler_chain_add(chain, stage)
     for other in others:
         llama_cpp.llama_sampler_chain_add(chain, other)
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 into a temporary file while llama.cpp parses a grammar: its parser
+    prints errors there (not through the log callback); they become the error's message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured = {"text": ""}
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured["text"] = tmp.read().decode("utf-8", errors="replace")
