@@ -249,3 +249,18 @@ def test_openai_client_raises_its_typed_errors(server):
     bad = openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_a_multi_turn_chat_reuses_the_cached_prefix(client):
+    """Turn 2 re-sends turn 1 and its reply: those tokens come from the idle sequence's KV cells."""
+    history = [{"role": "system", "content": "You are a helpful assistant who answers briefly."},
+               {"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(model=client.model_id, messages=history, max_tokens=16, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(model=client.model_id, messages=history, max_tokens=16, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    again = client.chat.completions.create(model=client.model_id, messages=history, max_tokens=16, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == second.choices[0].message.content

@@ -6,6 +6,11 @@ goes away. `ContinuousBatch` is that loop's state, driven by one thread (the own
 engine): `admit` a request into a free sequence, `step` to decode one batch (the new prompts
 and one token of every running request), and each request's `on_delta`/`on_done` callbacks
 are called from that thread. Only the engine's public methods are used (protocol.EngineProtocol).
+
+Prompt cache: a finished sequence keeps its KV cells (idle) while the context has room; a new
+request takes the idle sequence sharing the longest prefix with its prompt and evaluates only the
+rest, so a client re-sending its whole history does not re-evaluate the earlier turns. Idle
+sequences are evicted, least recently used first, when running requests need the cells.
 """
 
 import threading
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from alpaca_chat.conversation import GenerationStats, SamplingParams
+from alpaca_chat.engine.core import common_prefix
 from alpaca_chat.engine.parallel import Segment
 from alpaca_chat.engine.step import SequenceStep
 from alpaca_chat.errors import EngineError
@@ -48,8 +54,10 @@ class _Running:
     request: StreamRequest
     step: SequenceStep
     pos: int
+    cached: int = 0  # leading prompt tokens already in the sequence's cells
     next_token: int | None = None
     new: bool = True
+    evaluated: list[int] = field(default_factory=list)  # generated tokens in the KV cache
 
 
 class ContinuousBatch:
@@ -58,6 +66,8 @@ class ContinuousBatch:
     def __init__(self, engine):
         self.engine = engine
         self.running: dict[int, _Running] = {}
+        # Finished sequences whose cells are kept: seq -> the tokens they hold, least recently used first.
+        self.idle: dict[int, list[int]] = {}
         engine.reset()  # the parallel sequences start from an empty KV cache
 
     @property
@@ -81,9 +91,38 @@ class ContinuousBatch:
                               f"the context holds {self.engine.n_ctx}")
         if not self.fits(request):
             raise EngineError("no free sequence for this request")
-        seq = next(s for s in range(self.engine.n_seq_max) if s not in self.running)
+        seq, cached = self._choose_sequence(request.tokens)
+        self._make_room(request.reserved)
         step = SequenceStep(self.engine, request.sampling, request.tokens, request.stop_strings)
-        self.running[seq] = _Running(seq, request, step, len(request.tokens))
+        step.stats.cached_tokens = cached
+        self.running[seq] = _Running(seq, request, step, len(request.tokens), cached)
+
+    def _choose_sequence(self, tokens: list[int]) -> tuple[int, int]:
+        """A sequence for a new prompt and how many of its tokens it already holds: the idle one
+        sharing the longest prefix, else an empty one, else the least recently used idle one."""
+        best, best_len = None, 0
+        for seq, held in self.idle.items():
+            n = min(common_prefix(tokens, held), len(tokens) - 1)  # one token is evaluated for logits
+            if n > best_len:
+                best, best_len = seq, n
+        if best is not None:
+            del self.idle[best]
+            return best, best_len if self.engine.trim_sequence(best, best_len) else 0
+        empty = [s for s in range(self.engine.n_seq_max) if s not in self.running and s not in self.idle]
+        if empty:
+            return empty[0], 0
+        seq = next(iter(self.idle))
+        self._evict(seq)
+        return seq, 0
+
+    def _make_room(self, need: int) -> None:
+        """Evict idle sequences until running requests and `need` more cells fit the context."""
+        while self.idle and self.reserved() + sum(map(len, self.idle.values())) + need > self.engine.n_ctx:
+            self._evict(next(iter(self.idle)))
+
+    def _evict(self, seq: int) -> None:
+        del self.idle[seq]
+        self.engine.drop_sequence(seq)
 
     def step(self) -> None:
         """Drop cancelled requests, then evaluate one batch: new prompts, one token of the others."""
@@ -97,7 +136,7 @@ class ContinuousBatch:
         segments = []
         for run in self.running.values():
             if run.new:
-                segments.append(Segment(run.seq, run.request.tokens, 0))
+                segments.append(Segment(run.seq, run.request.tokens[run.cached:], run.cached))
             else:
                 segments.append(Segment(run.seq, [run.next_token], run.pos))
         try:
@@ -111,14 +150,17 @@ class ContinuousBatch:
         """End every running request (cancelled) and free its sequence."""
         for run in list(self.running.values()):
             self._finish(run, run.step.end("cancelled"))
+        for seq in list(self.idle):
+            self._evict(seq)
 
     def _advance(self, seg: Segment, idx: int) -> None:
         run = self.running[seg.seq]
         if run.new:
             run.new = False
-            run.step.prompt_evaluated(len(run.request.tokens))
+            run.step.prompt_evaluated(len(run.request.tokens) - run.cached)
         else:
             run.pos += 1
+            run.evaluated.append(run.next_token)
         text, token = run.step.advance(idx)
         if text:
             run.request.on_delta(text)
@@ -128,17 +170,20 @@ class ContinuousBatch:
             return self._finish(run, run.step.end("context_full"))
         run.next_token = token
 
-    def _release(self, run: _Running) -> None:
-        self.engine.drop_sequence(run.seq)
+    def _release(self, run: _Running, *, keep: bool) -> None:
         run.step.close()
         del self.running[run.seq]
+        if keep and not run.new:  # its cells hold the prompt and the evaluated reply: kept for reuse
+            self.idle[run.seq] = run.request.tokens + run.evaluated
+        else:
+            self.engine.drop_sequence(run.seq)
 
     def _finish(self, run: _Running, tail: str) -> None:
-        self._release(run)
+        self._release(run, keep=True)
         if tail:
             run.request.on_delta(tail)
         run.request.on_done(run.step.stats)
 
     def _fail(self, run: _Running, message: str) -> None:
-        self._release(run)
+        self._release(run, keep=False)
         run.request.on_error(message)

@@ -365,6 +365,13 @@ class Engine:
         """Forget a parallel sequence's cells in the KV cache."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, -1, -1)
 
+    def trim_sequence(self, seq: int, keep: int) -> bool:
+        """Keep a parallel sequence's first `keep` cells; False if llama.cpp cannot (then it is dropped whole)."""
+        if llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq, keep, -1):
+            return True
+        self.drop_sequence(seq)
+        return False
+
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch = self._batch
         batch.token[i] = token

@@ -19,12 +19,19 @@ from alpaca_chat.errors import EngineError, UsageError
 JSON_OBJECT_GRAMMAR = llama_grammar.JSON_GBNF
 
 
+# llama-cpp-python 0.3.36's converter lets a string hold raw control characters (a newline), which
+# JSON forbids; llama.cpp's own converter excludes them, as JSON_GBNF does.
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 def json_schema_grammar(schema: dict) -> str:
     """The GBNF grammar of the JSON texts `schema` accepts (UsageError if it cannot be converted)."""
     try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001 - the converter raises anything on a schema it cannot handle
         raise UsageError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
+    return grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
 
 
 def add_grammar_stage(chain, vocab, grammar: str) -> None:
