@@ -29,13 +29,23 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server(default_model_path, tmp_path_factory):
     """One server for the whole session: 8 parallel sequences, an API key."""
+    yield from _serve(default_model_path, tmp_path_factory, "--parallel", str(PARALLEL), "--ctx", "4096",
+                      "--api-key", API_KEY, "--max-queue", "32")
+
+
+@pytest.fixture(scope="module")
+def small_server(default_model_path, tmp_path_factory):
+    """One sequence and room for one waiting request: the third at once is refused."""
+    yield from _serve(default_model_path, tmp_path_factory, "--parallel", "1", "--max-queue", "1", "--ctx", "1024")
+
+
+def _serve(model, tmp_path_factory, *flags):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "XDG_DATA_HOME": str(log.parent), "XDG_CONFIG_HOME": str(log.parent)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(default_model_path), "--port", str(port),
-             "--parallel", str(PARALLEL), "--ctx", "4096", "--api-key", API_KEY, "--max-queue", "32"],
+            [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(model), "--port", str(port), *flags],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -264,3 +274,17 @@ def test_a_multi_turn_chat_reuses_the_cached_prefix(client):
     again = client.chat.completions.create(model=client.model_id, messages=history, max_tokens=16, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
     assert again.choices[0].message.content == second.choices[0].message.content
+
+
+def test_a_full_queue_answers_429_and_the_rest_complete(small_server):
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0}).encode()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _raw(small_server, "/v1/completions", body, None), range(6)))
+    statuses = sorted(status for status, _ in answers)
+    assert 429 in statuses and 200 in statuses and set(statuses) == {200, 429}, statuses
+    for status, reply in answers:
+        if status == 429:
+            _assert_error(status, reply, 429)
+        else:
+            assert reply["usage"]["completion_tokens"] >= 1
+    assert _raw(small_server, "/v1/completions", body, None)[0] == 200

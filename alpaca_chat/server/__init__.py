@@ -49,8 +49,8 @@ def check_args(args) -> None:
         raise UsageError("--port must be from 0 to 65535")
     if args.n_ctx is not None and args.n_ctx < 64:
         raise UsageError("--ctx must be at least 64")
-    if args.max_tokens_limit < 1 or args.max_queue < 0:
-        raise UsageError("--max-tokens-limit must be positive and --max-queue not negative")
+    if args.max_tokens_limit < 1 or args.max_queue < 1:
+        raise UsageError("--max-tokens-limit and --max-queue must be positive")
     if not is_loopback(args.host) and not args.api_key and not args.no_auth:
         raise UsageError(f"binding {args.host} (not loopback) needs --api-key KEY, or --no-auth to serve anyone")
 

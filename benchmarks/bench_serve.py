@@ -1,0 +1,178 @@
+"""`alpaca-chat serve` against llama-cpp-python's `llama_cpp.server`, same model, same requests.
+
+    pip install fastapi pydantic-settings sse-starlette starlette-context   # llama_cpp.server's deps
+    python benchmarks/bench_serve.py [--model PATH] [--tokens 64] [--clients 8]
+
+Each server runs alone (one after the other), with the same threads and context, and is asked:
+  1. one streaming client: time to first token and tokens/s (target: ours >= 0.95x the anchor's);
+  2. `--clients` concurrent streaming clients: aggregate tokens/s and p50/p99 time to first token
+     (target: >= 1.5x the anchor's, and >= 85 % of the batching ceiling);
+  3. a 10-turn chat sent as full history each turn: turn 10's time to first token / turn 1's
+     (target <= 1.3).
+The batching ceiling is measured in the same run, in-process, with the engine: K x one sequence's
+tokens/s x (cost of a 1-sequence decode step / cost of a K-sequence step).
+Absolute numbers on a shared machine are noise; compare within one run.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+
+PROMPT = "Write a long story about a robot who learns to paint. Once upon a time,"
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "Name a river there.", "How long is it?",
+             "Which sea does it reach?", "Name a city on it.", "What is it famous for?", "Any food?",
+             "A dish from there?", "Thanks, summarize."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server did not start: {' '.join(command)}")
+
+
+def stream_one(client, model: str, prompt: str, tokens: int) -> tuple[float, int, float]:
+    """(time to first token, tokens, seconds from first token to the end) of one streamed completion."""
+    started = time.perf_counter()
+    first, count = None, 0
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                           stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    first = first or end
+    return first - started, count, end - first
+
+
+def measure(base: str, model: str, tokens: int, clients: int) -> dict:
+    client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=600)
+    stream_one(client, model, "Hello", 4)  # warm up
+    singles = [stream_one(client, model, PROMPT + f" ({i})", tokens) for i in range(3)]
+    ttft_1 = statistics.median(s[0] for s in singles)
+    tps_1 = statistics.median((s[1] - 1) / s[2] for s in singles if s[2] > 0)
+
+    results = [None] * clients
+    def run(i):
+        results[i] = stream_one(client, model, PROMPT + f" [{i}]", tokens)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ttfts = sorted(r[0] for r in results)
+    aggregate = sum(r[1] for r in results) / wall
+
+    history, turn_ttft = [], []
+    for question in QUESTIONS:
+        history.append({"role": "user", "content": question})
+        started = time.perf_counter()
+        first, text = None, []
+        for chunk in client.chat.completions.create(model=model, messages=history, max_tokens=24, temperature=0,
+                                                    stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text.append(chunk.choices[0].delta.content)
+        turn_ttft.append((first or time.perf_counter()) - started)
+        history.append({"role": "assistant", "content": "".join(text)})
+    return {"ttft_1": ttft_1, "tps_1": tps_1, "aggregate_tps": aggregate, "ttft_p50": statistics.median(ttfts),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "turn10_over_turn1": turn_ttft[-1] / turn_ttft[0]}
+
+
+def batching_ceiling(model_path: str, k: int, threads: int | None) -> dict:
+    """One sequence's tokens/s and the cost ratio of 1- vs k-sequence decode steps, in-process."""
+    from alpaca_chat.engine import Engine
+    from alpaca_chat.engine.parallel import Segment
+
+    with Engine(model_path, n_ctx=4096, n_seq_max=k, n_threads=threads) as engine:
+        prompt = engine.tokenize(PROMPT)
+        engine.decode_segments([Segment(s, prompt, 0) for s in range(k)], lambda seg, idx: None)
+
+        def steps(n_seq: int, rounds: int = 24) -> float:
+            pos = len(prompt)
+            for s in range(k):  # back to the prompt: positions must follow on
+                engine.trim_sequence(s, pos)
+            started = time.perf_counter()
+            for r in range(rounds):
+                engine.decode_segments([Segment(s, [prompt[-1]], pos + r) for s in range(n_seq)],
+                                       lambda seg, idx: None)
+            return (time.perf_counter() - started) / rounds
+
+        one = min(steps(1) for _ in range(3))
+        many = min(steps(k) for _ in range(3))
+    return {"step_1_s": one, "step_k_s": many, "ceiling_factor": k * one / many}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a .gguf path (default: the bundled model)")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-anchor", action="store_true")
+    args = p.parse_args()
+    from alpaca_chat.engine import physical_cores
+    from alpaca_chat.models import resolve_model
+
+    model = str(resolve_model(args.model).path)
+    threads = args.threads or physical_cores()
+    report = {"model": os.path.basename(model), "threads": threads, "clients": args.clients, "tokens": args.tokens}
+
+    port = free_port()
+    proc = start([sys.executable, "-m", "alpaca_chat", "serve", "--model", model, "--port", str(port),
+                  "--parallel", str(args.clients), "--ctx", "4096", "--threads", str(threads)], port)
+    try:
+        report["ours"] = measure(f"http://127.0.0.1:{port}", os.path.basename(model), args.tokens, args.clients)
+    finally:
+        proc.terminate()
+        proc.wait()
+    if not args.skip_anchor:
+        port = free_port()
+        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
+                      "--n_ctx", "4096", "--n_threads", str(threads), "--interrupt_requests", "False"], port)
+        try:
+            report["anchor"] = measure(f"http://127.0.0.1:{port}", model, args.tokens, args.clients)
+        finally:
+            proc.terminate()
+            proc.wait()
+    report["ceiling"] = batching_ceiling(model, args.clients, threads)
+    ours = report["ours"]
+    ours["ceiling_tps"] = report["ceiling"]["ceiling_factor"] * ours["tps_1"]
+    ours["of_ceiling"] = ours["aggregate_tps"] / ours["ceiling_tps"]
+    if "anchor" in report:
+        anchor = report["anchor"]
+        report["ratios"] = {"ttft_1": ours["ttft_1"] / anchor["ttft_1"], "tps_1": ours["tps_1"] / anchor["tps_1"],
+                            "aggregate_tps": ours["aggregate_tps"] / anchor["aggregate_tps"]}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
