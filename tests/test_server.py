@@ -20,6 +20,17 @@ API_KEY = "test-key-123"
 PARALLEL = 8
 
 
+class _Base(str):
+    """A server's base URL, with its process id."""
+
+    pid: int
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +58,8 @@ def _serve(model, tmp_path_factory, *flags):
         proc = subprocess.Popen(
             [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(model), "--port", str(port), *flags],
             stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    base = _Base(f"http://127.0.0.1:{port}")
+    base.pid = proc.pid
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -288,3 +300,25 @@ def test_a_full_queue_answers_429_and_the_rest_complete(small_server):
         else:
             assert reply["usage"]["completion_tokens"] >= 1
     assert _raw(small_server, "/v1/completions", body, None)[0] == 200
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
+def test_bounded_load_200_requests_16_clients_no_errors_no_rss_growth(server, client):
+    """200 short requests from 16 clients (twice the sequences: some wait in the queue)."""
+    def one(i):
+        if i % 2:
+            reply = client.completions.create(model=client.model_id, prompt=f"Item {i}: the", max_tokens=4,
+                                              temperature=0.7, seed=i)
+            return reply.choices[0].text
+        reply = client.chat.completions.create(
+            model=client.model_id, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=4)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        first = list(pool.map(one, range(50)))
+        rss_after_50 = _rss_kb(server.pid)
+        rest = list(pool.map(one, range(50, 200)))
+    rss_after_200 = _rss_kb(server.pid)
+    assert len(first) + len(rest) == 200 and all(isinstance(text, str) for text in first + rest)
+    assert rss_after_200 - rss_after_50 < 8 * 1024, (rss_after_50, rss_after_200)
+    assert _health(server)["running"] == 0
