@@ -12,10 +12,15 @@ tokens we report:
 - top-1 agreement: how often both models rank the same token first.
 
 A text shorter than two chunks is scored as one chunk.
+
+The report names the text and the number of tokens scored. A model quantized
+with an importance matrix records the hash of its calibration text; scoring
+it on that same text is refused, since the quantizer tuned the model to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -34,6 +39,9 @@ DEFAULT_CTX = 512
 
 class EvaluationError(ConversionError):
     """The models cannot be compared (different vocabularies, text too short, llama.cpp failure)."""
+
+
+SAMPLE_NAME = "the built-in evaluation text (eval_sample.txt)"
 
 
 def sample_text() -> str:
@@ -158,6 +166,8 @@ class QualityReport:
     size_bytes: int
     n_params: int
     label: str = ""  # e.g. the quant type
+    text_name: str = ""  # which text was scored
+    imatrix: str | None = None  # the importance matrix the model was quantized with (its file name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -168,7 +178,7 @@ class QualityReport:
         return (
             f"KL divergence {self.kl_divergence:.5f}, top-1 agreement {self.top1_agreement:.1%}, "
             f"perplexity {self.perplexity:.3f} (reference {self.reference_perplexity:.3f}) "
-            f"over {self.n_tokens} tokens"
+            f"over {self.n_tokens} tokens of {self.text_name or 'text'}"
         )
 
 
@@ -181,12 +191,15 @@ def compare(
     max_chunks: int | None = None,
     threads: int | None = None,
     label: str = "",
+    text_name: str | None = None,
 ) -> QualityReport:
     """Perplexity, KL divergence and top-1 agreement of `model` against `reference`."""
     model, reference = Path(model), Path(reference)
     info = gguf_check.check_gguf(model)
     gguf_check.check_gguf(reference)
+    text_name = text_name or (SAMPLE_NAME if text is None else "the given text")
     text = sample_text() if text is None else text
+    _refuse_calibration_text(info, text, text_name)
     totals = _Totals()
     # Both models are loaded at once (memory-mapped): each chunk is compared as it is evaluated.
     with (
@@ -218,7 +231,18 @@ def compare(
         size_bytes=model.stat().st_size,
         n_params=info.n_params,
         label=label,
+        text_name=text_name,
+        imatrix=info.metadata.get("quantize.imatrix.file"),
     )
+
+
+def _refuse_calibration_text(info: gguf_check.GGUFInfo, text: str, text_name: str) -> None:
+    calibrated_on = info.metadata.get("quantize.imatrix.text_sha256")
+    if calibrated_on and calibrated_on == hashlib.sha256(text.encode("utf-8")).hexdigest():
+        raise EvaluationError(
+            f"{info.path.name} was quantized with an importance matrix computed on {text_name}: "
+            "its quality must be measured on other text (--text FILE)"
+        )
 
 
 def _chunks(tokens: list[int], ctx: int, bos: int | None, max_chunks: int | None) -> list[list[int]]:
@@ -238,6 +262,7 @@ def _chunks(tokens: list[int], ctx: int, bos: int | None, max_chunks: int | None
 class LadderRow:
     label: str
     report: QualityReport
+    imatrix: bool = False
 
 
 @dataclass
@@ -246,6 +271,7 @@ class Ladder:
     reference_size: int
     reference_perplexity: float
     rows: list[LadderRow] = field(default_factory=list)
+    imatrix: Path | None = None
 
 
 def ladder(
@@ -256,23 +282,47 @@ def ladder(
     ctx: int = DEFAULT_CTX,
     max_chunks: int | None = None,
     imatrix: str | os.PathLike[str] | None = None,
+    without_imatrix: bool = False,
     threads: int | None = None,
+    text_name: str | None = None,
     on_row: Callable[[LadderRow], None] | None = None,
 ) -> Ladder:
-    """Quantize `reference` to each type (in a temp dir, deleted after) and measure each."""
+    """Quantize `reference` to each type (in a temp dir, deleted after) and measure each.
+
+    `imatrix` is a file or "auto" (computed once and cached, see convert.imatrix).
+    With `without_imatrix` too, each type is also measured without it (types that
+    cannot do without one are skipped there): the two curves of the plot.
+    """
     from convert.quantize import parse_quant_type, quantize
 
     reference = Path(reference)
     gguf_check.check_gguf(reference)
     types = [parse_quant_type(t) for t in quant_types]  # fail on a typo before any work
-    result = Ladder(reference, reference.stat().st_size, float("nan"))
+    if imatrix is not None and str(imatrix) == "auto":
+        from convert.imatrix import auto_imatrix
+
+        imatrix = auto_imatrix(reference, threads=threads)
+    if imatrix is not None:  # a bad file, or one made on the evaluation text, fails before any work
+        from convert.imatrix_file import ImatrixFileError, read_imatrix
+
+        try:
+            calibrated_on = read_imatrix(imatrix).text_sha256
+        except ImatrixFileError as exc:
+            raise ConversionError(str(exc)) from None
+        scored = sample_text() if text is None else text
+        if calibrated_on == hashlib.sha256(scored.encode("utf-8")).hexdigest():
+            raise EvaluationError(f"{imatrix} was computed on the evaluation text: measure on other text (--text FILE)")
+    result = Ladder(reference, reference.stat().st_size, float("nan"), imatrix=Path(imatrix) if imatrix else None)
+    runs = [(False, t) for t in types if not t.needs_imatrix] if without_imatrix or imatrix is None else []
+    runs += [(True, t) for t in types] if imatrix is not None else []
     with tempfile.TemporaryDirectory(prefix="alpaca-ladder-", dir=reference.parent) as tmp:
-        for qtype in types:
+        for weighted, qtype in runs:
             out = Path(tmp) / f"{reference.stem}.{qtype.name}.gguf"
-            quantize(reference, out, qtype.name, imatrix=imatrix, threads=threads)
-            report = compare(out, reference, text, ctx=ctx, max_chunks=max_chunks, threads=threads, label=qtype.name)
+            quantize(reference, out, qtype.name, imatrix=imatrix if weighted else None, threads=threads)
+            report = compare(out, reference, text, ctx=ctx, max_chunks=max_chunks, threads=threads,
+                             label=qtype.name, text_name=text_name)
             out.unlink()
-            row = LadderRow(qtype.name, report)
+            row = LadderRow(qtype.name, report, weighted)
             result.rows.append(row)
             result.reference_perplexity = report.reference_perplexity
             if on_row is not None:
@@ -281,11 +331,14 @@ def ladder(
 
 
 def format_table(reports: Sequence[QualityReport], reference_size: int | None = None) -> str:
-    header = f"{'type':<10} {'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>8} {'KLD':>9} {'top-1':>7}"
+    marks = any(r.imatrix for r in reports)
+    header = f"{'type':<10} {'imatrix':>7} " if marks else f"{'type':<10} "
+    header += f"{'size':>10} {'bpw':>6} {'PPL':>9} {'ΔPPL':>8} {'KLD':>9} {'top-1':>7}"
     lines = [header, "-" * len(header)]
     for r in reports:
+        mark = f"{'yes' if r.imatrix else 'no':>7} " if marks else ""
         lines.append(
-            f"{r.label or r.model.name:<10} {_mib(r.size_bytes):>10} {r.bits_per_weight:>6.2f} "
+            f"{r.label or r.model.name:<10} {mark}{_mib(r.size_bytes):>10} {r.bits_per_weight:>6.2f} "
             f"{r.perplexity:>9.3f} {r.perplexity - r.reference_perplexity:>+8.3f} "
             f"{r.kl_divergence:>9.5f} {r.top1_agreement:>7.1%}"
         )
@@ -293,6 +346,7 @@ def format_table(reports: Sequence[QualityReport], reference_size: int | None = 
         ref = reports[0]
         size = f", {_mib(reference_size)}" if reference_size else ""
         lines.append(f"reference {ref.reference.name}{size}: PPL {ref.reference_perplexity:.3f}")
+        lines.append(f"measured on {ref.n_tokens} tokens of {ref.text_name or 'text'}")
     return "\n".join(lines)
 
 
@@ -311,13 +365,19 @@ def plot_ladder(result: Ladder, png: str | os.PathLike[str]) -> Path:
         raise ConversionError("the plot needs matplotlib (pip install 'alpaca-chat[convert]')") from None
     from convert.atomic import atomic_output
 
-    rows = sorted(result.rows, key=lambda r: r.report.size_bytes)
-    sizes = [r.report.size_bytes / 2**20 for r in rows]
-    klds = [max(r.report.kl_divergence, 1e-6) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot(sizes, klds, "o-", color="#1f6feb")
-    for size, kld, row in zip(sizes, klds, rows):
-        ax.annotate(row.label, (size, kld), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    curves = [(False, "without an importance matrix", "#8c959f"), (True, "with the importance matrix", "#1f6feb")]
+    for weighted, name, colour in curves:
+        rows = sorted((r for r in result.rows if r.imatrix == weighted), key=lambda r: r.report.size_bytes)
+        if not rows:
+            continue
+        sizes = [r.report.size_bytes / 2**20 for r in rows]
+        klds = [max(r.report.kl_divergence, 1e-6) for r in rows]
+        ax.plot(sizes, klds, "o-", color=colour, label=name)
+        for size, kld, row in zip(sizes, klds, rows):
+            ax.annotate(row.label, (size, kld), textcoords="offset points", xytext=(5, 5), fontsize=8, color=colour)
+    if len({r.imatrix for r in result.rows}) > 1:
+        ax.legend()
     ax.set_yscale("log")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(f"mean KL divergence vs {result.reference.name}")

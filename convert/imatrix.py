@@ -200,6 +200,41 @@ def _resume(path: Path, result: Imatrix, total: int) -> int:
     return previous.chunk_count
 
 
+# -- --imatrix auto: computed once per model, cached ------------------------------------
+
+Note = Callable[[str], None]
+
+
+def auto_imatrix(
+    model: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    note: Note | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """The importance matrix of the GGUF `model` on the built-in calibration text, from the cache
+    (keyed by the model file's sha256 and the text's), computing it the first time."""
+    model = Path(model)
+    model_hash = file_sha256(model)
+    text = calibration_text()
+    path = cache_dir() / f"{model_hash[:32]}-{text_sha256(text)[:12]}-{DEFAULT_CTX}.imatrix.gguf"
+    if path.exists():
+        try:
+            cached = read_imatrix(path)
+            if cached.model_sha256 == model_hash:
+                if note is not None:
+                    note(f"importance matrix of {model.name}: {path} (cached)")
+                return path
+        except ImatrixFileError:
+            pass  # damaged: computed again
+    if note is not None:
+        note(f"computing the importance matrix of {model.name} on the {CALIBRATION_NAME}; cached in {path.parent}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imatrix = compute(model, threads=threads, progress=progress, model_sha256=model_hash)
+    write_imatrix(imatrix, path)
+    return path
+
+
 # -- llama.cpp -------------------------------------------------------------------------
 
 

@@ -129,10 +129,11 @@ def _read_gguf(path: Path) -> Imatrix:
     except (InvalidModelFileError, ModelNotFoundError) as exc:
         raise ImatrixFileError(f"{path} is not a valid importance matrix: {_after_name(str(exc), path)}") from None
     md = parsed.metadata
-    if "general.architecture" in md or md.get(KEY_TYPE, "imatrix") != "imatrix":
-        raise ImatrixFileError(f"{path} is a model file, not an importance matrix (make one with alpaca-convert imatrix)")
     shapes = {t.name: (t.shape, t.ggml_type) for t in parsed.tensors}
     bases = {name[: -len(_SUMS)] for name in shapes if name.endswith(_SUMS)}
+    model_file = md.get("general.architecture", "imatrix") != "imatrix" or md.get(KEY_TYPE, "imatrix") != "imatrix"
+    if model_file or (not bases and shapes):
+        raise ImatrixFileError(f"{path} is a model file, not an importance matrix (make one with alpaca-convert imatrix)")
     if not bases:
         raise ImatrixFileError(f"{path} contains no importance data")
     for base in sorted(bases):
@@ -170,9 +171,11 @@ def _strings(reader, key: str) -> list[str]:
 
 
 def _after_name(message: str, path: Path) -> str:
+    """The parser's reason without the file name it starts with ("X is truncated" -> "the file is truncated")."""
     for prefix in (f"{path}: ", f"{path} "):
         if message.startswith(prefix):
-            return message[len(prefix):]
+            reason = message[len(prefix):]
+            return f"the file {reason}" if reason.split(" ", 1)[0] in ("is", "has") else reason
     return message
 
 
@@ -208,12 +211,13 @@ def _read_legacy(path: Path) -> Imatrix:
         data.sums[name] = values.reshape(1, -1)
         data.counts[name] = np.array([ncall if ncall > 0 else 1], dtype=np.int64)  # ncall 0: stored as is
     chunk_count, datasets = 0, []
-    if pos < len(raw):  # optional trailer: chunk count and the dataset's name
+    if pos < len(raw):  # optional trailer: the chunk count, then optionally the dataset's name
         chunk_count = int(take("<i4")[0])
-        length = int(take("<i4")[0])
-        if not 0 <= length < 1 << 16:
-            raise ValueError(f"bad dataset name length {length}")
-        datasets = [take("u1", length).tobytes().decode("utf-8", errors="replace")] if length else []
+        if pos < len(raw):
+            length = int(take("<i4")[0])
+            if not 0 <= length < 1 << 16:
+                raise ValueError(f"bad dataset name length {length}")
+            datasets = [take("u1", length).tobytes().decode("utf-8", errors="replace")] if length else []
     if pos != len(raw):
         raise ValueError(f"{len(raw) - pos} unexpected bytes at the end")
     return Imatrix(data, chunk_count=chunk_count, datasets=datasets)

@@ -4,7 +4,10 @@ No quantization code of our own: the bytes are the ones llama.cpp's
 `llama-quantize` would write with the same input, type and importance matrix.
 We add what the C API leaves to its callers: the type table, an early
 check that the input is a sound GGUF and that types needing an importance
-matrix get one, the imatrix file reader, a progress callback fed from
+matrix get one, the importance matrix (a file, or `auto`: computed once by
+`convert.imatrix` and cached by the model's hash), checked against the model
+before anything is written, tensors kept at a higher type (`--keep-tensor
+PATTERN=TYPE`, llama.cpp's tensor type overrides), a progress callback fed from
 llama.cpp's log, provenance metadata, and an atomic output file.
 
 The quantizer runs in a worker thread so that Ctrl+C is handled at once: the
@@ -18,16 +21,17 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from alpaca_chat import gguf_check
-from alpaca_chat.errors import ConversionError
+from alpaca_chat.errors import ConversionError, UsageError
 from convert import provenance
 from convert.atomic import atomic_output, check_writable
+from convert.imatrix_file import Imatrix, ImatrixFileError, read_imatrix
 
 
 class QuantizeError(ConversionError):
@@ -117,30 +121,45 @@ def quantize(
     quant_type: str,
     *,
     imatrix: str | os.PathLike[str] | None = None,
+    keep_tensors: Sequence[str] = (),
+    allow_requantize: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
-    """Quantize the GGUF `input` to `quant_type`, writing `output` atomically."""
+    """Quantize the GGUF `input` to `quant_type`, writing `output` atomically.
+
+    `imatrix`: an importance matrix file, or "auto" (computed on `input` with the
+    built-in calibration text the first time, then taken from the cache).
+    `keep_tensors`: "PATTERN=TYPE" items; tensors whose name the regular
+    expression matches are stored as TYPE (a ggml type such as Q8_0 or F16).
+    `allow_requantize`: accept an already quantized input (llama-quantize's
+    --allow-requantize; the result carries both roundings).
+    """
     qtype = parse_quant_type(quant_type)
     if qtype.needs_imatrix and imatrix is None:
         raise QuantizeError(
-            f"{qtype.name} needs an importance matrix: pass --imatrix FILE (made by llama-imatrix), "
-            "or choose a K-quant such as Q4_K_M"
+            f"{qtype.name} needs an importance matrix: pass --imatrix auto (or a file made by "
+            "alpaca-convert imatrix), or choose a K-quant such as Q4_K_M"
         )
     input, output = Path(input), Path(output)
-    gguf_check.check_gguf(input)  # a corrupt file gets a one-line error, not a crash in C++
+    info = gguf_check.check_gguf(input)  # a corrupt file gets a one-line error, not a crash in C++
     check_writable(output)
     if output.exists() and output.resolve() == input.resolve():
         raise QuantizeError(f"the output {output} would overwrite the input")
-    matrix = load_imatrix(imatrix) if imatrix is not None else None
+    overrides = parse_keep_tensors(keep_tensors, info)
+    if imatrix is not None and str(imatrix) == "auto":
+        from convert.imatrix import auto_imatrix
+
+        imatrix = auto_imatrix(input, threads=threads)
+    loaded = _load_checked(imatrix, info) if imatrix is not None else None
 
     started = time.perf_counter()
     with atomic_output(output) as tmp:
-        _run_quantizer(input, tmp, qtype, matrix, imatrix, threads, progress)
+        _run_quantizer(input, tmp, qtype, loaded, imatrix, overrides, allow_requantize, threads, progress)
     return QuantizeResult(output, qtype.name, input.stat().st_size, output.stat().st_size, time.perf_counter() - started)
 
 
-def _run_quantizer(input, tmp, qtype, matrix, imatrix_path, threads, progress) -> None:
+def _run_quantizer(input, tmp, qtype, loaded, imatrix_path, overrides, requantize, threads, progress) -> None:
     import llama_cpp
 
     from convert import llama_log
@@ -148,10 +167,13 @@ def _run_quantizer(input, tmp, qtype, matrix, imatrix_path, threads, progress) -
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype
     params.nthread = threads or _cores()
+    params.allow_requantize = requantize
     keep = []  # ctypes buffers that must outlive the call
-    if matrix:
-        params.imatrix = _imatrix_array(matrix, keep)
-    params.kv_overrides = _kv_overrides(qtype, imatrix_path, len(matrix or ()), keep)
+    if loaded is not None:
+        params.imatrix = _imatrix_array(loaded.means(), keep)
+    if overrides:
+        params.tt_overrides = _tensor_overrides(overrides, keep)
+    params.kv_overrides = _kv_overrides(qtype, imatrix_path, loaded, keep)
 
     errors: list[str] = []
 
@@ -196,7 +218,10 @@ def _cores() -> int:
     return physical_cores()
 
 
-def _kv_overrides(qtype: QuantType, imatrix_path, n_entries: int, keep: list):
+KEY_IMATRIX_TEXT = "quantize.imatrix.text_sha256"  # ours: lets an evaluation refuse the calibration text
+
+
+def _kv_overrides(qtype: QuantType, imatrix_path, loaded: Imatrix | None, keep: list):
     """general.* provenance (and the imatrix facts llama-quantize records), as llama.cpp KV overrides."""
     import llama_cpp
 
@@ -204,8 +229,16 @@ def _kv_overrides(qtype: QuantType, imatrix_path, n_entries: int, keep: list):
         (provenance.KEY_QUANT_TYPE, qtype.name),
         (provenance.KEY_CONVERTER, provenance.converter_version()),
     ]
-    if imatrix_path is not None:
-        values += [("quantize.imatrix.file", Path(imatrix_path).name), ("quantize.imatrix.entries_count", n_entries)]
+    if loaded is not None:
+        values += [
+            ("quantize.imatrix.file", Path(imatrix_path).name),
+            ("quantize.imatrix.entries_count", len(loaded.data.sums)),
+            ("quantize.imatrix.chunks_count", loaded.chunk_count),
+        ]
+        if loaded.datasets:
+            values.append(("quantize.imatrix.dataset", loaded.datasets[0]))
+        if loaded.text_sha256:
+            values.append((KEY_IMATRIX_TEXT, loaded.text_sha256))
     array = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
     for item, (key, value) in zip(array, values):
         item.key = key.encode()[:127]
@@ -224,71 +257,88 @@ def _kv_overrides(qtype: QuantType, imatrix_path, n_entries: int, keep: list):
 
 
 def load_imatrix(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Per-tensor importance (mean squared activations) from a llama-imatrix file.
+    """Per-tensor importance (mean squared activations) from an imatrix file (GGUF or legacy .dat)."""
+    try:
+        return read_imatrix(path).means()
+    except ImatrixFileError as exc:
+        raise QuantizeError(str(exc)) from None
 
-    Reads both formats llama-imatrix writes: GGUF (`NAME.in_sum2` and
-    `NAME.counts` tensors, normalized by the counts per expert) and the legacy
-    `.dat` (sums already averaged over calls).
+
+def _load_checked(path, info: gguf_check.GGUFInfo) -> Imatrix:
+    """The imatrix at `path`, refused unless it was made for this model's weight matrices.
+
+    llama.cpp skips a tensor whose name it does not find and aborts on a size
+    mismatch halfway through the output; a foreign file is refused here instead,
+    before anything is written.
     """
-    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise QuantizeError(f"cannot read the importance matrix {path}: {exc.strerror or exc}") from None
-    try:
-        data = _imatrix_gguf(path) if magic == b"GGUF" else _imatrix_legacy(path)
-    except (ValueError, KeyError, IndexError, OSError) as exc:
-        raise QuantizeError(f"{path} is not a valid importance matrix: {exc}") from None
-    if not data:
-        raise QuantizeError(f"{path} contains no importance data")
-    for name, values in data.items():
-        if not np.all(np.isfinite(values)):
-            raise QuantizeError(f"{path}: the importance data of {name} is not finite")
-    return data
+        loaded = read_imatrix(path)
+    except ImatrixFileError as exc:
+        raise QuantizeError(str(exc)) from None
+    shapes = {t.name: t.shape for t in _tensors(info.path)}
+    model = info.path.name
+    covered = 0
+    for name, values in loaded.means().items():
+        if name not in shapes:
+            raise QuantizeError(f"{path} is not an importance matrix of {model}: it has {name}, which {model} has not")
+        shape = shapes[name]
+        size = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        if values.size != size:
+            raise QuantizeError(
+                f"{path} is not an importance matrix of {model}: {values.size} values for {name}, which takes {size}"
+            )
+        covered += 1
+    if not covered:
+        raise QuantizeError(f"{path} has no entry for any weight of {model}")
+    return loaded
 
 
-def _imatrix_gguf(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader
+def _tensors(path: Path):
+    from alpaca_chat.gguf_parse import parse_file
 
-    reader = GGUFReader(path)
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    data = {}
-    for name, sums in tensors.items():
-        if not name.endswith(".in_sum2"):
-            continue
-        base = name[: -len(".in_sum2")]
-        counts = tensors[base + ".counts"].reshape(-1)
-        sums = sums.reshape(len(counts), -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(counts[:, None] > 0, sums / counts[:, None], 1.0)
-        data[base] = values.reshape(-1).astype(np.float32)
-    return data
+    return parse_file(path).tensors
 
 
-def _imatrix_legacy(path: Path) -> dict[str, np.ndarray]:
-    raw = path.read_bytes()
-    pos = 0
+# -- tensors kept at a higher type -------------------------------------------------
 
-    def take(fmt: str, count: int = 1):
-        nonlocal pos
-        values = np.frombuffer(raw, dtype=fmt, count=count, offset=pos)
-        pos += values.nbytes
-        return values
 
-    n_entries = int(take("<i4")[0])
-    if not 0 < n_entries < 1 << 20:
-        raise ValueError(f"bad entry count {n_entries}")
-    data = {}
-    for _ in range(n_entries):
-        name_len = int(take("<i4")[0])
-        name = raw[pos : pos + name_len].decode("utf-8")
-        pos += name_len
-        ncall = int(take("<i4")[0])
-        nval = int(take("<i4")[0])
-        values = take("<f4", nval).astype(np.float32)
-        data[name] = values / ncall if ncall > 0 else values
-    return data
+def parse_keep_tensors(items: Sequence[str], info: gguf_check.GGUFInfo | None = None) -> list[tuple[str, int]]:
+    """"PATTERN=TYPE" -> (regular expression, ggml type). With `info`, every pattern must match a tensor."""
+    import gguf
+
+    overrides = []
+    names = [t.name for t in _tensors(info.path)] if info is not None else []
+    for item in items:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise UsageError(f"--keep-tensor wants PATTERN=TYPE (e.g. attn_v=Q8_0), not {item!r}")
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--keep-tensor: {pattern!r} is not a regular expression: {exc}") from None
+        try:
+            ggml_type = gguf.GGMLQuantizationType[type_name.strip().upper()]
+        except KeyError:
+            known = ", ".join(t.name for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32", "I64"))
+            raise UsageError(f"--keep-tensor: unknown tensor type {type_name!r}; choose one of: {known}") from None
+        if info is not None and not any(regex.search(name) for name in names):
+            raise UsageError(f"--keep-tensor: {pattern!r} matches no tensor of {info.path.name}")
+        overrides.append((pattern, int(ggml_type)))
+    return overrides
+
+
+def _tensor_overrides(overrides: list[tuple[str, int]], keep: list):
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for item, (pattern, ggml_type) in zip(array, overrides):
+        encoded = pattern.encode()
+        keep.append(encoded)
+        item.pattern = encoded
+        item.type = ggml_type
+    array[len(overrides)].pattern = None  # terminator
+    keep.append(array)
+    return ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
 
 
 def _imatrix_array(matrix: dict[str, np.ndarray], keep: list):

@@ -124,3 +124,150 @@ def test_imatrix_matches_torch_hooks(tiny_builds, case):
         assert all(ours.data.counts[name].sum() == 2 * 3 * CTX for name in exps), "2 experts per token"
     if case.endswith("tied"):
         assert "token_embd.weight" in ours.data.sums and "output.weight" not in ours.data.sums
+
+
+# -- the file: our reader, llama.cpp's reader, llama.cpp's quantizer --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_imatrix(tiny_builds, tmp_path_factory):
+    from convert import imatrix
+
+    _, f32, f16 = tiny_builds.get("mixtral-spm")
+    path = tmp_path_factory.mktemp("imatrix") / "mixtral.imatrix.gguf"
+    made = imatrix.compute_file(f32, path, training_text(), text_name="training_text", ctx=CTX, chunks=2,
+                                resumable=False)
+    return made, path, f16
+
+
+def _llama_cpp_read(path):
+    """Our file through llama.cpp's own GGUF reader (libggml's gguf_init_from_file): keys and tensors."""
+    import ctypes
+
+    from convert.imatrix_ggml import GgmlTensor, _ggml
+
+    lib = _ggml().lib
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    for name, res, args in [
+        ("gguf_find_key", ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
+        ("gguf_get_val_u32", ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_int64]),
+        ("gguf_get_val_str", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+        ("gguf_get_arr_n", ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
+        ("gguf_get_arr_str", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]),
+        ("gguf_get_n_tensors", ctypes.c_int64, [ctypes.c_void_p]),
+        ("gguf_get_tensor_name", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+        ("gguf_get_tensor_type", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+        ("ggml_get_tensor", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+        ("gguf_free", None, [ctypes.c_void_p]),
+        ("ggml_free", None, [ctypes.c_void_p]),
+    ]:
+        getattr(lib, name).restype = res
+        getattr(lib, name).argtypes = args
+    ggml_ctx = ctypes.c_void_p()
+    gguf_ctx = lib.gguf_init_from_file(str(path).encode(), InitParams(False, ctypes.pointer(ggml_ctx)))
+    assert gguf_ctx, "llama.cpp's reader refused the file"
+    try:
+        key = lambda k: lib.gguf_find_key(gguf_ctx, k.encode())  # noqa: E731
+        keys = {
+            "general.type": lib.gguf_get_val_str(gguf_ctx, key("general.type")).decode(),
+            "imatrix.chunk_count": lib.gguf_get_val_u32(gguf_ctx, key("imatrix.chunk_count")),
+            "imatrix.chunk_size": lib.gguf_get_val_u32(gguf_ctx, key("imatrix.chunk_size")),
+            "imatrix.datasets": [
+                lib.gguf_get_arr_str(gguf_ctx, key("imatrix.datasets"), i).decode()
+                for i in range(lib.gguf_get_arr_n(gguf_ctx, key("imatrix.datasets")))
+            ],
+        }
+        tensors = {}
+        for i in range(lib.gguf_get_n_tensors(gguf_ctx)):
+            name = lib.gguf_get_tensor_name(gguf_ctx, i)
+            assert lib.gguf_get_tensor_type(gguf_ctx, i) == 0, "F32"
+            t = GgmlTensor.from_address(lib.ggml_get_tensor(ggml_ctx, name))
+            n = int(np.prod([t.ne[d] for d in range(4)]))
+            values = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), shape=(n,)).copy()
+            tensors[name.decode()] = values.reshape(int(t.ne[1]), int(t.ne[0]))
+        return keys, tensors
+    finally:
+        lib.gguf_free(gguf_ctx)
+        lib.ggml_free(ggml_ctx)
+
+
+def test_imatrix_file_round_trips_through_our_reader_and_llama_cpp(tiny_imatrix):
+    from convert.imatrix_file import read_imatrix
+    from convert.quantize import load_imatrix
+
+    made, path, _ = tiny_imatrix
+    back = read_imatrix(path)
+    assert set(back.data.sums) == set(made.data.sums)
+    for name in made.data.sums:
+        np.testing.assert_allclose(back.data.sums[name], made.data.sums[name], rtol=1e-6)
+        np.testing.assert_array_equal(back.data.counts[name], made.data.counts[name])
+    assert (back.chunk_count, back.chunk_size, back.datasets) == (2, CTX, ["training_text"])
+    assert back.text_sha256 == made.text_sha256 and back.model_sha256 == made.model_sha256
+    means = load_imatrix(path)
+    assert means.keys() == made.means().keys()
+
+    keys, tensors = _llama_cpp_read(path)
+    assert keys == {"general.type": "imatrix", "imatrix.chunk_count": 2, "imatrix.chunk_size": CTX,
+                    "imatrix.datasets": ["training_text"]}
+    assert set(tensors) == {f"{n}.{part}" for n in made.data.sums for part in ("in_sum2", "counts")}
+    for name, sums in made.data.sums.items():
+        np.testing.assert_allclose(tensors[f"{name}.in_sum2"], sums, rtol=1e-6)
+        np.testing.assert_array_equal(tensors[f"{name}.counts"][:, 0], made.data.counts[name])
+    assert tensors["blk.0.ffn_down_exps.weight.in_sum2"].shape[0] == 4, "one row of sums per expert"
+
+
+def test_llama_cpp_quantizes_with_our_imatrix(tiny_imatrix, tmp_path):
+    from convert.quantize import quantize
+    from convert_helpers import gguf_fields, gguf_tensors
+
+    _, path, f16 = tiny_imatrix
+    plain = quantize(f16, tmp_path / "plain.gguf", "Q4_0").path
+    weighted = quantize(f16, tmp_path / "weighted.gguf", "Q4_0", imatrix=path).path
+    a, b = gguf_tensors(plain), gguf_tensors(weighted)
+    changed = [name for name in a if a[name][0] == "Q4_0" and not np.array_equal(a[name][2], b[name][2])]
+    assert "blk.0.ffn_down_exps.weight" in changed and "blk.1.attn_q.weight" in changed
+    fields = gguf_fields(weighted)
+    assert fields["quantize.imatrix.file"] == path.name
+    assert fields["quantize.imatrix.chunks_count"] == 2 and fields["quantize.imatrix.dataset"] == "training_text"
+
+
+# -- bad files: one line, exit 1, nothing written ------------------------------------------------
+
+
+def _run(capsys, *argv):
+    from convert.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_truncated_foreign_or_model_imatrix_is_one_line_and_nothing_is_written(tiny_builds, tiny_imatrix, tmp_path,
+                                                                               capsys):
+    _, good, _ = tiny_imatrix  # made on the tiny Mixtral
+    _, _, llama_f16 = tiny_builds.get("llama-spm-gqa")
+    truncated = tmp_path / "truncated.gguf"
+    raw = good.read_bytes()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    capsys.readouterr()
+    cases = {
+        truncated: "not a valid importance matrix",
+        good: "is not an importance matrix of",  # foreign: the Mixtral's experts are not the Llama's
+        llama_f16: "is a model file, not an importance matrix",
+    }
+    for cut in (len(raw) // 3, len(raw) - 40, 100):  # in the tensors, in the last one, in the header
+        truncated.write_bytes(raw[:cut])
+        for bad, message in cases.items():
+            code, err = _run(capsys, "quantize", llama_f16, "--type", "Q4_0", "--imatrix", bad,
+                             "-o", out_dir / "q.gguf", "--no-eval")
+            assert code == 1, (bad, err)
+            errors = [line for line in err if line.startswith("alpaca-convert: error:")]
+            assert len(errors) == 1 and message in errors[0], err
+            assert not any("Traceback" in line for line in err)
+            assert list(out_dir.iterdir()) == [], "nothing written"
