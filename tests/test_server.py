@@ -322,3 +322,42 @@ def test_bounded_load_200_requests_16_clients_no_errors_no_rss_growth(server, cl
     assert len(first) + len(rest) == 200 and all(isinstance(text, str) for text in first + rest)
     assert rss_after_200 - rss_after_50 < 8 * 1024, (rss_after_50, rss_after_200)
     assert _health(server)["running"] == 0
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}}, "required": ["zone"]}}}
+
+
+def test_tool_calls_required_named_streamed_and_answered(client):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model=client.model_id, messages=messages, tools=[WEATHER, TIME],
+                                           tool_choice="required", max_tokens=64, temperature=0.8, seed=3)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    schema = WEATHER if call.function.name == "get_weather" else TIME
+    jsonschema.validate(json.loads(call.function.arguments), schema["function"]["parameters"])
+
+    named = client.chat.completions.create(model=client.model_id, messages=messages, tools=[WEATHER, TIME],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           max_tokens=48, temperature=0)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+
+    chunks = list(client.chat.completions.create(model=client.model_id, messages=messages, tools=[WEATHER],
+                                                 tool_choice="required", max_tokens=64, temperature=0, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["get_weather"] and deltas[0].id
+    jsonschema.validate(json.loads(deltas[0].function.arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the call and its result sent back: an ordinary answer follows
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    answer = client.chat.completions.create(model=client.model_id, messages=messages, tools=[WEATHER, TIME],
+                                            tool_choice="none", max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls

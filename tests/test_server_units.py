@@ -1,5 +1,6 @@
 """`alpaca-chat serve`'s pure parts: request checking, the bind-address rule, lazy imports."""
 
+import json
 import subprocess
 import sys
 
@@ -63,3 +64,37 @@ def test_prompt_path_does_not_import_the_server_stack():
     code = ("import sys; import alpaca_chat.cli as c; c.build_parser().parse_args(['--prompt', 'x']); "
             "print(any(m.split('.')[0] in ('starlette', 'uvicorn') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tool_calls_are_parsed_out_of_the_reply():
+    from alpaca_chat.server.tools import parse_calls
+
+    content, calls = parse_calls('Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+                                 '<tool_call>not json</tool_call>')
+    assert content == "Sure.\n\n<tool_call>not json</tool_call>"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("f", {"x": 1})]
+    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    assert parse_calls("plain text") == ("plain text", [])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [], "tool_choice": "auto"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_bad_tools_name_their_param(body, param):
+    with pytest.raises(ApiError) as caught:
+        parse_chat({"messages": [{"role": "user", "content": "x"}], **body}, 100)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_tool_messages_render_as_hermes_turns():
+    parsed = parse_chat({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]}, 100)
+    assert parsed.messages[1].content == '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>'
+    assert (parsed.messages[2].role, parsed.messages[2].content) == ("user", "<tool_response>\n42\n</tool_response>")

@@ -19,9 +19,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from alpaca_chat.conversation import SamplingParams
+from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import AlpacaChatError, UsageError
 from alpaca_chat.server.scheduler import QueueFull, Scheduler
+from alpaca_chat.server import tools
 from alpaca_chat.server.schemas import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
 
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "length": "length",
@@ -117,6 +118,12 @@ class _Api:
     async def _chat(self, request: Request) -> Response:
         parsed = parse_chat(await self._body(request), self.config.max_tokens_limit)
         self._check_model(parsed)
+        if parsed.tools is not None:  # described in the system prompt, as Hermes-style templates do
+            described = tools.system_text(parsed.tools)
+            if parsed.messages[0].role == "system":
+                described = f"{parsed.messages[0].content}\n\n{described}"
+                parsed.messages = parsed.messages[1:]
+            parsed.messages = [Message("system", described), *parsed.messages]
         try:
             prompt = self.template.render(parsed.messages)
         except AlpacaChatError as exc:
@@ -178,12 +185,18 @@ class _Api:
                                  "grammar": self._grammar(parsed)})
 
     def _grammar(self, parsed: GenerationRequest) -> str | None:
-        if parsed.response_format is None:
+        forced = parsed.tools is not None and parsed.tools.forced
+        if parsed.response_format is None and not forced:
             return None
         if self._grammars is None:
             from alpaca_chat.engine import grammar
 
             self._grammars = grammar
+        if forced:
+            try:
+                return self._grammars.tool_call_grammar(parsed.tools.call_schema())
+            except UsageError as exc:
+                raise ApiError(400, str(exc), param="tools") from exc
         kind, schema = parsed.response_format
         if kind == "json_object":
             return self._grammars.JSON_OBJECT_GRAMMAR
@@ -203,7 +216,7 @@ class _Api:
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
                            code="queue_full") from exc
-        reply = _Reply(self.config.model_id, chat)
+        reply = _Reply(self.config.model_id, chat, parsed.tools is not None)
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
         if parsed.stream:
             return StreamingResponse(self._events(stream, reply, parsed, watcher), media_type="text/event-stream",
@@ -220,9 +233,21 @@ class _Api:
         try:
             if reply.chat:
                 yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+            held = []  # with tools, the reply is parsed whole before it is sent
             async for delta in stream:
-                yield _sse(reply.chunk({"content": delta} if reply.chat else delta))
-            yield _sse(reply.chunk({} if reply.chat else "", FINISH_REASONS[stream.stats.stop_reason]))
+                if reply.tools:
+                    held.append(delta)
+                else:
+                    yield _sse(reply.chunk({"content": delta} if reply.chat else delta))
+            finish = FINISH_REASONS[stream.stats.stop_reason]
+            if reply.tools:
+                content, calls = tools.parse_calls("".join(held))
+                if content:
+                    yield _sse(reply.chunk({"content": content}))
+                if calls:
+                    finish = "tool_calls"
+                    yield _sse(reply.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}))
+            yield _sse(reply.chunk({} if reply.chat else "", finish))
             if parsed.include_usage:
                 yield _sse({**reply.head("chunk"), "choices": [], "usage": _usage(stream.stats)})
             yield b"data: [DONE]\n\n"
@@ -255,8 +280,9 @@ def _usage(stats) -> dict:
 class _Reply:
     """The response objects of one request (chat.completion or text_completion)."""
 
-    def __init__(self, model_id: str, chat: bool):
+    def __init__(self, model_id: str, chat: bool, tools: bool = False):
         self.chat = chat
+        self.tools = tools
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_id = model_id
@@ -273,8 +299,12 @@ class _Reply:
     def whole(self, text: str, stats) -> dict:
         finish = FINISH_REASONS[stats.stop_reason]
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            message = {"role": "assistant", "content": text}
+            if self.tools:
+                message["content"], calls = tools.parse_calls(text)
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {**self.head(), "choices": [choice], "usage": _usage(stats)}

@@ -15,7 +15,7 @@ from alpaca_chat.errors import UsageError
 # the chat's otherwise.
 API_SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
 MAX_STOP_STRINGS = 4
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
 
 
 class ApiError(Exception):
@@ -48,6 +48,7 @@ class GenerationRequest:
     prompt: str = ""  # completions
     # response_format: None, ("json_object", None) or ("json_schema", schema dict)
     response_format: tuple[str, dict | None] | None = None
+    tools: Any = None  # tools.ToolSpec: the tools the reply may (or must) call
 
 
 def parse_json(raw: bytes) -> dict:
@@ -67,6 +68,11 @@ def parse_chat(body: dict, max_tokens_limit: int) -> GenerationRequest:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     request.messages = [_message(m, i) for i, m in enumerate(messages)]
     request.response_format = _response_format(body.get("response_format"))
+    from alpaca_chat.server.tools import parse_tools
+
+    request.tools = parse_tools(body)
+    if request.tools is not None and request.tools.forced and request.response_format is not None:
+        raise ApiError(400, "use either response_format or a required tool call, not both", param="tool_choice")
     return request
 
 
@@ -154,6 +160,13 @@ def _message(raw, index: int) -> Message:
         content = "".join(parts)
     if not isinstance(content, str):
         raise ApiError(400, f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
+    if role == "tool" or (role == "assistant" and raw.get("tool_calls")):
+        from alpaca_chat.server import tools
+
+        if role == "tool":
+            content = tools.tool_result_text(content)
+        else:
+            content = "\n".join(part for part in (content, tools.calls_text(raw["tool_calls"])) if part)
     return Message(ROLES[role], content)
 
 
