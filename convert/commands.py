@@ -1,4 +1,5 @@
-"""alpaca-convert's own commands: export, quantize, eval, inspect, generate and the default `convert`.
+"""alpaca-convert's own commands: export, quantize, eval, inspect, generate and the default `convert`
+(`imatrix` and what quantizing shares with it: convert/quant_commands.py).
 
     register(subparsers, common)   adds their parsers; each sets `run` to its handler
 
@@ -19,13 +20,16 @@ from alpaca_chat.errors import UsageError
 
 PROG = "alpaca-convert"
 DEFAULT_COMMAND = "convert"
-COMMANDS = (DEFAULT_COMMAND, "export", "quantize", "eval", "inspect", "generate")
+COMMANDS = (DEFAULT_COMMAND, "export", "quantize", "imatrix", "eval", "inspect", "generate")
 
 
 def register(sub, common) -> None:
+    from convert import quant_commands
+
     _add_convert(sub, common)
     _add_export(sub, common)
     _add_quantize(sub, common)
+    quant_commands.register(sub, common)
     _add_eval(sub, common)
     _add_inspect(sub, common)
     _add_generate(sub, common)
@@ -44,7 +48,10 @@ def _add_convert(sub, common) -> None:
     )
     _checkpoint_args(p)
     p.add_argument("-q", "--quant", nargs="+", required=True, metavar="TYPE",
-                   help="quantization type(s), e.g. Q4_K_M Q8_0")
+                   help="quantization type(s), e.g. Q4_K_M Q8_0; or auto: the smallest type whose KL divergence "
+                   "against the F16 is within --max-kl (with the importance matrix)")
+    p.add_argument("--max-kl", type=float, metavar="X", help="with --quant auto: the KL budget "
+                   "(default 0.05, see the README)")
     p.add_argument("-o", "--output", help="output file; with several types, '{quant}' in the name is replaced "
                    "(default: ./NAME.TYPE.gguf)")
     p.add_argument("--keep-f16", action="store_true", help="keep the intermediate F16 (or --intermediate) GGUF")
@@ -67,6 +74,8 @@ def _add_quantize(sub, common) -> None:
     p.add_argument("input", metavar="IN.gguf", help="the GGUF to quantize (F16, BF16 or F32)")
     p.add_argument("-T", "--type", required=True, metavar="TYPE", help="quantization type, e.g. Q4_K_M")
     p.add_argument("-o", "--output", help="output file (default: IN with the type in its name)")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="accept an already quantized input (its rounding errors add up)")
     _quantize_args(p)
     p.set_defaults(run=cmd_quantize)
 
@@ -85,7 +94,8 @@ def _add_eval(sub, common) -> None:
     p.add_argument("--ladder", metavar="T1,T2,...", help="quantize MODEL to these types and compare each")
     p.add_argument("--plot", metavar="PNG", help="with --ladder: where to write the size vs KL plot "
                    "(default: MODEL.ladder.png)")
-    p.add_argument("--imatrix", metavar="FILE", help="with --ladder: importance matrix for the quantizer")
+    p.add_argument("--imatrix", metavar="FILE|auto", help="with --ladder: quantize with this importance matrix "
+                   "too (auto: computed once, cached); the table and plot show each type with and without it")
     p.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks (default: the whole text)")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
@@ -136,8 +146,9 @@ def _checkpoint_args(p) -> None:
 
 
 def _quantize_args(p) -> None:
-    p.add_argument("--imatrix", metavar="FILE",
-                   help="importance matrix from llama-imatrix (needed by IQ1/IQ2/IQ3_XXS, Q2_K_S)")
+    from convert.quant_commands import quantize_flags
+
+    quantize_flags(p)
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quality line (KL divergence vs the unquantized model)")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
@@ -168,6 +179,13 @@ def cmd_quantize(args) -> int:
 def cmd_convert(args) -> int:
     from convert.quantize import parse_quant_type
 
+    auto = [t for t in args.quant if t.lower() == "auto"]
+    if auto and len(args.quant) > 1:
+        raise UsageError("--quant auto chooses one type: it cannot be combined with others")
+    if args.max_kl is not None and not auto:
+        raise UsageError("--max-kl goes with --quant auto")
+    if auto:
+        return _convert_auto(args)
     types = list(dict.fromkeys(parse_quant_type(t).name for t in args.quant))  # validate before exporting
     name = _checkpoint_name(args.checkpoint)
     outputs = _outputs(args.output, name, types)
@@ -184,6 +202,33 @@ def cmd_convert(args) -> int:
                 _quantize_and_report(intermediate, output, qtype, args, reference_label=middle_type)
     finally:
         if not keep:
+            intermediate.unlink(missing_ok=True)
+    return 0
+
+
+def _convert_auto(args) -> int:
+    """convert --quant auto: export, then the smallest type within --max-kl (quant_commands.run_quant_auto)."""
+    from convert.quant_auto import DEFAULT_MAX_KL
+    from convert.quant_commands import run_quant_auto
+
+    args.max_kl = DEFAULT_MAX_KL if args.max_kl is None else args.max_kl
+    if not args.max_kl > 0:
+        raise UsageError(f"--max-kl must be positive, not {args.max_kl}")
+    name = _checkpoint_name(args.checkpoint)
+    output = args.output or f"{name}.{{quant}}.gguf"
+    if "{quant}" not in output:
+        raise UsageError("with --quant auto, -o needs '{quant}' in the name (the type is chosen at the end)")
+    middle_type = args.intermediate.upper()
+    intermediate = _intermediate_path({"auto": Path(output.replace("{quant}", "auto"))}, middle_type, name,
+                                      args.keep_f16)
+    _note(f"converting {args.checkpoint} -> {output} (--quant auto, KL budget {args.max_kl:g})")
+    try:
+        result = _export_checkpoint(args, intermediate, args.intermediate)
+        where = result.path if args.keep_f16 else "a temporary file"
+        print(f"wrote {where} ({result.architecture}, {middle_type}, {_size(result.n_bytes)}) in {result.seconds:.1f} s")
+        run_quant_auto(intermediate, output, args)
+    finally:
+        if not args.keep_f16:
             intermediate.unlink(missing_ok=True)
     return 0
 
@@ -231,7 +276,8 @@ def cmd_eval(args) -> int:
         raise UsageError("eval needs --reference REF.gguf (or --ladder TYPES)")
     _note(f"comparing {args.model} with {args.reference}")
     report = evaluate.compare(
-        args.model, args.reference, text, ctx=args.ctx, max_chunks=args.chunks, threads=args.threads
+        args.model, args.reference, text, ctx=args.ctx, max_chunks=args.chunks, threads=args.threads,
+        text_name=args.text,
     )
     print(evaluate.format_table([report]))
     print(f"mean KL divergence {report.kl_divergence:.6f} ± {report.kl_divergence_stderr:.6f}, "
@@ -312,10 +358,14 @@ def _duration(seconds: float | None) -> str:
 
 
 def _quantize_and_report(source: Path, output: Path, qtype: str, args, reference_label: str | None = None) -> None:
+    from convert.quant_commands import imatrix_spec
     from convert.quantize import quantize
 
+    imatrix = imatrix_spec(args, source)  # auto: computed on the first type, cached for the others
     progress = _Progress(f"quantizing {qtype}")
-    result = quantize(source, output, qtype, imatrix=args.imatrix, threads=args.threads, progress=progress)
+    result = quantize(source, output, qtype, imatrix=imatrix, keep_tensors=args.keep_tensor,
+                      allow_requantize=getattr(args, "allow_requantize", False), threads=args.threads,
+                      progress=progress)
     gb = result.input_bytes / 1e9
     print(f"wrote {result.path} ({qtype}, {_size(result.output_bytes)}) in {result.seconds:.1f} s "
           f"({result.seconds / gb:.1f} s/GB)")
@@ -333,9 +383,13 @@ def _ladder(args, text: str | None) -> int:
     if not types:
         raise UsageError("--ladder needs at least one type, e.g. --ladder Q8_0,Q4_K_M")
     _note(f"quantizing {args.model} to {', '.join(types)} and measuring each")
+    from convert.quant_commands import imatrix_spec
+
+    imatrix = imatrix_spec(args, Path(args.model))
     result = evaluate.ladder(
-        args.model, types, text, ctx=args.ctx, max_chunks=args.chunks, imatrix=args.imatrix, threads=args.threads,
-        on_row=lambda row: _note(f"{row.label}: {row.report.summary()}"),
+        args.model, types, text, ctx=args.ctx, max_chunks=args.chunks, imatrix=imatrix,
+        without_imatrix=imatrix is not None, threads=args.threads, text_name=args.text,
+        on_row=lambda row: _note(f"{row.label}{' (imatrix)' if row.imatrix else ''}: {row.report.summary()}"),
     )
     print(evaluate.format_table([row.report for row in result.rows], result.reference_size))
     plot = Path(args.plot) if args.plot else Path(args.model).with_suffix(".ladder.png")

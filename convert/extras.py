@@ -70,6 +70,7 @@ COMMANDS: dict[str, tuple[Need, ...]] = {
     "convert": (_EXPORT, _PICKLE),
     "export": (_EXPORT, _PICKLE),
     "quantize": (),
+    "imatrix": (),  # a checkpoint (not a GGUF) as input needs the export extra: quant_commands checks it
     "eval": (Need("plot", EXTRAS["plot"], when=lambda args: bool(getattr(args, "ladder", None)), flag="--ladder"),),
     "inspect": (),
     "generate": (Need("generate", EXTRAS["generate"]),),

@@ -36,7 +36,7 @@ def tiny_f16(tmp_path_factory):
 
     case = TinyCase("quant-llama-256", "LlamaForCausalLM", "gpt-2", {"hidden_size": 256, "intermediate_size": 512})
     root = tmp_path_factory.mktemp("tiny-256")
-    f16 = export(build_tiny_model(root / "tiny", case), root / "tiny.F16.gguf", "f16").path
+    f16 = export(build_tiny_model(root / "tiny-256", case), root / "tiny.F16.gguf", "f16").path
     matrix = root / "tiny.imatrix.gguf"
     imatrix.compute_file(f16, matrix, training_text(), ctx=128, chunks=3, resumable=False)
     return f16, matrix
@@ -180,3 +180,78 @@ def test_evaluation_refuses_the_calibration_text(tiny_f16, tmp_path):
     report = compare(out, f16, ctx=128, max_chunks=1)
     assert report.imatrix == calibrated.name
     assert f"over {report.n_tokens} tokens of the built-in evaluation text" in report.summary()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_cache(tmp_path_factory, monkeypatch):
+    """One imatrix cache for the command-line tests: --imatrix auto computes the tiny model's matrix once."""
+    from convert import imatrix
+
+    root = tmp_path_factory.getbasetemp() / "shared-imatrix-cache"
+    monkeypatch.setattr(imatrix, "cache_dir", lambda: root)
+    return root
+
+
+def _cli(capsys, *argv):
+    from convert.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_imatrix_command_and_quantize_with_auto_and_keep_tensor(tiny_f16, tmp_path, capsys, shared_cache):
+    from convert.imatrix_file import read_imatrix
+    from convert_helpers import training_text
+
+    f16 = tiny_f16[0]
+    text = tmp_path / "calibration.txt"
+    text.write_text(training_text(), encoding="utf-8")
+    out = tmp_path / "m.imatrix.gguf"
+    code, printed, err = _cli(capsys, "imatrix", f16, "-o", out, "--text", text, "--ctx", "64", "--chunks", "2")
+    assert code == 0, err
+    assert f"wrote {out}: 15 weight matrices, 2 chunks of 64 tokens of calibration.txt" in printed
+    assert read_imatrix(out).datasets == ["calibration.txt"]
+
+    code, printed, err = _cli(capsys, "quantize", f16, "--type", "IQ3_XXS", "--imatrix", "auto",
+                              "--keep-tensor", "attn_v=Q8_0", "-o", tmp_path / "q.gguf")
+    assert code == 0, err
+    assert "computing the importance matrix" in err and "quality of q.gguf" in printed
+    assert "tokens of the built-in evaluation text" in printed
+    tensors = gguf_tensors(tmp_path / "q.gguf")
+    assert tensors["blk.0.attn_v.weight"][0] == "Q8_0" and tensors["blk.0.attn_q.weight"][0] != "Q8_0"
+    assert "IQ3_XXS" in {kind for kind, _, _ in tensors.values()}
+    code, _, err = _cli(capsys, "quantize", f16, "--type", "Q4_K_M", "--imatrix", "auto", "-o", tmp_path / "r.gguf",
+                        "--no-eval")
+    assert code == 0 and "(cached)" in err
+
+
+def test_convert_quant_auto_prints_the_ladder_and_keeps_one_file(tiny_f16, tmp_path, capsys, shared_cache):
+    checkpoint = tiny_f16[0].parent / "tiny-256"
+    out = tmp_path / "out"
+    out.mkdir()
+    code, printed, err = _cli(capsys, checkpoint, "--quant", "auto", "--max-kl", "0.5", "-o", out / "m.{quant}.gguf")
+    assert code == 0, err
+    written = list(out.iterdir())
+    assert len(written) == 1, "only the chosen file; no F16, no temp files"
+    chosen = written[0].name.split(".")[1]
+    assert f"{chosen} is the smallest file" in printed and "<- chosen" in printed
+    rows = [line.split() for line in printed.splitlines() if line.split() and line.split()[0] in ("Q8_0", "Q6_K")]
+    assert rows, printed
+    code, _, err = _cli(capsys, checkpoint, "--quant", "auto", "Q8_0", "-o", out / "x.gguf")
+    assert code == 2 and "cannot be combined" in err
+
+
+def test_eval_ladder_with_imatrix_auto_measures_both_curves(tiny_f16, tmp_path, capsys, shared_cache):
+    f16 = tiny_f16[0]
+    plot = tmp_path / "ladder.png"
+    code, printed, err = _cli(capsys, "eval", f16, "--ladder", "Q4_K_M,IQ2_XXS", "--imatrix", "auto",
+                              "--ctx", "128", "--chunks", "1", "--plot", plot)
+    assert code == 0, err
+    rows = [line.split() for line in printed.splitlines() if line.split()[:1] in (["Q4_K_M"], ["IQ2_XXS"])]
+    assert sorted((r[0], r[1]) for r in rows) == [("IQ2_XXS", "yes"), ("Q4_K_M", "no"), ("Q4_K_M", "yes")]
+    assert "tokens of the built-in evaluation text" in printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
