@@ -153,16 +153,30 @@ def measure_speed(models: dict, work: Path, rounds: int) -> dict:
         ggufs[name] = q4
     engines = {name: Engine(path, n_ctx=512) for name, path in ggufs.items()}
     prompt = "### Instruction:\nWrite a long story about a lighthouse keeper.\n\n### Response:\n"
-    sampling = SamplingParams(temperature=0.0, max_tokens=128, seed=0)
+    # Sampled, not greedy: a pruned model's greedy reply may end at once, and tokens/s of a
+    # two-token reply is noise. A round counts only if every model wrote at least 48 tokens.
     per_round = {name: [] for name in models}
-    for r in range(rounds):
+    for name in models:  # warm-up
+        for _ in engines[name].generate(prompt, SamplingParams(temperature=1.0, max_tokens=8, seed=0)):
+            pass
+    for r in range(rounds * 3):
+        if len(per_round["teacher"]) >= rounds:
+            break
+        sampling = SamplingParams(temperature=1.0, max_tokens=128, seed=r)
         order = list(models) if r % 2 == 0 else list(reversed(list(models)))
+        this_round = {}
         for name in order:
             engines[name].reset()
             generation = engines[name].generate(prompt, sampling)
             for _ in generation:
                 pass
-            per_round[name].append(generation.stats.generation_tokens_per_s)
+            if generation.stats.generated_tokens >= 48:
+                this_round[name] = generation.stats.generation_tokens_per_s
+        if len(this_round) == len(models):
+            for name, value in this_round.items():
+                per_round[name].append(value)
+    if not per_round["teacher"]:
+        sys.exit("speed: no round where every model wrote 48 tokens")
     for engine in engines.values():
         engine.close()
     return {name: (statistics.median(v), statistics.median(x / t for x, t in zip(v, per_round["teacher"])))
