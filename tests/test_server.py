@@ -24,6 +24,7 @@ class _Base(str):
     """A server's base URL, with its process id."""
 
     pid: int
+    env: dict  # its XDG directories: where --history saves
 
 
 def _rss_kb(pid: int) -> int:
@@ -41,7 +42,7 @@ def _free_port() -> int:
 def server(default_model_path, tmp_path_factory):
     """One server for the whole session: 8 parallel sequences, an API key."""
     yield from _serve(default_model_path, tmp_path_factory, "--parallel", str(PARALLEL), "--ctx", "4096",
-                      "--api-key", API_KEY, "--max-queue", "32")
+                      "--api-key", API_KEY, "--max-queue", "32", "--history")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def _serve(model, tmp_path_factory, *flags):
             [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(model), "--port", str(port), *flags],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     base = _Base(f"http://127.0.0.1:{port}")
-    base.pid = proc.pid
+    base.pid, base.env = proc.pid, env
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -361,3 +362,28 @@ def test_tool_calls_required_named_streamed_and_answered(client):
     answer = client.chat.completions.create(model=client.model_id, messages=messages, tools=[WEATHER, TIME],
                                             tool_choice="none", max_tokens=16, temperature=0)
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_history_saves_api_conversations_that_continue_in_the_chat(server, client):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "history probe: first question"}]
+    first = client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "history probe: second question"}]
+    second = client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True)
+    second_text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "alpaca_chat", *args], capture_output=True, text=True,
+                                env=server.env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    continued = json.loads(cli("-c", "--prompt", "history probe: third", "-n", "4", "--json"))
+    exported = json.loads(cli("export", str(continued["conversation_id"]), "--format", "json"))
+    # one conversation: both API turns, then the chat's own
+    assert [(m["role"], m["content"]) for m in exported["messages"]][:5] == [
+        ("user", "history probe: first question"), ("assistant", first.choices[0].message.content),
+        ("user", "history probe: second question"), ("assistant", second_text), ("user", "history probe: third")]
+    assert exported["system_prompt"] == "You are terse."

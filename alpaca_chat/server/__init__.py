@@ -28,6 +28,8 @@ def build_serve_parser(parser_class) -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 429 (default 64)")
+    p.add_argument("--history", action="store_true",
+                   help="save API conversations in the chat history (the app's sidebar; -c continues them)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -64,17 +66,22 @@ def serve(args) -> int:
         from alpaca_chat.server.app import ServerConfig, create_app
     except ImportError as exc:
         raise UsageError(f"serve needs the serve extra: pip install 'alpaca-chat[serve]' ({exc})") from exc
-    from alpaca_chat.loading import choose_template, load_engine
+    from alpaca_chat.loading import choose_template, load_engine, open_store
+    from alpaca_chat.server.history import ApiHistory
 
     if not is_loopback(args.host) and not args.api_key:
         print(f"alpaca-chat serve: warning: serving {args.host} with no API key (--no-auth): anyone who can "
               "reach it can use it", file=sys.stderr)
+    store = open_store(args.history)
     engine, resolved = load_engine(args.model, n_ctx=args.n_ctx, threads=args.threads, verbose=args.verbose,
                                    n_seq_max=args.parallel)
     try:
         template = choose_template(engine, args.template, resolved.template)
+        # saved with a conversation: what --continue resolves again (a path for local files)
+        label = str(resolved.path) if resolved.source == "local" else resolved.name
         config = ServerConfig(model_id=resolved.name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
-                              default_max_tokens=min(512, args.max_tokens_limit), max_queue=args.max_queue)
+                              default_max_tokens=min(512, args.max_tokens_limit), max_queue=args.max_queue,
+                              history=ApiHistory(store, label, template.name) if store is not None else None)
         app = create_app(engine, template, config)
         print(f"alpaca-chat serve: {resolved.name} on http://{args.host}:{args.port}/v1 "
               f"({args.parallel} parallel sequences, {engine.n_ctx}-token context)", file=sys.stderr, flush=True)
@@ -82,4 +89,6 @@ def serve(args) -> int:
                     timeout_graceful_shutdown=5)
     finally:
         engine.close()
+        if store is not None:
+            store.close()
     return 0

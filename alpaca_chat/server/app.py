@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,6 +43,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     default_max_tokens: int = 512
     max_queue: int = 64
+    history: Any = None  # history.ApiHistory with --history
 
 
 def create_app(engine, template, config: ServerConfig, grammars=None) -> Starlette:
@@ -118,6 +121,7 @@ class _Api:
     async def _chat(self, request: Request) -> Response:
         parsed = parse_chat(await self._body(request), self.config.max_tokens_limit)
         self._check_model(parsed)
+        parsed.sent = list(parsed.messages)  # what the client sent, for --history
         if parsed.tools is not None:  # described in the system prompt, as Hermes-style templates do
             described = tools.system_text(parsed.tools)
             if parsed.messages[0].role == "system":
@@ -219,7 +223,8 @@ class _Api:
         reply = _Reply(self.config.model_id, chat, parsed.tools is not None)
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
         if parsed.stream:
-            return StreamingResponse(self._events(stream, reply, parsed, watcher), media_type="text/event-stream",
+            return StreamingResponse(self._events(stream, reply, parsed, watcher, sampling),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             text = "".join([delta async for delta in stream])
@@ -227,18 +232,28 @@ class _Api:
             raise ApiError(500, str(exc), type="server_error") from exc
         finally:
             watcher.cancel()
+        self._remember(parsed, text, sampling, stream.stats)
         return JSONResponse(reply.whole(text, stream.stats))
 
-    async def _events(self, stream, reply: "_Reply", parsed: GenerationRequest, watcher):
+    def _remember(self, parsed: GenerationRequest, text: str, sampling: SamplingParams, stats) -> None:
+        """With --history, save a chat and its reply (a failing store does not fail the reply)."""
+        if self.config.history is None or not parsed.messages:
+            return
+        try:
+            self.config.history.record(parsed.sent, text, sampling.to_dict(), stats)
+        except AlpacaChatError as exc:
+            print(f"alpaca-chat serve: warning: history not saved: {exc}", file=sys.stderr)
+
+    async def _events(self, stream, reply: "_Reply", parsed: GenerationRequest, watcher, sampling):
         try:
             if reply.chat:
                 yield _sse(reply.chunk({"role": "assistant", "content": ""}))
             held = []  # with tools, the reply is parsed whole before it is sent
             async for delta in stream:
-                if reply.tools:
-                    held.append(delta)
-                else:
+                held.append(delta)
+                if not reply.tools:
                     yield _sse(reply.chunk({"content": delta} if reply.chat else delta))
+            self._remember(parsed, "".join(held), sampling, stream.stats)
             finish = FINISH_REASONS[stream.stats.stop_reason]
             if reply.tools:
                 content, calls = tools.parse_calls("".join(held))

@@ -49,6 +49,7 @@ class GenerationRequest:
     # response_format: None, ("json_object", None) or ("json_schema", schema dict)
     response_format: tuple[str, dict | None] | None = None
     tools: Any = None  # tools.ToolSpec: the tools the reply may (or must) call
+    sent: list[Message] = field(default_factory=list)  # the messages as sent (before tools are described)
 
 
 def parse_json(raw: bytes) -> dict:
