@@ -98,3 +98,10 @@ def test_tool_messages_render_as_hermes_turns():
         {"role": "tool", "tool_call_id": "c1", "content": "42"}]}, 100)
     assert parsed.messages[1].content == '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>'
     assert (parsed.messages[2].role, parsed.messages[2].content) == ("user", "<tool_response>\n42\n</tool_response>")
+
+
+def test_the_server_stack_stays_torch_free():
+    code = ("import sys; import alpaca_chat.server.app, alpaca_chat.engine.batching, alpaca_chat.engine.grammar, "
+            "alpaca_chat.loading, uvicorn; print([m for m in ('torch', 'transformers', 'convert', 'textual') "
+            "if m in sys.modules])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
