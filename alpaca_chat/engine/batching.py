@@ -142,9 +142,13 @@ class ContinuousBatch:
         try:
             self.engine.decode_segments(segments, self._advance)
         except EngineError as exc:  # llama_decode failed: every running request ends with it
-            for run in list(self.running.values()):
-                self._fail(run, str(exc))
+            self.fail_all(str(exc))
             raise
+
+    def fail_all(self, message: str) -> None:
+        """End every running request with an error (their sequences are dropped, not kept)."""
+        for run in list(self.running.values()):
+            self._fail(run, message)
 
     def close(self) -> None:
         """End every running request (cancelled) and free its sequence."""

@@ -98,7 +98,7 @@ class Scheduler:
             tokens, sampling, on_delta=stream._put, on_done=done,
             on_error=lambda message: stream._put(_End(error=message)), stop_strings=stop_strings)
         with self._wake:
-            if self._stopping:
+            if self._stopping or not self._thread.is_alive():
                 raise QueueFull("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
@@ -121,11 +121,15 @@ class Scheduler:
                         batch.admit(request)
                     except AlpacaChatError as exc:  # e.g. a grammar llama.cpp refuses
                         request.on_error(str(exc))
+                    except Exception as exc:  # noqa: BLE001 - one request's failure is not the server's
+                        request.on_error(f"internal error: {type(exc).__name__}: {exc}")
                 self._running = len(batch.running)
                 try:
                     batch.step()
                 except AlpacaChatError:
                     pass  # the running requests got the error; the next ones start afresh
+                except Exception as exc:  # noqa: BLE001 - a bug must not leave every later request waiting
+                    batch.fail_all(f"internal error: {type(exc).__name__}: {exc}")
                 self.completed += self._running - len(batch.running)
                 self._running = len(batch.running)
         finally:
