@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import AlpacaChatError, UsageError
-from alpaca_chat.server.scheduler import QueueFull, Scheduler
+from alpaca_chat.server.scheduler import QueueFull, Scheduler, Stopping
 from alpaca_chat.server import tools
 from alpaca_chat.server.schemas import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
 
@@ -217,6 +217,8 @@ class _Api:
         stops = tuple(self.template.stop_strings) + parsed.stop if chat else parsed.stop
         try:
             stream = self.scheduler.submit(tokens, sampling, stops)
+        except Stopping as exc:
+            raise ApiError(503, str(exc), type="server_error", code="shutting_down") from exc
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
                            code="queue_full") from exc

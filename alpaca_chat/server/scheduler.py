@@ -20,6 +20,10 @@ class QueueFull(Exception):
     """Too many requests are waiting."""
 
 
+class Stopping(QueueFull):
+    """The scheduler is stopping (or has stopped): no request is taken."""
+
+
 @dataclass
 class _End:
     stats: GenerationStats | None = None
@@ -99,7 +103,7 @@ class Scheduler:
             on_error=lambda message: stream._put(_End(error=message)), stop_strings=stop_strings)
         with self._wake:
             if self._stopping or not self._thread.is_alive():
-                raise QueueFull("the server is shutting down")
+                raise Stopping("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
             self._pending.append(stream.request)
