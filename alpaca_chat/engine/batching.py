@@ -99,16 +99,18 @@ class ContinuousBatch:
 
     def _choose_sequence(self, tokens: list[int]) -> tuple[int, int]:
         """A sequence for a new prompt and how many of its tokens it already holds: the idle one
-        sharing the longest prefix, else an empty one, else the least recently used idle one."""
+        sharing the longest prefix (if that is at least half of what it holds, or no sequence is
+        empty: a shared system prompt alone is not worth another conversation's cache), else an
+        empty one, else the least recently used idle one."""
         best, best_len = None, 0
         for seq, held in self.idle.items():
             n = min(common_prefix(tokens, held), len(tokens) - 1)  # one token is evaluated for logits
             if n > best_len:
                 best, best_len = seq, n
-        if best is not None:
+        empty = [s for s in range(self.engine.n_seq_max) if s not in self.running and s not in self.idle]
+        if best is not None and (2 * best_len >= len(self.idle[best]) or not empty):
             del self.idle[best]
             return best, best_len if self.engine.trim_sequence(best, best_len) else 0
-        empty = [s for s in range(self.engine.n_seq_max) if s not in self.running and s not in self.idle]
         if empty:
             return empty[0], 0
         seq = next(iter(self.idle))
