@@ -172,7 +172,16 @@ def _cut(text: str, stops: Sequence[str]) -> str:
 
 def _quant_label(path: Path) -> str:
     stem = Path(path).stem
-    return stem.rsplit(".", 1)[-1].upper() if "." in stem else stem
+    label = stem.rsplit(".", 1)[-1].upper() if "." in stem else stem
+    if label == "AUTO":  # the pipeline's --quant auto: the type it chose, from the file's provenance
+        try:
+            from alpaca_chat.gguf_check import check_gguf
+
+            chosen = check_gguf(path).metadata.get("general.quant_type")
+        except Exception:  # noqa: BLE001 - a label only; a bad file is reported when it is loaded
+            chosen = None
+        return f"auto={chosen}" if chosen else label
+    return label
 
 
 # -- printing ------------------------------------------------------------------------------------

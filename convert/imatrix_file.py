@@ -143,7 +143,9 @@ def _read_gguf(path: Path) -> Imatrix:
         if sum_type != 0 or count_type != 0:
             raise ImatrixFileError(f"{path}: the sums and counts of {base} must be F32")
         n_mat = int(np.prod(count_shape))
-        if len(sum_shape) != 2 or sum_shape[1] != n_mat:
+        # [n_cols, n_mat]; llama-imatrix's writer drops a trailing 1, so one matrix may be [n_cols]
+        rows = sum_shape[1] if len(sum_shape) == 2 else 1 if len(sum_shape) == 1 else -1
+        if rows != n_mat or not sum_shape[0]:
             raise ImatrixFileError(f"{path}: {base} has {list(sum_shape)} sums for {n_mat} counts")
     reader = GGUFReader(path)
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}

@@ -12,7 +12,8 @@ not read gigabytes again.
 
     DIR/data/generated.json       teacher-written Alpaca rows (generate, with --generate N)
     DIR/adapter/                  the LoRA adapter, metrics.json, loss.png (finetune)
-    DIR/merged/                   the merged checkpoint (merge)
+    DIR/merged/                   the merged checkpoint (merge; with --distill-from: distill-finetune)
+    DIR/pruned/, DIR/distilled/   with --prune-* [--distill]: the compressed model (convert/distill_pipeline.py)
     DIR/gguf/NAME.F16.gguf        the unquantized GGUF (export)
     DIR/gguf/NAME.Q4_K_M.gguf     one per quantization type (quantize)
     DIR/eval.json                 eval losses, quantization quality, ROUGE-L of every model's answers (eval)
@@ -40,6 +41,7 @@ from convert.finetune_config import FinetuneConfig
 from convert.generate import GenerateOptions
 
 MANIFESTS = "manifests"
+AUTO = "AUTO"  # in quants: the smallest type within the KL budget (convert.quant_auto), written as NAME.AUTO.gguf
 HASH_CACHE = ".hash-cache.json"
 
 
@@ -51,6 +53,9 @@ class PipelineOptions:
     evaluate: bool = True
     export_type: str = "f16"
     generate: GenerateOptions | None = None  # self-instruct the data first; its output is the fine-tune's data
+    imatrix: str | None = None  # importance matrix for the quantizer: a file, or "auto" (computed once, cached)
+    max_kl: float | None = None  # quants "AUTO": the KL budget (default quant_auto.DEFAULT_MAX_KL)
+    compress: object | None = None  # convert.distill_pipeline.CompressOptions: prune, distill, --distill-from
 
     @property
     def out(self) -> Path:
@@ -131,12 +136,19 @@ class Summary:
         lines.append("files:")
         for path in self._files():
             lines.append(f"  {_size(path):>10}  {path}")
-        trained = self.step("finetune").info
+        trained = getattr(self.step("finetune"), "info", {})  # none with --distill-from
         if trained.get("base_eval_loss") is not None:
             lines.append(
                 f"eval loss on {trained['val_rows']} held-out rows: {trained['base_eval_loss']:.4f} (base) -> "
                 f"{trained['final_eval_loss']:.4f} (fine-tuned)"
             )
+        auto = self.step(f"quantize {AUTO}")
+        if auto is not None and auto.info.get("chosen"):
+            lines.append(f"--quant auto chose {auto.info['chosen']} for {self.options.quantized(AUTO).name}; the ladder:")
+            lines.extend(f"  {line}" for line in auto.info.get("ladder", []))
+        from convert.distill_pipeline import summary_lines
+
+        lines.extend(summary_lines(self.steps))
         evaluation = self.step("eval")
         lines.extend(evaluation.info.get("quality", []) if evaluation else [])
         lines.append("chat with it:")
@@ -145,7 +157,8 @@ class Summary:
 
     def _files(self) -> list[Path]:
         o = self.options
-        files = [o.adapter_dir / "adapter_model.safetensors", *sorted(o.merged_dir.glob("*.safetensors")), o.exported]
+        files = [o.adapter_dir / "adapter_model.safetensors", *sorted(o.merged_dir.glob("*.safetensors")),
+                 *(f for d in ("pruned", "distilled") for f in sorted((o.out / d).glob("*.safetensors"))), o.exported]
         return [p for p in (*files, *(o.quantized(q) for q in o.quants)) if p.exists()]
 
 
@@ -157,7 +170,10 @@ def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = la
     from convert.quantize import parse_quant_type
 
     for qtype in options.quants:
-        parse_quant_type(qtype)  # an unknown type fails now, not after the fine-tune
+        if qtype != AUTO:
+            parse_quant_type(qtype)  # an unknown type fails now, not after the fine-tune
+    if options.compress is not None:
+        options.compress.check(options.finetune.base)  # bad --prune-*/--distill flags: now, not after training
     options.out.mkdir(parents=True, exist_ok=True)
     hasher = Hasher(options.out / MANIFESTS / HASH_CACHE)
     base = resolve_base(options.finetune.base)
@@ -173,6 +189,8 @@ def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = la
 
 
 def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
+    from convert import distill_pipeline as dp
+
     config = options.finetune
     adapter = options.adapter_dir
     adapter_files = [adapter / name for name in (*run_files.ADAPTER_FILES, run_files.TRAINING_FILE)]
@@ -183,7 +201,7 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
     if options.generate is not None:
         steps.append(_generate_step(options.generate))
         data_inputs["data"] = options.generate.output  # hashed once it exists, not taken for a hub id
-    steps += [
+    trained = [
         Step(
             "finetune",
             {"base": base, **data_inputs},
@@ -198,9 +216,14 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
             (options.merged_dir,),
             lambda resume: _merge(options, base),
         ),
+    ]
+    distill_from = options.compress is not None and options.compress.distill_from
+    steps += [dp.distill_finetune_step(options, base, data_inputs)] if distill_from else trained
+    steps += dp.compression_steps(options)
+    steps += [
         Step(
             "export",
-            {"merged": options.merged_dir},
+            {"merged": dp.source_for_export(options.out, options.compress)},
             {"outtype": options.export_type},
             (options.exported,),
             lambda resume: _export(options),
@@ -211,7 +234,7 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
             Step(
                 f"quantize {qtype}",
                 {"source": options.exported},
-                {"type": qtype},
+                _quantize_settings(options, qtype),
                 (options.quantized(qtype),),
                 lambda resume, qtype=qtype: _quantize(options, qtype),
             )
@@ -220,7 +243,7 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
         steps.append(
             Step(
                 "eval",
-                {"metrics": adapter / run_files.METRICS_FILE, "reference": options.exported}
+                {"metrics": dp.training_metrics(options.out, options.compress), "reference": options.exported}
                 | {qtype: options.quantized(qtype) for qtype in options.quants},
                 {"quants": list(options.quants)},
                 (options.eval_file,),
@@ -316,31 +339,54 @@ def _merge(options: PipelineOptions, base: Path) -> dict:
 
 
 def _export(options: PipelineOptions) -> dict:
+    from convert.distill_pipeline import source_for_export
     from convert.export import export
 
     options.exported.parent.mkdir(parents=True, exist_ok=True)
-    result = export(options.merged_dir, options.exported, options.export_type)
+    source = source_for_export(options.out, options.compress)
+    result = export(source, options.exported, options.export_type)
     return {"architecture": result.architecture, "bytes": result.n_bytes}
+
+
+def _quantize_settings(options: PipelineOptions, qtype: str) -> dict:
+    settings = {"type": qtype}  # only what is set: a manifest written before these options stays valid
+    if options.imatrix or qtype == AUTO:
+        settings["imatrix"] = options.imatrix or "auto"
+    if qtype == AUTO:
+        from convert.quant_auto import DEFAULT_MAX_KL
+
+        settings["max_kl"] = options.max_kl or DEFAULT_MAX_KL
+    return settings
 
 
 def _quantize(options: PipelineOptions, qtype: str) -> dict:
     from convert.quantize import quantize
 
-    result = quantize(options.exported, options.quantized(qtype), qtype)
+    if qtype == AUTO:
+        from convert import quant_auto
+
+        settings = _quantize_settings(options, qtype)
+        choice = quant_auto.choose(options.exported, options.quantized(qtype), max_kl=settings["max_kl"],
+                                   imatrix=settings["imatrix"])
+        return {"bytes": choice.chosen.size_bytes, "chosen": choice.quant_type, "kl": choice.chosen.kl,
+                "ladder": choice.table().splitlines()}
+    result = quantize(options.exported, options.quantized(qtype), qtype, imatrix=options.imatrix)
     return {"bytes": result.output_bytes}
 
 
 def _evaluate(options: PipelineOptions) -> dict:
     from convert.evaluate import compare
 
-    metrics = json.loads((options.adapter_dir / run_files.METRICS_FILE).read_text(encoding="utf-8"))
+    from convert.distill_pipeline import training_metrics
+
+    metrics = json.loads(training_metrics(options.out, options.compress).read_text(encoding="utf-8"))
     quality = []
     for qtype in options.quants:
         report = compare(options.quantized(qtype), options.exported, ctx=512, max_chunks=1)
         quality.append(f"quality of {qtype} vs {options.export_type.upper()}: {report.summary()}")
     info = {
         "eval_loss": {
-            "rows": metrics["data"]["val_examples"],
+            "rows": metrics.get("data", {}).get("val_examples"),
             "base": metrics.get("base_eval_loss"),
             "finetuned": metrics.get("final_eval_loss"),
         },

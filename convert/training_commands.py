@@ -74,8 +74,12 @@ def _add_pipeline(sub, common) -> None:
     add_config_flags(p, skip=("resume",))  # the pipeline resumes an interrupted fine-tune by itself
     _optional(p, "data")  # --generate makes the data
     p.add_argument(
-        "-q", "--quant", nargs="+", default=["Q4_K_M"], metavar="TYPE", help="quantization type(s) (default Q4_K_M)"
+        "-q", "--quant", nargs="+", default=["Q4_K_M"], metavar="TYPE",
+        help="quantization type(s) (default Q4_K_M); auto: the smallest type within --max-kl, as NAME.AUTO.gguf",
     )
+    p.add_argument("--max-kl", type=float, metavar="X", help="with --quant auto: the KL budget (default 0.05)")
+    p.add_argument("--imatrix", metavar="FILE|auto", help="importance matrix for the quantizer (auto: computed "
+                   "once on the F16, cached; --quant auto uses auto unless given a file)")
     p.add_argument("--generate", type=int, metavar="N",
                    help="first write N Alpaca rows with a teacher model (self-instruct) and train on them")
     p.add_argument("--teacher", metavar="MODEL", help="with --generate: the teacher (default: the bundled model)")
@@ -220,6 +224,8 @@ def cmd_pipeline(args) -> int:
         merge_dtype=args.merge_dtype,
         evaluate=not args.no_eval,
         generate=generate,
+        imatrix=args.imatrix,
+        max_kl=args.max_kl,
     )
     summary = run_pipeline(options, report=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary.format())

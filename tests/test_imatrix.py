@@ -271,3 +271,32 @@ def test_truncated_foreign_or_model_imatrix_is_one_line_and_nothing_is_written(t
             assert len(errors) == 1 and message in errors[0], err
             assert not any("Traceback" in line for line in err)
             assert list(out_dir.iterdir()) == [], "nothing written"
+
+
+def test_reads_llama_imatrix_files_whose_single_matrices_are_one_dimensional(tmp_path):
+    """llama-imatrix writes [n_cols, 1] sums and [1, 1] counts, which GGUF stores as [n_cols] and [1]."""
+    import gguf
+
+    from convert.imatrix_file import read_imatrix
+
+    path = tmp_path / "theirs.gguf"
+    writer = gguf.GGUFWriter(path, arch="")
+    writer.kv_data[0].pop("general.architecture", None)
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", ["wiki.train.raw"])
+    writer.add_uint32("imatrix.chunk_count", 3)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", np.array([3.0, 6.0, 9.0], dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([3.0], dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up_exps.weight.in_sum2", np.array([[2.0, 4.0], [1.0, 1.0]], dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up_exps.weight.counts", np.array([[2.0], [0.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = read_imatrix(path)
+    means = read.means()
+    np.testing.assert_allclose(means["blk.0.attn_q.weight"], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(means["blk.0.ffn_up_exps.weight"], [1.0, 2.0, 1.0, 1.0])  # expert 1 saw nothing
+    assert read.datasets == ["wiki.train.raw"] and read.chunk_count == 3
+    assert read.partial_entries() == ["blk.0.ffn_up_exps.weight"]
