@@ -15,6 +15,7 @@ ENGINE_FILES = ROOT / "alpaca_chat" / "engine"
 CLIENTS = {
     "alpaca_chat/session.py": ChatEngine,
     "alpaca_chat/engine/parallel.py": EngineProtocol,
+    "alpaca_chat/engine/batching.py": EngineProtocol,
     "alpaca_chat/engine/step.py": EngineProtocol,
     "convert/evaluate.py": EngineProtocol,
 }
