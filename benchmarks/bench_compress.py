@@ -1,6 +1,7 @@
 """Compression targets of issue 18 on the bundled SmolLM2-135M: prune, distill, quantize, measure.
 
-    python benchmarks/bench_compress.py [--steps 60] [--rounds 5] [--work DIR]
+    python benchmarks/bench_compress.py [--steps 60] [--learning-rate 5e-4] [--rounds 5] [--work DIR]
+                                        [--plot docs/compress_size_kl.png]
 
 1. speed follows size: a model pruned by ~25 % of its parameters (depth: whole layers) decodes at
    Q4_K_M faster than the unpruned Q4_K_M, same run, rounds alternating (median of per-round ratios);
@@ -10,8 +11,9 @@
    `--alpha 1` is plain CE): both the KL to the teacher and the held-out perplexity;
 4. depth against width pruning at equal parameter count: perplexity, KL, speed.
 
-Held-out text: convert/eval_sample.txt, which neither the calibration text (convert/builtin_data/
-calibration_prune.txt) nor the training data (the built-in Alpaca seed tasks) contains. Perplexity
+Held-out text: convert/eval_sample.txt, which neither the pruning calibration text (convert/builtin_data/
+calibration_prune.txt) nor the training text (default: convert/builtin_data/calibration.txt, the
+imatrix calibration prose, every token trained on; or `--data alpaca-seed`) shares a sentence with. Perplexity
 and KL are computed with transformers in float32 over the whole text (one sequence); speed through
 alpaca-chat's engine at Q4_K_M. Machines here are shared and noisy: compare ratios from one run.
 """
@@ -34,6 +36,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="distillation / CE steps (batch 4, max length 256)")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="full-parameter student's peak LR (cosine)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--data", default=str(ROOT / "convert" / "builtin_data" / "calibration.txt"),
+                   help="training text for both runs: a .txt file or alpaca-seed")
+    p.add_argument("--plot", type=Path, help="write the size-vs-KL PNG here")
     p.add_argument("--rounds", type=int, default=5, help="speed rounds (each model once per round)")
     p.add_argument("--drop-layers", type=int, default=10, help="depth pruning: layers removed (10 of 30: ~26 %% of params)")
     p.add_argument("--work", type=Path, help="keep the models here (default: a temp dir)")
@@ -72,12 +79,13 @@ def run(args, work: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)  # the same teacher, data and k: the same cache key
             (out / CACHE_DIR).symlink_to(shared.resolve(), target_is_directory=True)
         if not (out / "config.json").exists():
-            config = FinetuneConfig(base=str(depth), data="alpaca-seed", out=out, max_steps=args.steps, batch_size=4,
-                                    grad_accum=1, max_length=256, val_size=0.0, learning_rate=1e-4, save_steps=10_000,
-                                    warmup_ratio=0.05, seed=0)
-            runs[name] = distill(config, DistillSettings(teacher=str(base), alpha=alpha, temperature=2.0, top_k=64,
-                                                         full=True), progress=False)
-    print(f"trained {args.steps} steps each ({time.perf_counter() - started:.0f} s so far)")
+            config = FinetuneConfig(base=str(depth), data=args.data, out=out, max_steps=args.steps, batch_size=4,
+                                    grad_accum=1, max_length=256, val_size=0.0, learning_rate=args.learning_rate,
+                                    save_steps=10_000, warmup_ratio=0.05, seed=0)
+            runs[name] = distill(config, DistillSettings(teacher=str(base), alpha=alpha, temperature=args.temperature,
+                                                         top_k=64, full=True), progress=True)
+    print(f"trained {args.steps} steps each at LR {args.learning_rate:g}, T {args.temperature:g}, data "
+          f"{Path(args.data).name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
     text = (ROOT / "convert" / "eval_sample.txt").read_text(encoding="utf-8")
     models = {"teacher": base, "depth-pruned": depth, "width-pruned": width,
@@ -85,23 +93,84 @@ def run(args, work: Path) -> None:
     quality = measure_quality(models, base, text)
     speed = measure_speed({k: models[k] for k in ("teacher", "depth-pruned", "width-pruned")}, work, args.rounds)
 
-    print("\nmodel               ppl      KL to teacher   Q4_K_M tok/s (vs teacher)")
+    params = {name: _params(path) for name, path in models.items()}
+    sizes = {name: (work / f"{name}.Q4_K_M.gguf").stat().st_size for name in speed}
+    print("\n| model | params | Q4_K_M MiB | Q4_K_M tok/s (vs teacher) | held-out ppl | KL to teacher |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in models:
         ppl, kl = quality[name]
-        tok = f"{speed[name][0]:7.1f} ({speed[name][1]:.2f}x)" if name in speed else "      -"
-        print(f"{name:18s} {ppl:8.2f}   {kl:10.4f}      {tok}")
+        tok = f"{speed[name][0]:.1f} ({speed[name][1]:.2f}x)" if name in speed else "as depth-pruned"
+        size = f"{sizes[name] / 2**20:.0f}" if name in sizes else "as depth-pruned"
+        print(f"| {name} | {params[name] / 1e6:.1f} M | {size} | {tok} | {ppl:.2f} | {kl:.4f} |")
     t_ppl, p_ppl, d_ppl, c_ppl = (quality[k][0] for k in ("teacher", "depth-pruned", "depth+distilled", "depth+CE"))
     recovered = (p_ppl - d_ppl) / (p_ppl - t_ppl) if p_ppl > t_ppl else float("nan")
+    recovered_ce = (p_ppl - c_ppl) / (p_ppl - t_ppl) if p_ppl > t_ppl else float("nan")
     print(f"\n1. speed: depth-pruned ({1 - depth_params['after'] / depth_params['before']:.0%} fewer params) decodes "
           f"{speed['depth-pruned'][1]:.2f}x the teacher at Q4_K_M (target >= 1.2x)")
     print(f"2. distillation recovers {recovered:.0%} of the perplexity gap pruning opened "
-          f"({t_ppl:.2f} -> {p_ppl:.2f} -> {d_ppl:.2f}; target >= 50 %)")
+          f"({t_ppl:.2f} -> {p_ppl:.2f} -> {d_ppl:.2f}; target >= 50 %; CE on the same text: {recovered_ce:.0%})")
     print(f"3. distill vs CE, same {args.steps} steps: KL {quality['depth+distilled'][1]:.4f} vs "
           f"{quality['depth+CE'][1]:.4f}, ppl {d_ppl:.2f} vs {c_ppl:.2f} (target: both lower)")
     print(f"4. depth vs width at ~equal params ({depth_params['after']:,} vs {width_params['after']:,}): ppl "
           f"{p_ppl:.2f} vs {quality['width-pruned'][0]:.2f}, KL {quality['depth-pruned'][1]:.4f} vs "
           f"{quality['width-pruned'][1]:.4f}, speed {speed['depth-pruned'][1]:.2f}x vs {speed['width-pruned'][1]:.2f}x")
+    print(f"   ratios: ppl KL distilled/CE {d_ppl / c_ppl:.3f} {quality['depth+distilled'][1] / quality['depth+CE'][1]:.3f}; "
+          f"width/depth ppl {quality['width-pruned'][0] / p_ppl:.3f}, KL "
+          f"{quality['width-pruned'][1] / quality['depth-pruned'][1]:.3f}")
+    results = {"steps": args.steps, "learning_rate": args.learning_rate, "temperature": args.temperature,
+               "data": Path(args.data).name, "params": params, "q4_k_m_bytes": sizes,
+               "quality": {k: {"ppl": v[0], "kl": v[1]} for k, v in quality.items()},
+               "speed": {k: {"tok_s": v[0], "ratio": v[1]} for k, v in speed.items()},
+               "seconds": round(time.perf_counter() - started)}
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
     print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def _params(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                total += _prod(f.get_slice(name).get_shape())
+    return total
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def plot(results: dict, out: Path) -> None:
+    """Size (parameters) against KL to the teacher; marker area ~ Q4_K_M decode speed, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    speed = results["speed"]
+    for name, q in results["quality"].items():
+        shown = speed.get(name) or speed.get("depth-pruned")  # trained students: the depth-pruned shape
+        x, y = results["params"][name] / 1e6, q["kl"]
+        ax.scatter([x], [y], s=60 * shown["ratio"] ** 2, alpha=0.7)
+        ax.annotate(f"{name}\n{shown['tok_s']:.0f} tok/s ({shown['ratio']:.2f}x)", (x, y),
+                    textcoords="offset points", xytext=(8, 6), fontsize=8)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("KL to the teacher (held-out text, nats/token)")
+    ax.set_title(f"SmolLM2-135M: size vs KL (marker area ~ Q4_K_M decode speed); {results['steps']} steps")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
 
 
 def build_base(out: Path) -> Path:
