@@ -265,6 +265,20 @@ def mermaid(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
+def _purpose(path: Path) -> str:
+    """The first line of a module's docstring: what it is for."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return doc.strip().splitlines()[0].replace("|", "\\|") if doc.strip() else "-"
+
+
+def module_map(analysis: Analysis) -> list[str]:
+    """A table of every module and what it is for (its docstring's first line)."""
+    out = ["| module | what it is for |", "|---|---|"]
+    for path in analysis.modules.values():
+        out.append(f"| `{path.relative_to(analysis.root).as_posix()}` | {_purpose(path)} |")
+    return out
+
+
 def markdown(analysis: Analysis) -> str:
     cycles = analysis.cycles()
     lazy = analysis.internal("function")
@@ -294,6 +308,7 @@ def markdown(analysis: Analysis) -> str:
         extra = sorted(lazy[source] - module_level[source])
         if extra:
             out.append(f"| `{source}` | {', '.join(f'`{t}`' for t in extra)} |")
+    out += ["", "## Every module", ""] + module_map(analysis)
     out += ["", "## Notable third-party imports", "", "| dependency | module level | inside functions |", "|---|---|---|"]
     for dependency in NOTABLE:
         at_import = sorted(analysis.importers(dependency, ("module",)))
