@@ -194,6 +194,16 @@ class KVCache:
                 return 0
             return _read_token_count(f)
 
+    def read_tokens(self, state_id: int) -> list[int] | None:
+        """A state file's tokens, checked but not its payload (to choose; `load` checks all); None: invalid."""
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            with os.fdopen(os.open(self.path_for(state_id), flags), "rb") as f:
+                info = os.fstat(f.fileno())
+                return _decode_tokens(f, info.st_size, "state")[1] if stat.S_ISREG(info.st_mode) else None
+        except (OSError, StateRejected):
+            return None
+
     # -- the budget --------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
@@ -346,6 +356,15 @@ def encode_header(conversation_id: int, key: StateKey, tokens: list[int], payloa
 
 def decode(f, file_size: int, name: str = "state") -> _Decoded:
     """Read and check a state file's structure and checksums (not its key)."""
+    header, tokens = _decode_tokens(f, file_size, name)
+    payload = bytearray(header["payload_size"])  # the file's size was checked: no allocation a header alone asked for
+    if _read_checksummed(f, payload, name) != header["payload_crc32"]:
+        raise StateRejected(f"{name}: payload checksum mismatch")
+    return _Decoded(header["conversation_id"], header, tokens, payload)
+
+
+def _decode_tokens(f, file_size: int, name: str) -> tuple[dict, list[int]]:
+    """A state file's checked header and tokens (the file then stands at its payload)."""
     preamble = f.read(_PREAMBLE.size)
     if len(preamble) < _PREAMBLE.size:
         raise StateRejected(f"{name}: truncated ({file_size} bytes)")
@@ -366,14 +385,10 @@ def decode(f, file_size: int, name: str = "state") -> _Decoded:
         raise StateRejected(f"{name}: truncated while reading")
     if hashlib.sha256(token_bytes).hexdigest() != header["tokens_sha256"]:
         raise StateRejected(f"{name}: token checksum mismatch")
-    payload = bytearray(payload_size)  # the file's size was checked: no allocation a header alone asked for
-    if _read_checksummed(f, payload, name) != header["payload_crc32"]:
-        raise StateRejected(f"{name}: payload checksum mismatch")
-    tokens = array("i")
-    tokens.frombytes(token_bytes)
+    tokens = array("i", token_bytes)
     if sys.byteorder != "little":
         tokens.byteswap()
-    return _Decoded(header["conversation_id"], header, tokens.tolist(), payload)
+    return header, tokens.tolist()
 
 
 # The payload is read and checksummed a piece at a time, each piece while it is still in the CPU's

@@ -51,10 +51,10 @@ def small_server(default_model_path, tmp_path_factory):
     yield from _serve(default_model_path, tmp_path_factory, "--parallel", "1", "--max-queue", "1", "--ctx", "1024")
 
 
-def _serve(model, tmp_path_factory, *flags):
+def _serve(model, tmp_path_factory, *flags, env=None):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "XDG_DATA_HOME": str(log.parent), "XDG_CONFIG_HOME": str(log.parent)}
+    env = {**os.environ, "XDG_DATA_HOME": str(log.parent), "XDG_CONFIG_HOME": str(log.parent), **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "alpaca_chat", "serve", "--model", str(model), "--port", str(port), *flags],

@@ -11,6 +11,10 @@ Prompt cache: a finished sequence keeps its KV cells (idle) while the context ha
 request takes the idle sequence sharing the longest prefix with its prompt and evaluates only the
 rest, so a client re-sending its whole history does not re-evaluate the earlier turns. Idle
 sequences are evicted, least recently used first, when running requests need the cells.
+
+Across restarts (`saved`, e.g. server.prompt_cache.SavedPrefixes): `save_idle` copies an idle
+sequence's state out for saving, and a request whose prompt shares a longer prefix with a saved
+state than with any idle sequence has that state loaded into its sequence.
 """
 
 import threading
@@ -63,11 +67,16 @@ class _Running:
 class ContinuousBatch:
     """Sequences of one engine, filled and emptied while the batch runs (one thread only)."""
 
-    def __init__(self, engine):
+    # A saved state is loaded only when it gives at least this many more prompt tokens than an idle sequence.
+    MIN_RESTORE_GAIN = 64
+
+    def __init__(self, engine, saved=None):
         self.engine = engine
+        self.saved = saved  # states on disk: best(tokens), load(id), has(tokens), save(tokens, data)
         self.running: dict[int, _Running] = {}
         # Finished sequences whose cells are kept: seq -> the tokens they hold, least recently used first.
         self.idle: dict[int, list[int]] = {}
+        self._unsaved: set[int] = set()  # idle sequences not saved yet
         engine.reset()  # the parallel sequences start from an empty KV cache
 
     @property
@@ -93,6 +102,7 @@ class ContinuousBatch:
             raise EngineError("no free sequence for this request")
         seq, cached = self._choose_sequence(request.tokens)
         self._make_room(request.reserved)
+        seq, cached = self._restore_saved(request, seq, cached)
         step = SequenceStep(self.engine, request.sampling, request.tokens, request.stop_strings)
         step.stats.cached_tokens = cached
         self.running[seq] = _Running(seq, request, step, len(request.tokens), cached)
@@ -110,12 +120,51 @@ class ContinuousBatch:
         empty = [s for s in range(self.engine.n_seq_max) if s not in self.running and s not in self.idle]
         if best is not None and (2 * best_len >= len(self.idle[best]) or not empty):
             del self.idle[best]
+            self._unsaved.discard(best)
             return best, best_len if self.engine.trim_sequence(best, best_len) else 0
         if empty:
             return empty[0], 0
         seq = next(iter(self.idle))
         self._evict(seq)
         return seq, 0
+
+    def _restore_saved(self, request: StreamRequest, seq: int, cached: int) -> tuple[int, int]:
+        """Load the saved state sharing the longest prefix with the prompt into `seq`, if it gives
+        more than the `cached` tokens `seq` holds; (seq, the tokens it now holds for the prompt)."""
+        if self.saved is None:
+            return seq, cached
+        sid, n = self.saved.best(request.tokens)
+        n = min(n, len(request.tokens) - 1)
+        if sid is None or n < cached + self.MIN_RESTORE_GAIN:
+            return seq, cached
+        state = self.saved.load(sid)
+        if state is None:
+            return seq, cached
+        self._make_room(max(request.reserved, len(state.tokens)))
+        try:
+            self.engine.load_sequence(seq, state.payload, state.tokens)
+        except EngineError:
+            return seq, 0  # the sequence was emptied
+        return seq, n if self.engine.trim_sequence(seq, n) else 0
+
+    def save_idle(self) -> bool:
+        """Copy one idle, unsaved sequence's state out to `saved` (False: nothing left to save)."""
+        while self.saved is not None and self._unsaved:
+            seq = self._unsaved.pop()
+            tokens = self.idle.get(seq)
+            if tokens is None or len(tokens) < self.saved.min_tokens or self.saved.has(tokens):
+                continue
+            try:
+                self.saved.save(tokens, self.engine.sequence_state(seq))
+            except EngineError:
+                continue  # not saved: the cells stay usable in memory
+            return True
+        return False
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether `save_idle` may have something to save."""
+        return self.saved is not None and bool(self._unsaved)
 
     def _make_room(self, need: int) -> None:
         """Evict idle sequences until running requests and `need` more cells fit the context."""
@@ -124,6 +173,7 @@ class ContinuousBatch:
 
     def _evict(self, seq: int) -> None:
         del self.idle[seq]
+        self._unsaved.discard(seq)
         self.engine.drop_sequence(seq)
 
     def step(self) -> None:
@@ -156,6 +206,8 @@ class ContinuousBatch:
         """End every running request (cancelled) and free its sequence."""
         for run in list(self.running.values()):
             self._finish(run, run.step.end("cancelled"))
+        while self.save_idle():
+            pass
         for seq in list(self.idle):
             self._evict(seq)
 
@@ -181,6 +233,7 @@ class ContinuousBatch:
         del self.running[run.seq]
         if keep and not run.new:  # its cells hold the prompt and the evaluated reply: kept for reuse
             self.idle[run.seq] = run.request.tokens + run.evaluated
+            self._unsaved.add(run.seq)
         else:
             self.engine.drop_sequence(run.seq)
 

@@ -20,6 +20,7 @@ from alpaca_chat.config import KV_TYPES
 from alpaca_chat.conversation import GenerationStats, SamplingParams
 from alpaca_chat.engine.context import new_context
 from alpaca_chat.engine.hardware import model_load_params, physical_cores
+from alpaca_chat.engine import sequence_state as _sequence_state
 from alpaca_chat.engine.llama_log import configure_logging
 from alpaca_chat.engine.snapshot import StateSnapshot
 from alpaca_chat.engine.step import SequenceStep
@@ -371,6 +372,14 @@ class Engine:
             return True
         self.drop_sequence(seq)
         return False
+
+    def sequence_state(self, seq: int) -> memoryview:
+        """A copy of a parallel sequence's KV state (sequence_state.py; the batching thread's)."""
+        return _sequence_state.sequence_state(self, seq)
+
+    def load_sequence(self, seq: int, data, tokens: list[int]) -> None:
+        """Load a `sequence_state` into sequence `seq`, which then holds `tokens` (validated data only)."""
+        _sequence_state.load_sequence(self, seq, data, tokens)
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch = self._batch

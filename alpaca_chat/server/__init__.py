@@ -3,6 +3,7 @@
 - `schemas`: request bodies -> checked values, and the OpenAI error shape (pure).
 - `scheduler`: the thread that owns the engine and runs continuous batching.
 - `app`: the Starlette routes (no llama.cpp).
+- `prompt_cache`: idle sequences' KV states saved on disk, restored after a restart.
 """
 
 import argparse
@@ -28,6 +29,8 @@ def build_serve_parser(parser_class) -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 429 (default 64)")
+    p.add_argument("--prompt-cache-mb", type=int, default=1024, metavar="MB",
+                   help="disk budget of the prompt cache kept across restarts (default 1024; 0: none)")
     p.add_argument("--history", action="store_true",
                    help="save API conversations in the chat history (the app's sidebar; -c continues them)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
@@ -51,6 +54,8 @@ def check_args(args) -> None:
         raise UsageError("--port must be from 0 to 65535")
     if args.n_ctx is not None and args.n_ctx < 64:
         raise UsageError("--ctx must be at least 64")
+    if args.prompt_cache_mb < 0:
+        raise UsageError("--prompt-cache-mb must be 0 or more")
     if args.max_tokens_limit < 1 or args.max_queue < 1:
         raise UsageError("--max-tokens-limit and --max-queue must be positive")
     if not is_loopback(args.host) and not args.api_key and not args.no_auth:
@@ -68,6 +73,7 @@ def serve(args) -> int:
         raise UsageError(f"serve needs the serve extra: pip install 'alpaca-chat[serve]' ({exc})") from exc
     from alpaca_chat.loading import choose_template, load_engine, open_store
     from alpaca_chat.server.history import ApiHistory
+    from alpaca_chat.server.prompt_cache import SavedPrefixes
 
     if not is_loopback(args.host) and not args.api_key:
         print(f"alpaca-chat serve: warning: serving {args.host} with no API key (--no-auth): anyone who can "
@@ -82,7 +88,7 @@ def serve(args) -> int:
         config = ServerConfig(model_id=resolved.name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                               default_max_tokens=min(512, args.max_tokens_limit), max_queue=args.max_queue,
                               history=ApiHistory(store, label, template.name) if store is not None else None)
-        app = create_app(engine, template, config)
+        app = create_app(engine, template, config, saved=SavedPrefixes.open(engine, args.prompt_cache_mb))
         print(f"alpaca-chat serve: {resolved.name} on http://{args.host}:{args.port}/v1 "
               f"({args.parallel} parallel sequences, {engine.n_ctx}-token context)", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",

@@ -46,10 +46,11 @@ class ServerConfig:
     history: Any = None  # history.ApiHistory with --history
 
 
-def create_app(engine, template, config: ServerConfig, grammars=None) -> Starlette:
+def create_app(engine, template, config: ServerConfig, grammars=None, saved=None) -> Starlette:
     """The ASGI app over a loaded engine and its chat template. `grammars` turns a response_format
-    into a grammar (default: the engine's JSON-schema converter, imported when first needed)."""
-    scheduler = Scheduler(engine, max_queue=config.max_queue)
+    into a grammar (default: the engine's JSON-schema converter, imported when first needed); `saved`
+    is the prompt cache on disk (prompt_cache.SavedPrefixes), None for none."""
+    scheduler = Scheduler(engine, max_queue=config.max_queue, saved=saved)
     api = _Api(engine, template, config, scheduler, grammars)
 
     @contextlib.asynccontextmanager

@@ -66,8 +66,9 @@ class Stream:
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_queue: int = 64):
+    def __init__(self, engine, *, max_queue: int = 64, saved=None):
         self.engine = engine
+        self.saved = saved  # prompt_cache.SavedPrefixes: idle sequences saved while nothing runs
         self.max_queue = max_queue
         self._pending: collections.deque[StreamRequest] = collections.deque()
         self._wake = threading.Condition()
@@ -88,7 +89,9 @@ class Scheduler:
 
     def status(self) -> dict:
         return {"running": self._running, "queued": len(self._pending), "slots": self.engine.n_seq_max,
-                "completed": self.completed, "cancelled": self.cancelled}
+                "completed": self.completed, "cancelled": self.cancelled,
+                **({"saved_states": len(self.saved.held), "restored_states": self.saved.restored}
+                   if self.saved is not None else {})}
 
     def submit(self, tokens: list[int], sampling: SamplingParams, stop_strings: tuple[str, ...] = ()) -> Stream:
         """Queue a request; call from the event loop. Raises QueueFull when `max_queue` wait."""
@@ -111,15 +114,18 @@ class Scheduler:
         return stream
 
     def _loop(self) -> None:
-        batch = ContinuousBatch(self.engine)
+        batch = ContinuousBatch(self.engine, self.saved)
         try:
             while True:
                 with self._wake:
-                    while not self._stopping and not self._pending and not batch.busy:
+                    while not self._stopping and not self._pending and not batch.busy and not batch.unsaved:
                         self._wake.wait()
                     if self._stopping:
                         break
                     admitted = self._take(batch)
+                if not admitted and not batch.busy:  # nothing to run: save an idle sequence's state
+                    batch.save_idle()
+                    continue
                 for request in admitted:
                     try:
                         batch.admit(request)
@@ -137,7 +143,9 @@ class Scheduler:
                 self.completed += self._running - len(batch.running)
                 self._running = len(batch.running)
         finally:
-            batch.close()
+            batch.close()  # saves the idle sequences not saved yet
+            if self.saved is not None:
+                self.saved.close()
             with self._wake:
                 for request in self._pending:
                     request.on_error("the server is shutting down")
