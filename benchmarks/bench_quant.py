@@ -1,6 +1,6 @@
 """Quantization with our importance matrix: KL and top-1 against the F16 on held-out text, with and without.
 
-    python benchmarks/bench_quant.py [--llama-bin DIR] [--chunks N] [--tiny] [--text FILE]
+    python benchmarks/bench_quant.py [--llama-bin DIR] [--chunks N] [--tiny] [--no-keep] [--plot PNG]
 
 The bundled model's F16 (its Q4_1 dequantized by llama.cpp's quantizer), quantized to each type
 without an importance matrix, with ours (`alpaca-convert imatrix`, the built-in calibration text)
@@ -157,6 +157,8 @@ def run_model(name: str, f16: Path, work: Path, args, text: str, text_file: Path
           f"{sum(len(c) // 2 - 1 for c in score.chunks)} scored tokens", flush=True)
     rows = measure(f16, work, score, matrices, TYPES)
     report_targets(rows, "llama.cpp" in matrices)
+    if args.plot and keep_study:
+        plot(rows, f16, args.plot, sum(len(c) // 2 - 1 for c in score.chunks))
     if keep_study:
         print("\nsensitive tensors kept at Q8_0 (with our imatrix): KL gain per added MiB")
         for qtype in ("Q4_K_M", "Q3_K_M"):
@@ -167,6 +169,19 @@ def run_model(name: str, f16: Path, work: Path, args, text: str, text_file: Path
                 gain = base_kl - kept[1]
                 print(f"  {qtype} +{label}: +{mib:.2f} MiB, KL {base_kl:.5f} -> {kept[1]:.5f} "
                       f"({gain / base_kl:+.1%}), {gain / mib if mib > 0 else float('nan'):.5f} KL per MiB", flush=True)
+
+
+def plot(rows: dict, f16: Path, png: str, n_tokens: int) -> None:
+    """The README's figure: size vs KL, without an importance matrix and with ours."""
+    from convert.evaluate import Ladder, LadderRow, QualityReport, plot_ladder
+
+    ladder = Ladder(f16, f16.stat().st_size, float("nan"))
+    for (qtype, label), (size, kl, top1) in rows.items():
+        if label in ("none", "ours"):
+            report = QualityReport(Path(qtype), f16, n_tokens, float("nan"), float("nan"), kl, 0.0, 0.0, top1,
+                                   size, 1, label=qtype)
+            ladder.rows.append(LadderRow(qtype, report, label == "ours"))
+    print(f"wrote {plot_ladder(ladder, png)}")
 
 
 def _compare_matrices(ours: Path, ref: Path) -> None:
@@ -186,6 +201,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, help="calibration chunks (default: the whole built-in text)")
     parser.add_argument("--tiny", action="store_true", help="also a tiny random Qwen3-MoE")
     parser.add_argument("--no-keep", action="store_true", help="skip the --keep-tensor study")
+    parser.add_argument("--plot", metavar="PNG", help="write the bundled model's with/without ladder plot")
     args = parser.parse_args()
     text = imatrix.calibration_text()
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:

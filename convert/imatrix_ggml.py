@@ -195,13 +195,14 @@ class Collector:
         ne02, ne03 = int(src0.ne[2]), int(src0.ne[3])
         n_mat = ne02 * ne03
         sums, counts = self._entry(name, n_mat, x.shape[-1])
+        # One batch's sums in float32 (a few hundred rows), added up across batches in float64.
         if n_mat == 1:
-            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            rows = x.reshape(-1, x.shape[-1])
             sums[0] += np.einsum("ij,ij->j", rows, rows)
         else:  # a 3-D weight in a plain product: each matrix gets the rows broadcast to it
             for i3 in range(x.shape[0]):
                 for i2 in range(x.shape[1]):
-                    rows = x[i3, i2].astype(np.float64)
+                    rows = x[i3, i2]
                     sums[(i3 % ne03) * ne02 + (i2 % ne02)] += np.einsum("ij,ij->j", rows, rows)
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
 
@@ -214,7 +215,7 @@ class Collector:
         if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
             raise ImatrixError(f"{name}: an expert id outside 0..{n_experts - 1}")
         sums, counts = self._entry(name, n_experts, x.shape[-1])
-        rows = x[:, np.arange(n_used) % x.shape[1], :].reshape(-1, x.shape[-1]).astype(np.float64)
+        rows = x[:, np.arange(n_used) % x.shape[1], :].reshape(-1, x.shape[-1])
         experts = ids.reshape(-1)
         order = np.argsort(experts, kind="stable")
         experts, rows = experts[order], rows[order]
