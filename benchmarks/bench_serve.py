@@ -8,7 +8,10 @@ Each server runs alone (one after the other), with the same threads and context,
   2. `--clients` concurrent streaming clients: aggregate tokens/s and p50/p99 time to first token
      (target: >= 1.5x the anchor's, and >= 85 % of the batching ceiling);
   3. a 10-turn chat sent as full history each turn: turn 10's time to first token / turn 1's
-     (target <= 1.3).
+     (target <= 1.3);
+  4. (ours only) a 2,000-token chat, the server restarted, then its next turn: time to first token
+     with the prompt cache restored / re-evaluating it on a server without one (target <= 0.1).
+     `--only-restart` runs this one alone.
 The batching ceiling is measured in the same run, in-process, with the engine: K x one sequence's
 tokens/s x (cost of a 1-sequence decode step / cost of a K-sequence step).
 Absolute numbers on a shared machine are noise; compare within one run.
@@ -39,8 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(command: list[str], port: int, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env} if env else None)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -106,6 +110,51 @@ def measure(base: str, model: str, tokens: int, clients: int) -> dict:
             "turn10_over_turn1": turn_ttft[-1] / turn_ttft[0]}
 
 
+def chat_ttft(base: str, model: str, messages: list[dict]) -> tuple[float, str, int, int]:
+    """(time to first token, reply, prompt tokens cached, prompt tokens) of one streamed chat turn."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=600)
+    started, first, text, cached, prompt = time.perf_counter(), None, [], 0, 0
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            prompt = chunk.usage.prompt_tokens
+            cached = (chunk.usage.prompt_tokens_details.cached_tokens or 0) if chunk.usage.prompt_tokens_details else 0
+    return (first or time.perf_counter()) - started, "".join(text), cached, prompt
+
+
+def restart_ttft(model: str, threads: int, target_tokens: int = 2000) -> dict:
+    """Target 4: a long chat's next turn after a restart, prompt cache restored vs re-evaluated."""
+    import tempfile
+
+    facts = " ".join(f"Note {i}: the {w} near town {i % 13} was measured on day {i % 29}." for i, w in
+                     enumerate(["river", "bridge", "tower", "market", "forest", "harbour", "school"] * 30))
+    served = [sys.executable, "-m", "alpaca_chat", "serve", "--model", model, "--parallel", "4", "--ctx", "4096",
+              "--threads", str(threads)]
+    name = os.path.basename(model)
+    with tempfile.TemporaryDirectory() as home:
+        def run(messages, *flags):
+            port = free_port()
+            proc = start(served + ["--port", str(port), *flags], port, {"ALPACA_CHAT_HOME": home})
+            try:
+                return chat_ttft(f"http://127.0.0.1:{port}", name, messages)
+            finally:
+                proc.terminate()  # a graceful stop: the idle sequences' states are saved
+                proc.wait()
+
+        history = [{"role": "user", "content": facts[: int(target_tokens * 2.85)] + "\nWhich notes mention a river?"}]
+        ttft_1, reply, _, _ = run(history)
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And a tower?"}]
+        restored, reply_restored, cached, prompt_tokens = run(history)
+        fresh, reply_fresh, cached_fresh, _ = run(history, "--prompt-cache-mb", "0")
+    return {"turn1_ttft": ttft_1, "restored_ttft": restored, "reevaluated_ttft": fresh,
+            "restored_cached_tokens": cached, "reevaluated_cached_tokens": cached_fresh,
+            "same_reply": reply_restored == reply_fresh, "restored_over_reevaluated": restored / fresh,
+            "prompt_tokens": prompt_tokens}
+
+
 def batching_ceiling(model_path: str, k: int, threads: int | None) -> dict:
     """One sequence's tokens/s and the cost ratio of 1- vs k-sequence decode steps, in-process."""
     from alpaca_chat.engine import Engine
@@ -137,6 +186,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-anchor", action="store_true")
+    p.add_argument("--only-restart", action="store_true", help="measure target 4 alone")
     args = p.parse_args()
     from alpaca_chat.engine import physical_cores
     from alpaca_chat.models import resolve_model
@@ -144,6 +194,10 @@ def main() -> int:
     model = str(resolve_model(args.model).path)
     threads = args.threads or physical_cores()
     report = {"model": os.path.basename(model), "threads": threads, "clients": args.clients, "tokens": args.tokens}
+    report["restart"] = restart_ttft(model, threads)
+    if args.only_restart:
+        print(json.dumps(report, indent=2))
+        return 0
 
     port = free_port()
     proc = start([sys.executable, "-m", "alpaca_chat", "serve", "--model", model, "--port", str(port),

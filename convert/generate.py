@@ -7,7 +7,8 @@ task is kept only if it passes every filter (length, punctuation, blacklist,
 not a seed, an output, and ROUGE-L F <= 0.7 against everything kept so far).
 
 The teacher runs through `alpaca_chat`'s engine (llama.cpp, the model's own
-chat template), several requests at once as parallel sequences: no torch.
+chat template), several requests at once as parallel sequences: no torch. A
+GBNF grammar holds each reply to the task format (`GenerateOptions.grammar`).
 Only `run()` touches the engine; everything else is a pure function or a
 small class, tested on its own. The output file is rewritten atomically after
 every accepted batch, so Ctrl+C keeps every task accepted so far, and a rerun
@@ -280,6 +281,7 @@ class GenerateOptions:
     ctx_per_sequence: int = 2048
     max_requests: int | None = None  # default: 20 per wanted task
     threads: int | None = None
+    grammar: bool = True  # the teacher's reply constrained to the task format (a GBNF grammar)
 
     def checked(self) -> GenerateOptions:
         if self.n < 1:
@@ -388,10 +390,12 @@ class _State:
         self.rng.shuffle(shown)
         return shown
 
-    def accept(self, tasks: Iterable[Task]) -> list[Task]:
-        """Filter one answer's tasks; returns those kept (also added to the index)."""
+    def accept(self, tasks: Iterable[Task], limit: int) -> list[Task]:
+        """Filter one answer's tasks, up to `limit` kept; returns those kept (also added to the index)."""
         kept = []
         for task in tasks:
+            if len(kept) >= limit:  # enough: the rest are not candidates
+                break
             self.tally.candidates += 1
             reason = rejection(task, self.seed_texts)
             if reason is None and self.index.too_similar(task.instruction):
@@ -431,6 +435,7 @@ class _Teacher:
 def _request_loop(teacher: _Teacher, state: _State, progress: Report | None) -> None:
     from alpaca_chat.conversation import Message, SamplingParams
     from alpaca_chat.engine import ParallelRequest
+    from alpaca_chat.engine.grammar import numbered_records_grammar
 
     options, tally = state.options, state.tally
     max_requests = options.max_requests or 20 * options.n
@@ -441,11 +446,14 @@ def _request_loop(teacher: _Teacher, state: _State, progress: Report | None) -> 
         missing = options.n - len(state.out.rows)
         if tally.requests >= max_requests or missing <= 0 or in_flight * options.tasks_per_request >= 2 * missing:
             return None
-        message, reply_start = build_request(state.examples(), options.tasks_per_request)
+        examples = state.examples()
+        message, reply_start = build_request(examples, options.tasks_per_request)
         prompt = teacher.template.render([Message("user", message)], add_generation_prompt=True) + reply_start
         sampling = SamplingParams(
             temperature=options.temperature, top_p=options.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0,
             seed=state.rng.randrange(2**32), max_tokens=options.max_tokens,
+            grammar=numbered_records_grammar(["Instruction", "Input", "Output"], len(examples) + 1,
+                                             options.tasks_per_request) if options.grammar else None,
         )
         tally.requests += 1
         in_flight += 1
@@ -460,7 +468,7 @@ def _request_loop(teacher: _Teacher, state: _State, progress: Report | None) -> 
             tally.rejected["truncated"] += cut
             if not tasks and not cut:
                 tally.rejected["unparsed"] += 1
-            kept = state.accept(tasks)[: options.n - len(state.out.rows)]
+            kept = state.accept(tasks, options.n - len(state.out.rows))
             state.out.append(kept)
             state.generated.extend(kept)
             tally.accepted += len(kept)

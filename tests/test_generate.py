@@ -294,3 +294,39 @@ def test_ctrl_c_keeps_every_accepted_task(tmp_path):
     assert 1 <= len(rows) < 60
     _check_rows(rows)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_the_task_grammar_holds_the_teacher_to_the_format(default_model_path):
+    """With the grammar (generate's default) every finished answer is exactly the tasks asked for,
+    numbered on from the examples, each field on its line, each task closed by ###."""
+    import random
+    import re
+
+    from alpaca_chat.conversation import Message
+    from alpaca_chat.engine.grammar import numbered_records_grammar
+    from alpaca_chat.loading import choose_template
+    from convert.generate import build_request, parse_tasks
+
+    rng = random.Random(3)
+    seeds = load_seed_tasks("alpaca-seed")
+    field, body = r" [^\n#]+", r" [^\n#]+(?:\n[^\n#0-9][^\n#]*){0,8}"
+    shape = re.compile(field + r"\n4\. Input:" + field + r"\n4\. Output:" + body + r"\n###"
+                       + r"\n5\. Instruction:" + field + r"\n5\. Input:" + field + r"\n5\. Output:" + body + r"\n###")
+    with Engine(default_model_path, n_ctx=2048, n_seq_max=2) as engine:
+        template = choose_template(engine, "auto", None)
+        requests = []
+        for i in range(2):
+            message, start = build_request(rng.sample(seeds, 3), 2)
+            prompt = template.render([Message("user", message)], add_generation_prompt=True) + start
+            sampling = SamplingParams(temperature=0.9, top_p=0.95, top_k=0, min_p=0.0, repeat_penalty=1.0,
+                                      seed=100 + i, max_tokens=384,
+                                      grammar=numbered_records_grammar(["Instruction", "Input", "Output"], 4, 2))
+            requests.append(ParallelRequest(engine.tokenize(prompt), sampling, tag=start))
+        queue = iter(requests)
+        results = list(engine.generate_parallel(lambda: next(queue, None)))
+    finished = [r for r in results if r.stats.stop_reason != "length"]
+    assert len(results) == 2 and finished, [r.text for r in results]
+    for result in finished:
+        assert shape.fullmatch(result.text), result.text
+        tasks, cut = parse_tasks(result.request.tag + result.text)
+        assert len(tasks) == 2 and cut == 0 and all(t.instruction and t.output for t in tasks)

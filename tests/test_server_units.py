@@ -105,3 +105,41 @@ def test_the_server_stack_stays_torch_free():
             "alpaca_chat.loading, uvicorn; print([m for m in ('torch', 'transformers', 'convert', 'textual') "
             "if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_saved_prefixes_files_replacement_and_checks(tmp_path):
+    """The prompt cache's files (no llama.cpp: payloads are plain bytes): 0600 files, the longest
+    shared prefix chosen, a state replaced by one that extends it, a reopened cache finding them,
+    a damaged file or one for another key refused."""
+    import stat
+
+    from alpaca_chat import kvcache
+    from alpaca_chat.server.prompt_cache import SavedPrefixes
+
+    key = kvcache.StateKey(1, "m" * 64, 2048, "f16", "t" * 64)
+    cache = kvcache.KVCache(tmp_path / "serve")
+    saved = SavedPrefixes(cache, key, min_tokens=4)
+    short, long, other = list(range(200)), list(range(300)), [7] * 250
+    for tokens in (short, long, other):
+        saved.save(tokens, bytes(range(256)) * 4)
+    saved.close()
+    files = sorted(cache.directory.glob("*.kv"))
+    assert len(files) == 2  # `short` was a prefix of `long`: replaced
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+
+    again = SavedPrefixes(cache, key)
+    assert sorted(map(len, again.held.values())) == [250, 300]
+    sid, n = again.best(list(range(260)) + [1, 2])
+    assert n == 260 and again.held[sid] == long and again.has(list(range(100)))
+    state = again.load(sid)
+    assert state.tokens == long and bytes(state.payload) == bytes(range(256)) * 4 and again.restored == 1
+    (sid_other, n), = [(s, len(t)) for s, t in again.held.items() if t == other]
+    path = cache.path_for(sid_other)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert again.load(sid_other) is None and sid_other not in again.held  # damaged: refused, forgotten
+    again.close()
+    foreign = SavedPrefixes(cache, kvcache.StateKey(1, "m" * 64, 4096, "f16", "t" * 64))
+    assert foreign.load(sid) is None  # another context size
+    foreign.close()

@@ -41,6 +41,22 @@ def tool_call_grammar(call_schema: dict) -> str:
     return 'root ::= "<tool_call>\\n" tool-call-json-0 "\\n</tool_call>"\n' + rules
 
 
+def numbered_records_grammar(labels: list[str], first: int, count: int, *, separator: str = "###",
+                             started: bool = True) -> str:
+    """GBNF for `count` records numbered `first`.. ("N. Label: text", a line per label; the last
+    label's text may go on for a few lines that start with neither a digit nor "#"), each followed
+    by `separator` on a line of its own. With `started` the prompt already holds the first record's
+    first "N. Label:", so the reply begins with its text."""
+    parts: list[str] = []
+    for number in range(first, first + count):
+        for j, label in enumerate(labels):
+            if not (started and not parts):
+                parts.append(json.dumps(("\n" if parts else "") + f"{number}. {label}:"))
+            parts.append('" " ' + ("body" if j == len(labels) - 1 else "line"))
+        parts.append(json.dumps("\n" + separator))
+    return "root ::= " + " ".join(parts) + '\nline ::= [^\\n#]+\nbody ::= line ("\\n" [^\\n#0-9] [^\\n#]*){0,8}\n'
+
+
 def add_grammar_stage(chain, vocab, grammar: str) -> None:
     """Put a grammar stage first in `chain` (so no later stage can pick a token it forbids).
     The stages already in the chain keep their state (the repeat penalty's history). If llama.cpp

@@ -40,7 +40,8 @@ class SavedPrefixes:
             if tokens is not None:
                 self.held[entry.conversation_id] = tokens
         self.saved = self.restored = 0
-        self._writes: queue.Queue = queue.Queue()
+        # One state waiting while one is written: `save` blocks rather than pile up copies in memory.
+        self._writes: queue.Queue = queue.Queue(maxsize=1)
         self._writer = threading.Thread(target=self._write_loop, name="prompt-cache-writer", daemon=True)
         self._writer.start()
 
@@ -86,7 +87,8 @@ class SavedPrefixes:
             return any(len(held) >= len(tokens) and held[: len(tokens)] == tokens for held in self.held.values())
 
     def save(self, tokens: list[int], payload) -> None:
-        """Write a state in the background (`payload`: the engine's copy, owned from now on)."""
+        """Write a state in the background (`payload`: the engine's copy, owned from now on); waits
+        while another one is already waiting."""
         self._writes.put((list(tokens), payload))
 
     def close(self, timeout: float = 60.0) -> None:
