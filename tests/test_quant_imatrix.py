@@ -187,11 +187,18 @@ def test_evaluation_refuses_the_calibration_text(tiny_f16, tmp_path):
 
 @pytest.fixture
 def shared_cache(tmp_path_factory, monkeypatch):
-    """One imatrix cache for the command-line tests: --imatrix auto computes the tiny model's matrix once."""
+    """One imatrix cache for the command-line tests: --imatrix auto computes the tiny model's matrix once
+    (on 4 chunks)."""
     from convert import imatrix
 
     root = tmp_path_factory.getbasetemp() / "shared-imatrix-cache"
     monkeypatch.setattr(imatrix, "cache_dir", lambda: root)
+    real = imatrix.compute  # the first 4 chunks of the built-in text are enough here
+
+    def first_chunks(model, *args, **kwargs):
+        return real(model, *args, **{**kwargs, "chunks": kwargs.get("chunks") or 4})
+
+    monkeypatch.setattr(imatrix, "compute", first_chunks)
     return root
 
 
