@@ -35,11 +35,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="distillation / CE steps (batch 4, max length 256)")
+    p.add_argument("--steps", type=int, default=60, help="distillation / CE steps (max length 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples (of up to 256 tokens) per step")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="full-parameter student's peak LR (cosine)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--data", default=str(ROOT / "convert" / "builtin_data" / "calibration.txt"),
                    help="training text for both runs: a .txt file or alpaca-seed")
+    p.add_argument("--distilled", type=Path, help="measure this trained student (e.g. a checkpoint) instead of training")
+    p.add_argument("--ce", type=Path, help="with --distilled: the CE-trained student trained alike")
     p.add_argument("--plot", type=Path, help="write the size-vs-KL PNG here")
     p.add_argument("--rounds", type=int, default=5, help="speed rounds (each model once per round)")
     p.add_argument("--drop-layers", type=int, default=10, help="depth pruning: layers removed (10 of 30: ~26 %% of params)")
@@ -72,24 +75,24 @@ def run(args, work: Path) -> None:
           f"({1 - depth_params['after'] / depth_params['before']:.1%} fewer); width-pruned {width_params['after']:,}")
 
     runs = {}
-    for name, alpha in (("distilled", 0.0), ("ce-trained", 1.0)):
+    for name, alpha in () if args.distilled else (("distilled", 0.0), ("ce-trained", 1.0)):
         out = work / name
         shared = work / "distilled" / CACHE_DIR
         if name != "distilled" and shared.is_dir() and not (out / CACHE_DIR).exists():
             out.mkdir(parents=True, exist_ok=True)  # the same teacher, data and k: the same cache key
             (out / CACHE_DIR).symlink_to(shared.resolve(), target_is_directory=True)
         if not (out / "config.json").exists():
-            config = FinetuneConfig(base=str(depth), data=args.data, out=out, max_steps=args.steps, batch_size=4,
+            config = FinetuneConfig(base=str(depth), data=args.data, out=out, max_steps=args.steps, batch_size=args.batch_size,
                                     grad_accum=1, max_length=256, val_size=0.0, learning_rate=args.learning_rate,
                                     save_steps=10_000, warmup_ratio=0.05, seed=0)
             runs[name] = distill(config, DistillSettings(teacher=str(base), alpha=alpha, temperature=args.temperature,
                                                          top_k=64, full=True), progress=True)
-    print(f"trained {args.steps} steps each at LR {args.learning_rate:g}, T {args.temperature:g}, data "
+    print(f"trained {args.steps} steps of {args.batch_size} x 256 tokens each at LR {args.learning_rate:g}, T {args.temperature:g}, data "
           f"{Path(args.data).name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
     text = (ROOT / "convert" / "eval_sample.txt").read_text(encoding="utf-8")
     models = {"teacher": base, "depth-pruned": depth, "width-pruned": width,
-              "depth+distilled": work / "distilled", "depth+CE": work / "ce-trained"}
+              "depth+distilled": args.distilled or work / "distilled", "depth+CE": args.ce or work / "ce-trained"}
     quality = measure_quality(models, base, text)
     speed = measure_speed({k: models[k] for k in ("teacher", "depth-pruned", "width-pruned")}, work, args.rounds)
 
@@ -117,7 +120,7 @@ def run(args, work: Path) -> None:
     print(f"   ratios: ppl KL distilled/CE {d_ppl / c_ppl:.3f} {quality['depth+distilled'][1] / quality['depth+CE'][1]:.3f}; "
           f"width/depth ppl {quality['width-pruned'][0] / p_ppl:.3f}, KL "
           f"{quality['width-pruned'][1] / quality['depth-pruned'][1]:.3f}")
-    results = {"steps": args.steps, "learning_rate": args.learning_rate, "temperature": args.temperature,
+    results = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "temperature": args.temperature,
                "data": Path(args.data).name, "params": params, "q4_k_m_bytes": sizes,
                "quality": {k: {"ppl": v[0], "kl": v[1]} for k, v in quality.items()},
                "speed": {k: {"tok_s": v[0], "ratio": v[1]} for k, v in speed.items()},
