@@ -129,6 +129,8 @@ def _add_generate(sub, common) -> None:
     p.add_argument("--tasks-per-request", type=int, default=5, metavar="M", help="new tasks asked per request")
     p.add_argument("--max-tokens", type=int, default=768, help="token limit of one answer (default 768)")
     p.add_argument("--temperature", type=float, default=0.9, help="teacher sampling temperature (default 0.9)")
+    p.add_argument("--no-grammar", dest="grammar", action="store_false",
+                   help="let the teacher answer freely (by default a grammar holds it to the task format)")
     p.add_argument("--max-requests", type=int, metavar="N",
                    help="give up after N requests (default 20 per wanted task)")
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per parallel request (default 2048)")
@@ -299,7 +301,7 @@ def cmd_generate(args) -> int:
         teacher=args.teacher, seed_tasks=args.seed_tasks, n=args.n, output=Path(args.output),
         parallel=args.parallel, seed=args.seed, tasks_per_request=args.tasks_per_request,
         max_tokens=args.max_tokens, temperature=args.temperature, max_requests=args.max_requests,
-        ctx_per_sequence=args.ctx, threads=args.threads,
+        ctx_per_sequence=args.ctx, threads=args.threads, grammar=args.grammar,
     )
     _note(f"generating {args.output} (-n {args.n}) with {args.teacher or 'the bundled model'} as teacher")
     bar = _GenerateProgress()

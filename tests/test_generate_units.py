@@ -178,3 +178,22 @@ def test_options_below_one_are_usage_errors(tmp_path, field):
     values[field] = 0
     with pytest.raises(UsageError):
         GenerateOptions(**values).checked()
+
+
+def test_no_grammar_reaches_the_options(monkeypatch, tmp_path):
+    """`--no-grammar` turns the task grammar off; by default the teacher is held to the format."""
+    from convert import cli, generate
+
+    seen = []
+
+    def fake_run(options, **kwargs):
+        seen.append(options.grammar)
+        raise KeyboardInterrupt  # stop before any model is loaded
+
+    monkeypatch.setattr(generate, "run", fake_run)
+    for extra, wanted in (([], True), (["--no-grammar"], False)):
+        try:
+            cli.main(["generate", "-n", "1", "-o", str(tmp_path / "x.json"), *extra])
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        assert seen[-1] is wanted
