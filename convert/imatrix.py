@@ -239,92 +239,43 @@ def auto_imatrix(
 
 
 class _LlamaRun:
-    """One model and one context whose eval callback is the collector."""
+    """The engine on one model, exact (F32 KV cache, no flash attention), its eval callback the collector."""
 
     def __init__(self, model: Path, ctx: int, threads: int | None, weights: set[str]):
-        # The engine first: it sets up the OpenMP environment llama_cpp must load with.
-        from alpaca_chat.engine import configure_logging, model_load_params, physical_cores
+        from alpaca_chat.engine import Engine
 
-        import llama_cpp
-
-        configure_logging(None)
-        llama_cpp.llama_backend_init()
         self.collector = Collector(weights)
         self.ctx_size = ctx
-        self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), model_load_params())
-        if not self._model:
-            raise ImatrixError(f"llama.cpp could not load {model} (run with --verbose for its log)")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = ctx
-        params.n_threads = params.n_threads_batch = threads or physical_cores()
-        params.no_perf = True
-        # Exact activations: an F32 KV cache and no flash attention (its CPU kernel rounds to F16).
-        params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.cb_eval = self.collector.callback
-        params.cb_eval_user_data = None
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise ImatrixError(f"llama.cpp could not create a {ctx}-token context for {model.name}")
-        self._batch = llama_cpp.llama_batch_init(ctx, 0, 1)
-        self.model_name = model.name
+        # n_batch = ctx: a chunk is one batch, as llama-imatrix evaluates it.
+        self.engine = Engine(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, exact=True,
+                             eval_callback=self.collector.callback)
 
     @property
     def add_bos(self) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        return self.engine.add_bos
 
     @property
     def bos(self) -> int:
-        import llama_cpp
-
-        return llama_cpp.llama_vocab_bos(self._vocab)
+        return self.engine.bos_id
 
     def tokenize(self, text: str) -> list[int]:
         """As llama-imatrix: the vocabulary's BOS added, special tokens not parsed."""
-        import llama_cpp
-
-        data = text.encode("utf-8")
-        capacity = len(data) + 16
-        tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, True, False)
-        if n < 0:
-            raise ImatrixError(f"llama.cpp could not tokenize the calibration text ({n})")
-        return list(tokens[:n])
+        return self.engine.tokenize_raw(text, add_special=True, parse_special=False)
 
     def collect(self, chunk: list[int]) -> Collected:
-        """Evaluate one chunk (one batch, every position's logits) and return what the callback collected."""
-        import llama_cpp
-
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
-        batch = self._batch
-        batch.n_tokens = len(chunk)
-        for i, token in enumerate(chunk):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
+        """Evaluate one chunk (one batch, every position's logits: the output matrix sees every row)
+        and return what the callback collected."""
         collector = self.collector
         collector.data, collector.error = Collected(), None
-        status = llama_cpp.llama_decode(self._ctx, batch)
-        if collector.error is not None:
-            raise collector.error
-        if status != 0:
-            raise ImatrixError(f"llama.cpp failed to evaluate {self.model_name} (llama_decode returned {status})")
+        try:
+            self.engine.sequence_logits(chunk, 0)
+        finally:
+            if collector.error is not None:  # why the callback stopped the graph, before llama.cpp's status
+                raise collector.error
         return collector.data
 
     def close(self) -> None:
-        import llama_cpp
-
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            llama_cpp.llama_model_free(self._model)
-            self._ctx = self._model = None
+        self.engine.close()
 
     def __enter__(self):
         return self
