@@ -24,8 +24,9 @@ from pathlib import Path
 
 from alpaca_chat.conversation import GenerationStats
 from alpaca_chat.engine import StateSnapshot, common_prefix
-from alpaca_chat.errors import EngineError
+from alpaca_chat.errors import EngineError, ModelNotFoundError
 from alpaca_chat.loading import LoadedModel
+from alpaca_chat.lora_spec import AdapterSpec, parse_lora_arg
 from alpaca_chat.templates import chatml_template
 
 FAKE_TOKENS_PER_S = 42.0
@@ -101,6 +102,9 @@ class FakeEngine:
         self.restore_gate = threading.Event()
         self.restore_gate.set()
         self.restoring = threading.Event()
+        self._adapters: tuple = ()
+        self.adapter_errors: dict[str, Exception] = {}
+        self.adapter_calls: list[tuple] = []
 
     def enqueue(self, deltas, *, delay=0.0, error=None, gated=False) -> Script:
         script = Script(list(deltas), delay, error, threading.Semaphore(0) if gated else None)
@@ -127,7 +131,8 @@ class FakeEngine:
     def snapshot(self) -> StateSnapshot:
         if not self.supports_state:
             raise EngineError("this fake engine keeps no state")
-        return StateSnapshot(memoryview(b"fake state " + bytes(len(self._cached))), list(self._cached))
+        return StateSnapshot(memoryview(b"fake state " + bytes(len(self._cached))), list(self._cached),
+                             adapter_key=self.adapter_key)
 
     def restore(self, data, tokens: list[int]) -> None:
         if not self.supports_state:
@@ -139,6 +144,29 @@ class FakeEngine:
 
     def reset(self) -> None:
         self._cached = []
+
+    # LoRA adapters: any existing file loads unless `adapter_errors[name]` says otherwise; the key is
+    # the names and scales, and a changed set empties the cache as the real engine's does.
+    @property
+    def adapters(self) -> tuple:
+        return self._adapters
+
+    @property
+    def adapter_key(self) -> str:
+        return "+".join(sorted(f"{s.name}*{s.scale!r}" for s in self._adapters if s.scale != 0.0))
+
+    def set_adapters(self, specs) -> None:
+        specs = tuple(s if isinstance(s, AdapterSpec) else parse_lora_arg(s) for s in specs)
+        for spec in specs:
+            if spec.name in self.adapter_errors:
+                raise self.adapter_errors[spec.name]
+            if not spec.path.is_file():
+                raise ModelNotFoundError(f"LoRA adapter not found: {spec.path}")
+        before = self.adapter_key
+        self._adapters = specs
+        self.adapter_calls.append(specs)
+        if self.adapter_key != before:
+            self._cached = []
 
     def close(self) -> None:
         self.closed = True

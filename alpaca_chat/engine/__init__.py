@@ -4,6 +4,7 @@
 - `step.SequenceStep`: what a generated token goes through, for single and parallel generation.
 - `context`: the one place that builds a llama.cpp context; `hardware`: cores and AMX;
   `llama_log`: llama.cpp's one log callback; `snapshot.StateSnapshot`: a KV state copied out.
+- `adapters`: LoRA adapters applied at run time (`adapter_check` validates a file first).
 - `protocol`: the public surface as typing.Protocols (`ChatEngine`, `EngineProtocol`).
 """
 
@@ -17,6 +18,7 @@ import os
 # spins. libgomp reads this as llama_cpp loads it: it must be set before.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+from alpaca_chat.engine.adapters import AdapterSpec, BaseLayout, check_adapter, parse_lora_arg  # noqa: E402
 from alpaca_chat.engine.context import flash_attention  # noqa: E402 - after GOMP_SPINCOUNT
 from alpaca_chat.engine.core import DEFAULT_N_BATCH, DEFAULT_N_CTX, Engine, Generation, common_prefix  # noqa: E402
 from alpaca_chat.engine.hardware import model_load_params, physical_cores  # noqa: E402
@@ -27,7 +29,7 @@ from alpaca_chat.engine.step import SequenceStep  # noqa: E402
 from alpaca_chat.engine.parallel import ParallelRequest, ParallelResult  # noqa: E402
 
 __all__ = [
-    "DEFAULT_N_BATCH", "DEFAULT_N_CTX", "ChatEngine", "Engine", "EngineProtocol", "Generation", "ParallelRequest",
+    "AdapterSpec", "BaseLayout", "check_adapter", "parse_lora_arg", "DEFAULT_N_BATCH", "DEFAULT_N_CTX", "ChatEngine", "Engine", "EngineProtocol", "Generation", "ParallelRequest",
     "ParallelResult", "SequenceStep", "StateSnapshot", "common_prefix", "configure_logging", "flash_attention",
     "log_listener", "model_load_params", "physical_cores",
 ]

@@ -18,7 +18,9 @@ import llama_cpp
 
 from alpaca_chat.config import KV_TYPES
 from alpaca_chat.conversation import GenerationStats, SamplingParams
+from alpaca_chat.engine.adapters import Adapters, AdapterSpec
 from alpaca_chat.engine.context import new_context
+from alpaca_chat.engine.generation import Generation, common_prefix
 from alpaca_chat.engine.hardware import model_load_params, physical_cores
 from alpaca_chat.engine import sequence_state as _sequence_state
 from alpaca_chat.engine.llama_log import configure_logging
@@ -31,35 +33,6 @@ from alpaca_chat.engine.parallel import ParallelRequest, ParallelResult, Paralle
 REPEAT_PENALTY_LAST_N = 64
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-class Generation:
-    """An iterator of text deltas; `stats` is complete once it is exhausted."""
-
-    def __init__(self, deltas: Iterator[str], stats: GenerationStats):
-        self._deltas = deltas
-        self.stats = stats
-        self.text = ""
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        delta = next(self._deltas)
-        self.text += delta
-        return delta
-
-    def close(self) -> None:
-        """Stop early (e.g. on KeyboardInterrupt) and leave the engine consistent."""
-        self._deltas.close()
 
 
 class Engine:
@@ -79,6 +52,7 @@ class Engine:
         kv_type: str = "f16",
         verbose: bool = False,
         eval_callback=None,
+        adapters=(),
     ):
         if kv_type not in KV_TYPES:
             raise UsageError(f"kv_type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
@@ -116,6 +90,13 @@ class Engine:
         self._state_buf = None
         self._state_lock = threading.Lock()
         self.metadata = self._read_metadata()
+        self._adapters = Adapters(self._model, self._ctx, self.model_path)
+        if adapters:
+            try:
+                self.set_adapters(adapters)
+            except BaseException:
+                self.close()
+                raise
 
     def _read_metadata(self) -> dict[str, str]:
         buf = ctypes.create_string_buffer(4096)
@@ -131,6 +112,8 @@ class Engine:
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
+            if getattr(self, "_adapters", None):
+                self._adapters.close()  # before the model, which would free them too
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
@@ -152,6 +135,26 @@ class Engine:
             yield
         finally:
             self._lock.release()
+
+    # -- LoRA adapters (adapters.py) ----------------------------------------------
+
+    def set_adapters(self, specs) -> None:
+        """Apply these adapters (AdapterSpecs or "FILE[:SCALE]") instead of the current set, without
+        reloading the model; each file is checked and loaded once. On an error the previous set stays.
+        A changed set empties the KV cache: nothing computed under one set is reused under another."""
+        with self._held(wait=True):
+            if self._adapters.apply(specs):
+                self.reset()
+
+    @property
+    def adapters(self) -> tuple[AdapterSpec, ...]:
+        """The active adapters, in the order they were given."""
+        return self._adapters.active
+
+    @property
+    def adapter_key(self) -> str:
+        """What the context computes with, beyond the model: content hashes and scales ("" for none)."""
+        return self._adapters.key
 
     # -- vocabulary ----------------------------------------------------------
 
@@ -461,7 +464,7 @@ class Engine:
                     raise EngineError(f"llama.cpp wrote {written} of {size} bytes of KV state")
                 tokens = list(self._cached)
             return StateSnapshot(memoryview(self._state_buf).cast("B")[:size].toreadonly(), tokens,
-                                 self._release_state_buffer)
+                                 self._release_state_buffer, adapter_key=self.adapter_key)
         except BaseException:
             self._state_lock.release()
             raise

@@ -71,6 +71,16 @@ class ChatEngine(Protocol):
 
     def close(self) -> None: ...
 
+    # LoRA adapters applied at run time (engine/adapters.py): the active set, in order, and its key
+    # (content hashes and scales; "" for none), which KV states and reused prefixes are keyed by.
+    @property
+    def adapters(self) -> tuple[Any, ...]: ...
+
+    @property
+    def adapter_key(self) -> str: ...
+
+    def set_adapters(self, specs) -> None: ...
+
 
 @runtime_checkable
 class EngineProtocol(ChatEngine, Protocol):

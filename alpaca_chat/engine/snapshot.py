@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 class StateSnapshot:
     """`data` (a read-only memoryview of the engine's state buffer) and the `tokens` it holds, valid
-    until `release()`; a context manager."""
+    until `release()`; a context manager. `adapter_key` is the LoRA set it was computed under."""
 
-    def __init__(self, data: memoryview, tokens: list[int], release: Callable[[], None] | None = None):
-        self.data, self.tokens = data, tokens
+    def __init__(self, data: memoryview, tokens: list[int], release: Callable[[], None] | None = None, *,
+                 adapter_key: str = ""):
+        self.data, self.tokens, self.adapter_key = data, tokens, adapter_key
         self._release = release
         self._release_lock = threading.Lock()
 
