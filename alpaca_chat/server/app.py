@@ -21,10 +21,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from alpaca_chat import templates  # its sandboxed Jinja renders tool turns (until it takes `tools` itself)
 from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import AlpacaChatError, UsageError
 from alpaca_chat.server.scheduler import QueueFull, Scheduler, Stopping
-from alpaca_chat.server import tools
+from alpaca_chat.server import tool_formats, tools
 from alpaca_chat.server.schemas import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
 
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "length": "length",
@@ -93,6 +94,8 @@ class _Api:
         self.config = config
         self.scheduler = scheduler
         self._grammars = grammars
+        # the template's own tool-call format, and whether it renders tools itself
+        self.tool_format, self.native_tools = tool_formats.detect(template.source)
 
     # -- routes ------------------------------------------------------------------
 
@@ -123,6 +126,11 @@ class _Api:
         parsed = parse_chat(await self._body(request), self.config.max_tokens_limit)
         self._check_model(parsed)
         parsed.sent = list(parsed.messages)  # what the client sent, for --history
+        if self.native_tools and (parsed.tools is not None or parsed.has_tool_turns):
+            described = parsed.tools.tools if parsed.tools is not None else None
+            prompt = tool_formats.render(self.template, tool_formats.template_messages(
+                parsed.raw_messages, self.tool_format), described, templates._compiled)
+            return await self._generate(request, parsed, prompt, chat=True)
         if parsed.tools is not None:  # described in the system prompt, as Hermes-style templates do
             described = tools.system_text(parsed.tools)
             if parsed.messages[0].role == "system":
@@ -199,7 +207,7 @@ class _Api:
             self._grammars = grammar
         if forced:
             try:
-                return self._grammars.tool_call_grammar(parsed.tools.call_schema())
+                return self.tool_format.grammar(parsed.tools, self._grammars.json_schema_grammar)
             except UsageError as exc:
                 raise ApiError(400, str(exc), param="tools") from exc
         kind, schema = parsed.response_format
@@ -223,7 +231,7 @@ class _Api:
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
                            code="queue_full") from exc
-        reply = _Reply(self.config.model_id, chat, parsed.tools is not None)
+        reply = _Reply(self.config.model_id, chat, parsed.tools, self.tool_format)
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
         if parsed.stream:
             return StreamingResponse(self._events(stream, reply, parsed, watcher, sampling),
@@ -259,7 +267,7 @@ class _Api:
             self._remember(parsed, "".join(held), sampling, stream.stats)
             finish = FINISH_REASONS[stream.stats.stop_reason]
             if reply.tools:
-                content, calls = tools.parse_calls("".join(held))
+                content, calls = reply.parse("".join(held))
                 if content:
                     yield _sse(reply.chunk({"content": content}))
                 if calls:
@@ -298,9 +306,11 @@ def _usage(stats) -> dict:
 class _Reply:
     """The response objects of one request (chat.completion or text_completion)."""
 
-    def __init__(self, model_id: str, chat: bool, tools: bool = False):
+    def __init__(self, model_id: str, chat: bool, spec=None, tool_format=tool_formats.HERMES):
         self.chat = chat
-        self.tools = tools
+        self.tools = spec is not None
+        self.names = [t["function"]["name"] for t in spec.tools] if spec is not None else []
+        self.tool_format = tool_format
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_id = model_id
@@ -314,12 +324,15 @@ class _Reply:
         choice["finish_reason"] = finish_reason
         return {**self.head("chunk"), "choices": [choice]}
 
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        return self.tool_format.parse(text, self.names)
+
     def whole(self, text: str, stats) -> dict:
         finish = FINISH_REASONS[stats.stop_reason]
         if self.chat:
             message = {"role": "assistant", "content": text}
             if self.tools:
-                message["content"], calls = tools.parse_calls(text)
+                message["content"], calls = self.parse(text)
                 if calls:
                     message["tool_calls"], finish = calls, "tool_calls"
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}

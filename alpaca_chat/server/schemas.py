@@ -50,6 +50,13 @@ class GenerationRequest:
     response_format: tuple[str, dict | None] | None = None
     tools: Any = None  # tools.ToolSpec: the tools the reply may (or must) call
     sent: list[Message] = field(default_factory=list)  # the messages as sent (before tools are described)
+    # the messages checked, as OpenAI dicts (role, content string, tool_calls, tool_call_id): what a
+    # template with a tool format of its own renders (tool_formats.render)
+    raw_messages: list[dict] = field(default_factory=list)
+
+    @property
+    def has_tool_turns(self) -> bool:
+        return any(m["role"] == "tool" or m.get("tool_calls") for m in self.raw_messages)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -67,7 +74,10 @@ def parse_chat(body: dict, max_tokens_limit: int) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
-    request.messages = [_message(m, i) for i, m in enumerate(messages)]
+    for i, raw in enumerate(messages):
+        message, checked = _message(raw, i)
+        request.messages.append(message)
+        request.raw_messages.append(checked)
     request.response_format = _response_format(body.get("response_format"))
     from alpaca_chat.server.tools import parse_tools
 
@@ -142,7 +152,8 @@ def _stop(stop) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _message(raw, index: int) -> Message:
+def _message(raw, index: int) -> tuple[Message, dict]:
+    """The message for templates with no tool format (tool turns as Hermes text), and the checked dict."""
     param = f"messages[{index}]"
     if not isinstance(raw, dict):
         raise ApiError(400, f"{param} must be an object", param=param)
@@ -161,14 +172,19 @@ def _message(raw, index: int) -> Message:
         content = "".join(parts)
     if not isinstance(content, str):
         raise ApiError(400, f"{param}.content must be a string or an array of text parts", param=f"{param}.content")
+    checked = {"role": "system" if role == "developer" else role, "content": content}
+    text = content
     if role == "tool" or (role == "assistant" and raw.get("tool_calls")):
         from alpaca_chat.server import tools
 
         if role == "tool":
-            content = tools.tool_result_text(content)
+            call_id = raw.get("tool_call_id")
+            checked["tool_call_id"] = call_id if isinstance(call_id, str) else None
+            text = tools.tool_result_text(content)
         else:
-            content = "\n".join(part for part in (content, tools.calls_text(raw["tool_calls"])) if part)
-    return Message(ROLES[role], content)
+            checked["tool_calls"] = tools.checked_calls(raw["tool_calls"])
+            text = "\n".join(part for part in (content, tools.calls_text(checked["tool_calls"])) if part)
+    return Message(ROLES[role], text), checked
 
 
 def _response_format(raw) -> tuple[str, dict | None] | None:

@@ -1,4 +1,4 @@
-"""Tool calls in the Hermes / Qwen2.5 format. Pure: no I/O, no llama.cpp.
+"""The request's tools, and the Hermes / Qwen2.5 prompt text for templates with no tool format. Pure.
 
 The tools are described in the system prompt the way Qwen2.5's template does (a `<tools>` block,
 calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), tool results go back as
@@ -8,13 +8,12 @@ With `tool_choice` "required" or a named function, a grammar makes the reply one
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 
+from alpaca_chat.server import tool_formats
 from alpaca_chat.server.schemas import ApiError
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 SYSTEM_TEXT = (
@@ -83,9 +82,9 @@ def tool_result_text(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def calls_text(calls) -> str:
-    """An assistant message's `tool_calls`, as the model wrote them."""
-    parts = []
+def checked_calls(calls) -> list[dict]:
+    """An assistant message's `tool_calls`, checked: [{"id", "function": {"name", "arguments": a JSON value}}]."""
+    checked = []
     for i, call in enumerate(calls if isinstance(calls, list) else [None]):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -95,27 +94,19 @@ def calls_text(calls) -> str:
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"tool_calls[{i}].function.arguments is not JSON", param="messages") from exc
-        parts.append("<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments},
-                                                  ensure_ascii=False) + "\n</tool_call>")
-    return "\n".join(parts)
+        call_id = call.get("id")
+        checked.append({"id": call_id if isinstance(call_id, str) else None,
+                        "function": {"name": function["name"], "arguments": arguments}})
+    return checked
+
+
+def calls_text(calls: list[dict]) -> str:
+    """Checked `tool_calls` (checked_calls), as a Hermes-style model writes them."""
+    return "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                                  ensure_ascii=False) + "\n</tool_call>" for c in calls)
 
 
 def parse_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(the text outside any call, or None; the calls in OpenAI's shape). A block that is not a
-    call (not JSON, no name) is left in the text."""
-    calls, kept, last = [], [], 0
-    for match in CALL.finditer(text):
-        try:
-            value = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            continue
-        arguments = value.get("arguments", {})
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
-        kept.append(text[last:match.start()])
-        last = match.end()
-    kept.append(text[last:])
-    content = "".join(kept).strip()
-    return (content or None), calls
+    """(the text outside any `<tool_call>` block, or None; the calls in OpenAI's shape). A block that
+    is not a call (not JSON, no name) is left in the text. Other formats: tool_formats."""
+    return tool_formats.HERMES.parse(text, [])
