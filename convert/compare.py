@@ -1,4 +1,4 @@
-"""`alpaca-convert compare`: what the base, the fine-tuned and the quantized model answer.
+"""`alpaca-convert compare`: what the base, the fine-tuned, the compressed and the quantized model answer.
 
 A quick look at whether training and quantization did what was wanted: the
 same held-out prompts go to each model, each rendered with the model's own
@@ -9,6 +9,7 @@ is then scored by the mean ROUGE-L F of its answers against the references
 
 Hugging Face checkpoints run through transformers; GGUF files through
 alpaca-chat's engine, exactly as `alpaca-chat --model FILE` would run them.
+`--report` adds the compression report (convert/compression_report.py).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def models_from(
         models.append(ModelSpec("base", base))
     if finetuned:
         models.append(ModelSpec("fine-tuned", finetuned))
+    if pipeline is not None:  # the compression steps' checkpoints (prune, distill), when the run had them
+        models.extend(ModelSpec(name, pipeline / name) for name in ("pruned", "distilled")
+                      if (pipeline / name / "config.json").is_file())
     models.extend(ModelSpec(_quant_label(p), p) for p in ggufs)
     if not models:
         raise UsageError("nothing to compare: give --pipeline DIR, or --base / --finetuned / --gguf")

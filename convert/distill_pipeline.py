@@ -211,8 +211,36 @@ def count_params(model: Path) -> int:
     return total
 
 
+def compression_report_info(options, rouge: dict | None = None) -> dict:
+    """The eval step's compression report: teacher, pruned, distilled and each quantization, measured
+    alike (convert/compression_report.py), drawn into DIR/compression.png; {} without compression steps."""
+    from convert import compare, compression_report
+
+    compress = options.compress
+    if compress is None:
+        return {}
+    specs = compare.models_from(pipeline=options.out, ggufs=[options.quantized(q) for q in options.quants])
+    models = [compression_report.ReportModel(m.label, Path(m.path)) for m in specs if m.label != "base"]
+    teacher = "fine-tuned"
+    if compress.distill_from:  # the fine-tune is the student here; its teacher is the given model
+        models.insert(0, compression_report.ReportModel("teacher", Path(compress.distill_from)))
+        teacher = "teacher"
+    report = compression_report.measure(models, teacher, rouge=rouge)
+    png = compression_report.plot(report, options.out / "compression.png")
+    return {"compression": report.to_dict(), "compression_png": str(png)}
+
+
 def summary_lines(steps) -> list[str]:
-    """The compression report's lines for the pipeline summary (empty without compression steps)."""
+    """The compression report's lines for the pipeline summary (empty without compression steps):
+    the eval step's full report when it ran, else the prune and distill steps' held-out figures."""
+    evaluation = next((s for s in steps if s.name == "eval"), None)
+    measured = (evaluation.info or {}).get("compression") if evaluation is not None else None
+    if measured:
+        from convert.compression_report import Report
+
+        report = Report.from_dict(measured)
+        return ["compression report:", *(f"  {line}" for line in report.table()),
+                f"  size vs KL: {evaluation.info.get('compression_png')}"]
     rows = []
     for name in ("prune", "distill"):
         step = next((s for s in steps if s.name == name), None)
