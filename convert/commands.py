@@ -20,14 +20,15 @@ from alpaca_chat.errors import UsageError
 
 PROG = "alpaca-convert"
 DEFAULT_COMMAND = "convert"
-COMMANDS = (DEFAULT_COMMAND, "export", "quantize", "imatrix", "eval", "inspect", "generate")
+COMMANDS = (DEFAULT_COMMAND, "export", "export-adapter", "quantize", "imatrix", "eval", "inspect", "generate")
 
 
 def register(sub, common) -> None:
-    from convert import quant_commands
+    from convert import adapter_commands, quant_commands
 
     _add_convert(sub, common)
     _add_export(sub, common)
+    adapter_commands.register(sub, common)
     _add_quantize(sub, common)
     quant_commands.register(sub, common)
     _add_eval(sub, common)

@@ -69,6 +69,7 @@ _TRAINING = ("torch", "transformers", "peft", "accelerate", "datasets")
 COMMANDS: dict[str, tuple[Need, ...]] = {
     "convert": (_EXPORT, _PICKLE),
     "export": (_EXPORT, _PICKLE),
+    "export-adapter": (Need("export", ("safetensors",)),),
     "quantize": (),
     "imatrix": (),  # a checkpoint (not a GGUF) as input needs the export extra: quant_commands checks it
     "eval": (Need("plot", EXTRAS["plot"], when=lambda args: bool(getattr(args, "ladder", None)), flag="--ladder"),),

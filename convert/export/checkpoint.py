@@ -237,7 +237,7 @@ def open_checkpoint(spec: str | os.PathLike[str], *, allow_pickle: bool = False)
                 "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
         return Checkpoint(path, config, _index_pickles(files), source, pickled=True)
-    tensors = _index_safetensors(files)
+    tensors = index_safetensors(files)
     if index is not None:
         _check_index(tensors, *index)
     return Checkpoint(path, config, tensors, source)
@@ -308,7 +308,8 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _index_safetensors(files: list[Path]) -> dict[str, TensorEntry]:
+def index_safetensors(files: list[Path]) -> dict[str, TensorEntry]:
+    """Every tensor of these safetensors files, from their headers (each file validated; no data read)."""
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         for entry in _safetensors_entries(file):
