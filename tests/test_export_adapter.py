@@ -180,7 +180,7 @@ def test_tensors_match_llama_cpp_converter(request, tmp_path_factory, adapters, 
     assert done.returncode == 0, done.stderr[-3000:]
     for (name, outtype), (mine, theirs) in ours.items():
         mine_fields, their_fields = gguf_fields(mine), gguf_fields(theirs)
-        for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha", "general.file_type"):
+        for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
             assert mine_fields[key] == their_fields[key], f"{name} {outtype}: {key}"
         mine_tensors, their_tensors = gguf_tensors(mine), gguf_tensors(theirs)
         assert sorted(mine_tensors) == sorted(their_tensors), f"{name} {outtype}: tensor names"
@@ -188,3 +188,124 @@ def test_tensors_match_llama_cpp_converter(request, tmp_path_factory, adapters, 
             their_qtype, their_shape, their_data = their_tensors[tensor]
             assert (qtype, shape) == (their_qtype, their_shape), f"{name} {outtype}: {tensor}"
             assert same_bytes(data, their_data), f"{name} {outtype}: {tensor} bytes differ"
+
+
+# -- the command line, and adapters llama.cpp cannot apply ----------------------------
+
+
+def run_cli(capsys, *argv):
+    code = convert_main(["export-adapter", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_command_line_writes_the_adapter(adapters, tmp_path, capsys):
+    checkpoint, _, adapter, *_ = adapters.get(UNTIED)
+    out = tmp_path / "mine.gguf"
+    code, printed, _ = run_cli(capsys, adapter, "--base", checkpoint, "-o", out)
+    assert code == 0 and out.is_file()
+    assert f"--lora {out}" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.gguf"]  # no stray temp file
+
+
+def write_adapter(out: Path, base: Path, pairs: dict, **config) -> Path:
+    """A hand-written peft adapter directory: `pairs` maps adapter tensor names (without peft's
+    base_model.model. prefix) to arrays."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "base_model_name_or_path": str(base), **config}
+    (out / "adapter_config.json").write_text(json.dumps(settings))
+    save_file({f"base_model.model.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in pairs.items()},
+              out / "adapter_model.safetensors")
+    return out
+
+
+def lora(module: str, rows: int, cols: int, rank: int = RANK) -> dict:
+    rng = np.random.default_rng(0)
+    return {f"{module}.lora_A.weight": rng.standard_normal((rank, cols)),
+            f"{module}.lora_B.weight": rng.standard_normal((rows, rank))}
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def bad_adapters(tiny_builds, root: Path):
+    """(case, adapter dir, --base, words the one-line error must contain)."""
+    llama, _, _ = tiny_builds.get(UNTIED)
+    tied, _, _ = tiny_builds.get("qwen2-bpe-tied")
+    mixtral, _, _ = tiny_builds.get("mixtral-spm")
+    phi3, _, _ = tiny_builds.get("phi3-spm-fused")
+    config = json.loads((tied / "config.json").read_text())
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    good = lora(Q_PROJ, 64, 64)
+    dora = {**good, f"{Q_PROJ}.lora_magnitude_vector": np.ones(64)}
+    from safetensors import safe_open
+
+    with safe_open(mixtral / "model.safetensors", "np") as f:
+        expert = next(n for n in f.keys() if ".experts." in n and n.endswith(".weight"))
+        expert_shape = f.get_slice(expert).get_shape()
+    cases = {
+        "dora": (write_adapter(root / "dora", llama, dora, use_dora=True), None, ["DoRA", "merge"]),
+        "dora-tensors-only": (write_adapter(root / "dora2", llama, dora), None, ["DoRA magnitude"]),
+        "another-family": (write_adapter(root / "other", llama, good), phi3, [Q_PROJ, "not in the base model"]),
+        "wrong-shapes": (write_adapter(root / "shapes", llama, lora(Q_PROJ, 64, 48)), None, [Q_PROJ, "do not fit"]),
+        "tied-head": (write_adapter(root / "head", tied, lora("lm_head", vocab, hidden)), None, ["tied"]),
+        "tied-embedding": (write_adapter(root / "embd", tied, {
+            "model.embed_tokens.lora_embedding_A": np.ones((RANK, vocab)),
+            "model.embed_tokens.lora_embedding_B": np.ones((hidden, RANK))}), None, ["ties its output head"]),
+        "expert": (write_adapter(root / "expert", mixtral, lora(expert[: -len(".weight")], *expert_shape)), None,
+                   ["stacks", "ffn_"]),
+        "modules-to-save": (write_adapter(root / "save", llama, {**good, "model.norm.weight": np.ones(64)}), None,
+                            ["modules_to_save"]),
+        "missing-half": (write_adapter(root / "half", llama, {f"{Q_PROJ}.lora_A.weight": np.ones((RANK, 64))}), None,
+                         ["no lora_B"]),
+        "nan-alpha": (write_adapter(root / "nan", llama, good, lora_alpha=float("nan")), None, ["lora_alpha"]),
+        "not-lora": (write_adapter(root / "ia3", llama, good, peft_type="IA3"), None, ["IA3", "only LoRA"]),
+        "wrong-base-dir": (write_adapter(root / "nobase", root / "no-such-base", good), None, ["base model"]),
+        "no-config": (root / "empty", None, ["adapter_config.json"]),
+        "not-a-directory": (root / "missing", None, ["not found"]),
+    }
+    (root / "empty").mkdir(exist_ok=True)
+    pickled = write_adapter(root / "pickled", llama, good)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    cases["pickled"] = (pickled, None, ["pickled", "safetensors"])
+    return cases
+
+
+BAD = ["dora", "dora-tensors-only", "another-family", "wrong-shapes", "tied-head", "tied-embedding", "expert",
+       "modules-to-save", "missing-half", "nan-alpha", "not-lora", "wrong-base-dir", "no-config", "not-a-directory",
+       "pickled"]
+
+
+@pytest.fixture(scope="module")
+def bad(tiny_builds, tmp_path_factory):
+    return bad_adapters(tiny_builds, tmp_path_factory.mktemp("bad-adapters"))
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_adapter_is_one_line_and_writes_nothing(bad, tmp_path, capsys, kind):
+    adapter, base, words = bad[kind]
+    out = tmp_path / "out.gguf"
+    code, _, err = run_cli(capsys, adapter, *(["--base", base] if base else []), "-o", out)
+    assert code == 1, err
+    errors = [line for line in err if line.startswith("alpaca-convert: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1] and "Traceback" not in "\n".join(err), err
+    for word in words:
+        assert word in errors[0], errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors(adapters, tmp_path, capsys):
+    checkpoint, _, adapter, *_ = adapters.get(UNTIED)
+    nobase = tmp_path / "nobase"
+    nobase.mkdir()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.pop("base_model_name_or_path", None)
+    (nobase / "adapter_config.json").write_text(json.dumps(config))
+    (nobase / "adapter_model.safetensors").symlink_to(adapter / "adapter_model.safetensors")
+    code, _, err = run_cli(capsys, nobase, "-o", tmp_path / "a.gguf")
+    assert code == 2 and "--base" in err[-1] and err[-1].startswith("alpaca-convert: error:")
+    code, _, err = run_cli(capsys, adapter, "--outtype", "q4_0", "-o", tmp_path / "b.gguf")
+    assert code == 2 and len(err) == 1 and err[0].startswith("alpaca-convert: error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nobase"]

@@ -222,6 +222,8 @@ def _source_of(model: ArchModel, adapter: PeftAdapter, pair: LoraPair, by_gguf: 
         found = by_gguf.get(model.gguf_name(name))
     except ConversionError:
         found = None
+    if found is None and model.tied_embeddings and name.endswith("lm_head.weight"):
+        raise AdapterError(_tied_head(pair))
     if found is None:
         raise AdapterError(
             f"module {pair.module} of {adapter.path.name} is not in the base model {model.checkpoint.path.name} "
@@ -245,11 +247,15 @@ def _check_against_base(model: ArchModel, pair: LoraPair, name: str) -> None:
         )
     if model.skip_tensor(name):
         if model.tied_embeddings and name.endswith("lm_head.weight"):
-            raise AdapterError(
-                f"module {pair.module}: this model's output head is its embedding matrix (tied), which llama.cpp "
-                f"cannot adapt as a head; {_MERGE_INSTEAD}"
-            )
+            raise AdapterError(_tied_head(pair))
         raise AdapterError(f"module {pair.module}: the GGUF export leaves {name} out, so nothing can adapt it")
+
+
+def _tied_head(pair: LoraPair) -> str:
+    return (
+        f"module {pair.module}: this model's output head is its embedding matrix (tied), which llama.cpp "
+        f"cannot adapt as a head; {_MERGE_INSTEAD}"
+    )
 
 
 def _check_embedding(model: ArchModel, pair: LoraPair, name: str, gguf_name: str) -> None:
