@@ -65,7 +65,15 @@ def permute_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
-    """Per-frequency divisors of Llama 3.1's rope scaling (long wavelengths slowed by `factor`)."""
+    """Per-frequency divisors of Llama 3.1's rope scaling (long wavelengths slowed by `factor`).
+
+    Every step is float32, in the order llama.cpp's converter computes it with torch (a Python
+    scalar divided by a tensor is torch's reciprocal-then-multiply), so that the file is
+    byte-identical to its: the same formula in float64 moves a few values by one float32 ULP.
+    The one step that cannot be mirrored exactly is torch's float32 power (SIMD, within one
+    ULP); the correctly rounded power used here agrees with it on Llama 3.1 and 3.2's settings.
+    """
+    f32 = np.float32
     base = float(rope.get("rope_theta") or 10000.0)
     factor = float(rope.get("factor", 8.0))
     low_freq_factor = float(rope.get("low_freq_factor", 1.0))
@@ -74,16 +82,22 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     low_freq_wavelen = old_context / low_freq_factor
     high_freq_wavelen = old_context / high_freq_factor
 
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    freqs = 1.0 / (np.float32(base) ** exponents)
+    exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    powers = (np.float64(base) ** exponents.astype(np.float64)).astype(f32)
+    freqs = _rdiv(1.0, powers)
     factors = []
     for freq in freqs:
-        wavelen = 2 * math.pi / float(freq)
+        wavelen = _rdiv(2 * math.pi, freq)
         if wavelen < high_freq_wavelen:
-            factors.append(1.0)
+            factors.append(f32(1.0))
         elif wavelen > low_freq_wavelen:
-            factors.append(factor)
+            factors.append(f32(factor))
         else:
-            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(factors, dtype=np.float32)
+            smooth = (_rdiv(old_context, wavelen) - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
+            factors.append(_rdiv(1.0, (f32(1.0) - smooth) / f32(factor) + smooth))
+    return np.asarray(factors, dtype=f32)
+
+
+def _rdiv(scalar: float, value):
+    """`scalar / value` as torch computes it for a float32 tensor: 1 / value, then times scalar."""
+    return (np.float32(1.0) / value) * np.float32(scalar)
