@@ -211,7 +211,7 @@ def count_params(model: Path) -> int:
     return total
 
 
-def compression_report_info(options, rouge: dict | None = None) -> dict:
+def compression_report_info(options, rouge: dict | None = None, **measure_options) -> dict:
     """The eval step's compression report: teacher, pruned, distilled and each quantization, measured
     alike (convert/compression_report.py), drawn into DIR/compression.png; {} without compression steps."""
     from convert import compare, compression_report
@@ -225,7 +225,7 @@ def compression_report_info(options, rouge: dict | None = None) -> dict:
     if compress.distill_from:  # the fine-tune is the student here; its teacher is the given model
         models.insert(0, compression_report.ReportModel("teacher", Path(compress.distill_from)))
         teacher = "teacher"
-    report = compression_report.measure(models, teacher, rouge=rouge)
+    report = compression_report.measure(models, teacher, rouge=rouge, **measure_options)
     png = compression_report.plot(report, options.out / "compression.png")
     return {"compression": report.to_dict(), "compression_png": str(png)}
 

@@ -81,6 +81,31 @@ def test_the_distilled_gguf_chats(compressed):
         engine.close()
 
 
+def test_the_compression_report_measures_every_model_of_the_run(compressed):
+    """The eval step's report (convert/distill_pipeline.compression_report_info): the fine-tuned teacher,
+    the pruned and distilled checkpoints and the Q8_0, each measured; the summary prints it."""
+    from convert import compare
+    from convert.distill_pipeline import compression_report_info, summary_lines
+    from convert.pipeline import StepOutcome
+
+    out, summary, _ = compressed
+    labels = [m.label for m in compare.models_from(pipeline=out)]
+    assert labels[:2] == ["base", "fine-tuned"] and labels[2:4] == ["pruned", "distilled"]
+    info = compression_report_info(summary.options, {"distilled": 0.5}, ctx=128, max_chunks=1, speed_tokens=16,
+                                   rounds=1)
+    rows = {r["label"]: r for r in info["compression"]["rows"]}
+    assert list(rows) == ["fine-tuned", "pruned", "distilled", "Q8_0"]
+    assert rows["fine-tuned"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["pruned"]["params"] < rows["fine-tuned"]["params"] and rows["pruned"]["kl"] > 0
+    assert rows["distilled"]["params"] == rows["pruned"]["params"] == rows["Q8_0"]["params"]
+    assert rows["distilled"]["kl"] != rows["pruned"]["kl"] and rows["distilled"]["rouge_l"] == 0.5
+    assert all(r["tok_s"] > 0 for r in rows.values())
+    assert (out / "compression.png").read_bytes()[:4] == b"\x89PNG"
+    lines = summary_lines([*summary.steps, StepOutcome("eval", False, 0.0, info)])
+    assert lines[0] == "compression report:" and any(line.strip().startswith("Q8_0") for line in lines)
+    assert lines[-1].endswith("compression.png")
+
+
 def test_running_again_skips_every_step(compressed, tiny_llama, rows_file):
     out, _, _ = compressed
     lines = []
