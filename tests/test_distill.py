@@ -165,3 +165,25 @@ def test_cli_refuses_another_vocabulary_with_exit_2(tiny_llama, tiny_builds, tmp
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "vocabulary" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], "--alpha"),
+    (["--temperature", "0"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--gguf-teacher"], "vocabulary"),  # a GGUF teacher of 400 tokens against SmolLM2's 49152
+])
+def test_cli_bad_settings_and_a_gguf_teacher_of_another_vocabulary_exit_2(tiny_llama, tiny_builds, tmp_path, capsys,
+                                                                           flags, message):
+    from convert.cli import main
+
+    teacher = str(tiny_llama)
+    if flags == ["--gguf-teacher"]:
+        teacher, flags = str(tiny_builds.get("llama3-bpe-tied")[2]), []
+    data = write_json(tmp_path / "rows.json", seed_rows(8))
+    capsys.readouterr()  # what building the case printed
+    code = main(["distill", "--teacher", teacher, "--student", str(tiny_llama), "--data", str(data),
+                 "-o", str(tmp_path / "out"), "--max-steps", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
