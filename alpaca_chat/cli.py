@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(turns on flash attention)")
     r.add_argument("--kv-cache", nargs="?", const="list", choices=("list", "clear"), metavar="clear",
                    help="show the saved KV states per conversation; 'clear' deletes them all")
+    r.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA adapter GGUF on the model at run time, scaled by SCALE (default 1); "
+                        "repeatable; /lora changes them in the chat")
     r.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     r.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -185,11 +188,12 @@ def _line_mode(args, settings) -> int:
 
 def _full_screen(args, settings) -> int:
     """The Textual app: the model loads inside it, so only the history is opened here."""
-    from alpaca_chat.loading import open_store, saved_conversation
+    from alpaca_chat.loading import check_adapters, open_store, saved_conversation
     from alpaca_chat.tui import run_app
 
     store = open_store(not args.no_history, warn=False)
     saved = saved_conversation(store, args.continue_last, args.conversation)
+    check_adapters(settings.model or (saved.model if saved else None), settings.lora)
     return run_app(settings, store, saved, verbose=args.verbose)
 
 
@@ -215,8 +219,12 @@ def _settings(args):
         "seed": args.seed,
         "kv_cache": False if args.no_kv_cache else None,
         "kv_type": args.kv_type,
+        "lora": args.lora,
     }
-    return config.build_settings(file_layer, config.env_overrides(os.environ), config.check_flags(flags))
+    config.check_flags(flags)
+    if args.lora:
+        flags["lora"] = config.lora_specs(args.lora, None)
+    return config.build_settings(file_layer, config.env_overrides(os.environ), flags)
 
 
 def _read_prompt(prompt: str) -> tuple[str, str]:

@@ -25,6 +25,8 @@ COMMANDS = (
     Command("system", "TEXT", "set the system prompt (no TEXT clears it)"),
     Command("set", "NAME VALUE", "sampling: temp, top_p, top_k, min_p, repeat_penalty, seed, max_tokens"),
     Command("model", "NAME_OR_PATH", "switch to another model, keeping the conversation"),
+    Command("lora", "[add|off|on|scale ...]",
+            "LoRA adapters: list; add FILE[:SCALE], off NAME|all, on NAME|all, scale NAME X (model stays loaded)"),
     Command("stats", "", "timings of the last reply"),
     Command("clear", "", "clear the screen (the conversation is kept)"),
     Command("export", "[PATH]", "save the conversation as Markdown (.json: as JSON)"),
@@ -73,6 +75,8 @@ class CommandHandlers(Protocol):
     def set(self, args: str): ...
 
     def model(self, args: str): ...
+
+    def lora(self, args: str): ...
 
     def stats(self, args: str): ...
 
@@ -137,11 +141,14 @@ def format_sampling(sampling) -> str:
     return ", ".join(f"{k}={v}" for k, v in sampling.to_dict().items())
 
 
-def format_stats(stats) -> str:
-    """One line describing a reply's GenerationStats."""
+def format_stats(stats, adapters=()) -> str:
+    """One line describing a reply's GenerationStats (and the LoRA adapters on, if any)."""
+    from alpaca_chat.lora_spec import format_adapters
+
+    lora = f" | LoRA: {format_adapters(adapters)}" if adapters else ""
     return (
         f"prompt: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached), "
         f"{stats.prompt_tokens_per_s:.1f} tok/s | "
         f"reply: {stats.generated_tokens} tokens, {stats.generation_tokens_per_s:.1f} tok/s | "
-        f"first token: {stats.time_to_first_token_s * 1000:.0f} ms | stop: {stats.stop_reason}"
+        f"first token: {stats.time_to_first_token_s * 1000:.0f} ms | stop: {stats.stop_reason}{lora}"
     )

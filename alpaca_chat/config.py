@@ -5,11 +5,13 @@ Pure: the caller reads the file and the environment and passes them in.
 
 import math
 import tomllib
+from pathlib import Path, PurePath
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from alpaca_chat.conversation import SamplingParams
 from alpaca_chat.errors import UsageError
+from alpaca_chat.lora_spec import AdapterSpec, parse_lora_arg
 
 # Environment variables that override the config file.
 ENV_KEYS = {"ALPACA_CHAT_MODEL": "model", "ALPACA_CHAT_TEMPLATE": "template"}
@@ -28,6 +30,9 @@ class Settings:
     kv_cache: bool = True  # instant resume: save/restore llama.cpp's KV state per conversation
     kv_cache_max_mb: int = 2048  # disk budget of the KV state files (least recently used evicted)
     kv_type: str = "f16"  # the KV cache's element type, one of KV_TYPES
+    # LoRA adapters applied on the model (`--lora FILE[:SCALE]`, config `lora = ["FILE[:SCALE]", ...]`);
+    # given, they beat the set a continued conversation recorded (as sampling flags do).
+    lora: tuple[AdapterSpec, ...] = ()
 
 
 # Every setting: the type a value must have, the range it must be in (as a predicate and its wording),
@@ -61,12 +66,14 @@ SCHEMA: dict[str, _Rule] = {
     "repeat_penalty": _Rule("number", _finite(0, 100, open_low=True), "a number above 0, at most 100", "--repeat-penalty"),
     "seed": _Rule("int", _finite(0, 2**32 - 1), "an integer from 0 to 4294967295", "--seed"),
     "max_tokens": _Rule("int", _finite(1, 1 << 24), "an integer >= 1", "--max-tokens"),
+    "lora": _Rule("strlist", lambda v: all(s.strip() for s in v), "a list of \"FILE[:SCALE]\" strings", "--lora"),
 }
 _KINDS = {
     "str": ("a string", lambda v: isinstance(v, str)),
     "int": ("an integer", lambda v: type(v) is int),
     "number": ("a number", lambda v: type(v) in (int, float)),
     "bool": ("true or false", lambda v: type(v) is bool),
+    "strlist": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)),
 }
 
 
@@ -109,7 +116,31 @@ def parse_config(text: str, origin: str) -> dict:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UsageError(f"{origin}: unknown setting(s): {', '.join(unknown)}")
-    return check_values(data, origin)
+    if isinstance(data.get("lora"), str):
+        data["lora"] = [data["lora"]]  # one adapter may be written without the list
+    check_values(data, origin)
+    if "lora" in data:
+        data["lora"] = lora_specs(data["lora"], origin, base_dir=_directory_of(origin))
+    return data
+
+
+def lora_specs(values, origin: str | None, base_dir: str | None = None) -> tuple[AdapterSpec, ...]:
+    """"FILE[:SCALE]" strings as AdapterSpecs; a relative FILE in the config file is relative to its directory."""
+    specs = []
+    for value in values:
+        try:
+            spec = parse_lora_arg(value)
+        except UsageError as exc:
+            raise UsageError(f"{origin}: {exc}" if origin else str(exc)) from None
+        if base_dir is not None and not spec.path.is_absolute():
+            spec = AdapterSpec(Path(base_dir) / spec.path, spec.scale)
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _directory_of(origin: str) -> str | None:
+    parent = PurePath(origin).parent
+    return str(parent) if str(parent) not in ("", ".") else None
 
 
 def env_overrides(environ: dict) -> dict:

@@ -6,12 +6,14 @@ Shared by the one-shot CLI, the TUI and the line mode.
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from alpaca_chat import gguf_check, kvcache, models
 from alpaca_chat.config import Settings
 from alpaca_chat.conversation import Message, SamplingParams
-from alpaca_chat.errors import StoreError, UsageError
+from alpaca_chat.errors import AlpacaChatError, StoreError, UsageError
+from alpaca_chat.lora_spec import AdapterSpec, format_adapters
 from alpaca_chat.session import ChatSession
 from alpaca_chat.templates import ChatTemplate, resolve_template
 
@@ -39,10 +41,12 @@ def load_engine(
     verbose: bool,
     n_seq_max: int = 1,
     kv_type: str = "f16",
+    adapters=(),
 ):
     """Resolve and validate a model, then load it. Returns (engine, resolved model).
 
-    `n_seq_max` > 1 sizes the context for that many parallel sequences sharing `n_ctx` cells.
+    `n_seq_max` > 1 sizes the context for that many parallel sequences sharing `n_ctx` cells;
+    `adapters` (AdapterSpecs) are LoRA adapters applied on it, each checked before llama.cpp loads it.
     """
     resolved = models.resolve_model(model_spec)
     info = gguf_check.check_gguf(resolved.path)
@@ -52,9 +56,22 @@ def load_engine(
     from alpaca_chat.engine import Engine  # imports llama_cpp: only once the file is known good
 
     engine = Engine(
-        resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose, n_seq_max=n_seq_max, kv_type=kv_type
+        resolved.path, n_ctx=wanted_ctx, n_threads=threads, verbose=verbose, n_seq_max=n_seq_max, kv_type=kv_type,
+        adapters=adapters,
     )
     return engine, resolved
+
+
+def check_adapters(model_spec: str | None, adapters) -> None:
+    """Check LoRA adapters against a model before it is loaded (the full-screen app loads it inside
+    itself: a bad adapter given at startup is one line and exit 1 here, not a notification there)."""
+    if not adapters:
+        return
+    from alpaca_chat.engine.adapter_check import BaseLayout, check_adapter
+
+    base = BaseLayout.of_model(models.resolve_model(model_spec).path)
+    for spec in adapters:
+        check_adapter(spec.path, base)
 
 
 def choose_template(engine, choice: str, registry_hint: str | None):
@@ -67,7 +84,8 @@ def choose_template(engine, choice: str, registry_hint: str | None):
 def load_model(model_spec: str | None, settings: Settings, *, verbose: bool = False) -> LoadedModel:
     """Resolve, check and load a model, and pick its chat template."""
     engine, resolved = load_engine(
-        model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose, kv_type=settings.kv_type
+        model_spec, n_ctx=settings.n_ctx, threads=settings.threads, verbose=verbose, kv_type=settings.kv_type,
+        adapters=getattr(settings, "lora", ()),
     )
     try:
         template = choose_template(engine, settings.template, resolved.template)
@@ -120,20 +138,21 @@ def kept_rows(rows) -> list:
 
 
 def new_session(
-    loaded: LoadedModel, settings: Settings, store=None, saved=None, *, notice=None, kv_cache=None
+    loaded: LoadedModel, settings: Settings, store=None, saved=None, *, notice=None, kv_cache=None, warn=None
 ) -> ChatSession:
     """A session on a loaded model: a new conversation, or `saved` with its settings restored.
 
     With history on and `kv_cache` set, the session saves and restores KV states (instant
     resume; `kv_cache` passes in one already open, else it is opened here); `notice` receives
-    its one-line notes (e.g. a state file that was ignored).
+    its one-line notes (e.g. a state file that was ignored), `warn` its warnings (a recorded
+    LoRA adapter that is gone; default: stderr).
     """
     history, sampling, system = [], settings.sampling, settings.system
     if saved is not None:
         history = [Message(m.role, m.content) for m in kept_rows(store.messages(saved.id))]
         sampling = SamplingParams.from_dict({**(saved.sampling or {}), **_explicit_sampling(settings)})
         system = settings.system if settings.system is not None else saved.system_prompt
-    return ChatSession(
+    session = ChatSession(
         loaded.engine,
         loaded.template,
         model_label=loaded.label,
@@ -145,7 +164,31 @@ def new_session(
         kv_cache=kv_cache if kv_cache is not None else open_kv_cache(settings) if store is not None else None,
         notice=notice,
     )
+    if saved is not None and not getattr(settings, "lora", ()):
+        restore_adapters(session, saved, warn or stderr_warning)
+    return session
 
+
+def stderr_warning(text: str) -> None:
+    print(f"alpaca-chat: warning: {text}", file=sys.stderr)
+
+
+def restore_adapters(session: ChatSession, saved, warn) -> None:
+    """Apply the LoRA adapters a saved conversation recorded (--lora / config `lora` beat them).
+
+    A recorded file that is gone, or that no longer fits the model, is one warning and the
+    conversation goes on without it: a chat is never lost to a missing adapter."""
+    wanted = [AdapterSpec(Path(a["path"]), a["scale"]) for a in getattr(saved, "adapters", ())]
+    present = [spec for spec in wanted if spec.path.is_file()]
+    for spec in wanted:
+        if spec not in present:
+            warn(f"LoRA adapter {spec.path}, recorded with conversation {saved.id}, is gone; continuing without it")
+    if tuple(present) == tuple(session.engine.adapters):
+        return
+    try:
+        session.engine.set_adapters(present)
+    except AlpacaChatError as exc:
+        warn(f"the conversation's LoRA adapters were not applied: {exc}; continuing on {_adapters_left(session)}")
 
 def open_kv_cache(settings: Settings):
     """The KV state files, or None when `kv_cache = false` / --no-kv-cache."""
@@ -185,3 +228,8 @@ def _explicit_sampling(settings: Settings) -> dict:
     """Sampling values that differ from the defaults: flags beat the saved conversation."""
     defaults = SamplingParams().to_dict()
     return {k: v for k, v in settings.sampling.to_dict().items() if v != defaults[k]}
+
+
+def _adapters_left(session: ChatSession) -> str:
+    active = format_adapters(session.engine.adapters)
+    return f"LoRA {active}" if active else "the base model"

@@ -67,3 +67,75 @@ def parse_lora_arg(text: str) -> AdapterSpec:
 def format_adapters(specs) -> str:
     """`name, name×0.5` for the status bar and /stats; "" for none."""
     return ", ".join(spec.label() for spec in specs)
+
+
+# -- /lora: what a command does to the set (the front ends apply it through the session) -------------
+
+LORA_USAGE = ("usage: /lora [list] | /lora add FILE[:SCALE] | /lora off NAME|all | /lora on NAME|all | "
+              "/lora scale NAME SCALE")
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """The adapter set a /lora command asks for: `active` to apply, `off` remembered for `/lora on`."""
+
+    active: tuple[AdapterSpec, ...]
+    off: tuple[AdapterSpec, ...]
+    message: str
+
+
+def plan_lora(args: str, active, off) -> LoraPlan | None:
+    """What `/lora ARGS` does to (active, off); None for a listing. UsageError for a bad command."""
+    words = args.split(maxsplit=1)
+    verb, rest = (words[0].lower(), words[1].strip() if len(words) > 1 else "") if words else ("list", "")
+    active, off = tuple(active), tuple(off)
+    if verb in ("list", "ls") and not rest:
+        return None
+    if verb == "add" and rest:
+        spec = parse_lora_arg(rest)
+        kept = tuple(s for s in active if s.path != spec.path)
+        return LoraPlan(kept + (spec,), tuple(s for s in off if s.path != spec.path), f"LoRA {spec.label()} on")
+    if verb == "off" and rest:
+        chosen = _find(rest, active, "on")
+        return LoraPlan(tuple(s for s in active if s not in chosen), off + chosen,
+                        f"LoRA {format_adapters(chosen)} off")
+    if verb == "on" and rest:
+        chosen = _find(rest, off, "off")
+        return LoraPlan(active + chosen, tuple(s for s in off if s not in chosen), f"LoRA {format_adapters(chosen)} on")
+    if verb == "scale":
+        name, _, value = rest.rpartition(" ")
+        if not name.strip():
+            raise UsageError("usage: /lora scale NAME SCALE")
+        try:
+            scale = float(value)
+        except ValueError:
+            raise UsageError(f"/lora scale: {value!r} is not a number") from None
+        (old,) = _find(name.strip(), active + off, "known", single=True)
+        new = old.with_scale(scale)
+        if old in active:  # rescaled in place, its position kept
+            return LoraPlan(tuple(new if s == old else s for s in active), off, f"LoRA {new.label()}")
+        return LoraPlan(active + (new,), tuple(s for s in off if s != old), f"LoRA {new.label()} on")
+    raise UsageError(LORA_USAGE)
+
+
+def _find(name: str, specs: tuple[AdapterSpec, ...], state: str, *, single: bool = False) -> tuple[AdapterSpec, ...]:
+    if name.lower() == "all" and not single:
+        if not specs:
+            raise UsageError(f"no LoRA adapter is {state}")
+        return specs
+    found = tuple(s for s in specs if name in (s.name, str(s.path)))
+    if not found:
+        known = ", ".join(s.name for s in specs) or "none"
+        raise UsageError(f"no LoRA adapter {name!r} is {state} (those that are: {known})")
+    if len(found) > 1:
+        raise UsageError(f"{name!r} names {len(found)} adapters; use the file's path")
+    return found
+
+
+def format_lora_list(active, off) -> str:
+    """The `/lora` listing: one line per adapter, on or off."""
+    if not active and not off:
+        return "No LoRA adapters (add one: /lora add FILE[:SCALE])."
+    lines = [f"  on   {s.name:<24} scale {s.scale:<6g} {s.path}" for s in active]
+    lines += [f"  off  {s.name:<24} scale {s.scale:<6g} {s.path}" for s in off]
+    return "LoRA adapters:\n" + "\n".join(lines)

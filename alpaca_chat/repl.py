@@ -13,6 +13,7 @@ from alpaca_chat import paths
 from alpaca_chat.commands import (CommandDispatcher, command_lines, format_sampling, format_stats, handles_commands,
                                   is_command, parse_set)
 from alpaca_chat.errors import AlpacaChatError, UsageError
+from alpaca_chat.lora_spec import format_adapters, format_lora_list, plan_lora
 
 HELP = (
     "Commands:\n"
@@ -97,8 +98,19 @@ class LineChat:
             old.close()
         self.say(f"(now chatting with {loaded.display_name})")
 
+    def lora(self, args: str) -> None:
+        session = self.session
+        plan = plan_lora(args, session.engine.adapters, session.adapters_off)
+        if plan is None:
+            self.say(format_lora_list(session.engine.adapters, session.adapters_off))
+            return
+        session.set_adapters(plan.active)  # a bad adapter raises: the previous set stays
+        session.adapters_off = plan.off
+        self.say(f"({plan.message})")
+
     def stats(self, args: str) -> None:
-        self.say(format_stats(self.last_stats) if self.last_stats else "(no reply yet)")
+        adapters = getattr(self.session.engine, "adapters", ())
+        self.say(format_stats(self.last_stats, adapters) if self.last_stats else "(no reply yet)")
 
     def clear(self, args: str) -> None:
         self.out.write("\033[2J\033[H")
@@ -131,7 +143,9 @@ def run(session, *, load_model=None) -> int:
     chat = LineChat(session, load_model=load_model)
     interactive = sys.stdin.isatty()
     if interactive:
-        chat.say(f"alpaca-chat line mode · {session.model_label} · /help for commands, Ctrl+D to quit")
+        adapters = format_adapters(getattr(session.engine, "adapters", ()))
+        chat.say(f"alpaca-chat line mode · {session.model_label}{' + LoRA ' + adapters if adapters else ''}"
+                 " · /help for commands, Ctrl+D to quit")
         for message in session.messages:
             if message.role != "system":
                 chat.say(f"{'>>> ' if message.role == 'user' else ''}{message.content}")

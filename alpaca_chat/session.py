@@ -6,6 +6,7 @@ The user's message is saved when sent and the reply as it streams, so a crash
 or kill loses at most the last moments of a reply.
 """
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +81,8 @@ class ChatSession:
         self._kv_tokens: list[int] | None = None  # what this session last left in the engine
         self._kv_saved: list[int] | None = None  # what was last saved
         self._kv_save_failed = False
+        # LoRA adapters turned off with /lora, remembered for /lora on (the active ones are the engine's).
+        self.adapters_off: tuple = ()
 
     def set_system_prompt(self, text: str | None) -> None:
         self.messages = [m for m in self.messages if m.role != "system"]
@@ -120,6 +123,16 @@ class ChatSession:
             self.store.delete_last_turn(self.conversation_id)
         return user
 
+    def set_adapters(self, specs) -> None:
+        """Apply these LoRA adapters (in place, the model stays loaded) and record them with the
+        conversation. On an error the engine keeps its previous set, and the error is raised."""
+        self.engine.set_adapters(specs)
+        self.save_settings()
+
+    def adapter_records(self) -> list[dict]:
+        """The engine's adapters as the store records them: absolute paths, so `-c` finds them anywhere."""
+        return [{"path": str(spec.path.expanduser().resolve()), "scale": spec.scale} for spec in self.engine.adapters]
+
     def switch_model(self, engine: ChatEngine, template: ChatTemplate, model_label: str) -> None:
         """Carry on the conversation with another model (the caller closes the old engine)."""
         self.engine, self.template, self.model_label = engine, template, model_label
@@ -135,6 +148,7 @@ class ChatSession:
             sampling=self.sampling.to_dict(),
             model=self.model_label,
             template=self.template.name,
+            adapters=self.adapter_records(),
         )
 
     def send(self, text: str, *, input: str = "", cancel: threading.Event | None = None) -> Reply:
@@ -221,6 +235,8 @@ class ChatSession:
             if snap.tokens != self._kv_tokens:  # another conversation took the engine meanwhile
                 snap.release()
                 return 0
+            # Keyed by the adapter set the state was computed under, even if /lora changes it meanwhile.
+            key = dataclasses.replace(key, adapters=snap.adapter_key)
             self._kv_saved = snap.tokens  # taken: a second call saves nothing twice (undone if the write fails)
         held = time.perf_counter() - started  # until the engine was free again
         if not wait:
@@ -322,7 +338,8 @@ class ChatSession:
         from alpaca_chat.kvcache import state_key
 
         engine, template = self.engine, self.template
-        return state_key(engine.model_path, engine.n_ctx, engine.kv_type, f"{template.name}\n{template.source}")
+        return state_key(engine.model_path, engine.n_ctx, engine.kv_type, f"{template.name}\n{template.source}",
+                         engine.adapter_key)
 
     def _engine_tokens(self) -> list[int]:
         return self.engine.cached_tokens
@@ -336,6 +353,7 @@ class ChatSession:
                 template=self.template.name,
                 system_prompt=self.system_prompt,
                 sampling=self.sampling.to_dict(),
+                adapters=self.adapter_records(),
             )
             self.conversation_id = conversation.id
 

@@ -43,7 +43,13 @@ def test_a_missing_handler_fails_on_import_and_construction_not_when_run(name):
 # Both run after one exchange ("hello" -> "ok").
 def line_mode_cases(tmp_path):
     said = lambda chat: chat.out.getvalue()  # noqa: E731
+    adapter = tmp_path / "style.gguf"
+    adapter.write_bytes(b"any file: the scripted engine loads it")
     return {
+        "lora": (f"/lora add {adapter}:0.5", lambda chat: [(s.name, s.scale) for s in chat.session.engine.adapters]
+                 == [("style", 0.5)] and "(LoRA style×0.5 on)" in said(chat)
+                 and chat.session.store.get_conversation(chat.session.conversation_id).adapters
+                 == ({"path": str(adapter), "scale": 0.5},)),
         "help": ("/help", lambda chat: "/system TEXT" in said(chat)),
         "new": ("/new", lambda chat: chat.session.conversation_id is None and "(new conversation)" in said(chat)),
         "system": ("/system Be brief.", lambda chat: chat.session.system_prompt == "Be brief."),
@@ -61,7 +67,12 @@ def app_cases(tmp_path):
     def notified(app, text):
         return any(text in n.message for n in app._notifications)
 
+    adapter = tmp_path / "style.gguf"
+    adapter.write_bytes(b"any file: the scripted engine loads it")
     return {
+        "lora": (f"/lora add {adapter}:0.5", lambda app: [(s.name, s.scale) for s in app.session.engine.adapters]
+                 == [("style", 0.5)] and "LoRA style×0.5" in str(app.status.render())
+                 and notified(app, "LoRA style×0.5 on")),
         "help": ("/help", lambda app: isinstance(app.screen, HelpScreen)),
         "new": ("/new", lambda app: app.session.conversation_id is None and app.transcript.messages == []),
         "system": ("/system Be brief.", lambda app: app.session.system_prompt == "Be brief."

@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +44,8 @@ class Conversation:
     template: str
     system_prompt: str | None
     sampling: dict[str, Any]
+    # The LoRA adapters it runs with: ({"path": str, "scale": float}, ...), in order.
+    adapters: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Message:
 
 
 _CONVERSATION_COLUMNS = (
-    "id, title, created_at, updated_at, model, template, system_prompt, sampling"
+    "id, title, created_at, updated_at, model, template, system_prompt, sampling, adapters"
 )
 _MESSAGE_COLUMNS = (
     "id, conversation_id, seq, role, content, created_at, status, model, template, sampling, stats"
@@ -164,14 +166,16 @@ class Store:
         system_prompt: str | None = None,
         sampling: Mapping[str, Any] | None = None,
         title: str | None = None,
+        adapters: Sequence[Mapping[str, Any]] = (),
     ) -> Conversation:
         now = self._now()
         with self._write() as conn:
             cursor = conn.execute(
                 "INSERT INTO conversations "
-                "(title, created_at, updated_at, model, template, system_prompt, sampling) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (title or "", now, now, model, template, system_prompt, _dump_json(sampling or {})),
+                "(title, created_at, updated_at, model, template, system_prompt, sampling, adapters) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (title or "", now, now, model, template, system_prompt, _dump_json(sampling or {}),
+                 _dump_adapters(adapters)),
             )
         return self.get_conversation(cursor.lastrowid)
 
@@ -222,6 +226,7 @@ class Store:
         sampling: Mapping[str, Any] | None = _UNSET,
         model: str = _UNSET,
         template: str = _UNSET,
+        adapters: Sequence[Mapping[str, Any]] = _UNSET,
     ) -> Conversation:
         """Change only the settings passed; `system_prompt=None` clears it."""
         changes = {
@@ -231,11 +236,14 @@ class Store:
                 ("sampling", sampling),
                 ("model", model),
                 ("template", template),
+                ("adapters", adapters),
             )
             if value is not _UNSET
         }
         if "sampling" in changes:
             changes["sampling"] = _dump_json(changes["sampling"] or {})
+        if "adapters" in changes:
+            changes["adapters"] = _dump_adapters(changes["adapters"])
         changes["updated_at"] = self._now()
         assignments = ", ".join(f"{name} = ?" for name in changes)  # names are fixed above
         with self._write() as conn:
@@ -418,8 +426,25 @@ def _load_json(text: str | None) -> dict[str, Any] | None:
     return None if text is None else json.loads(text)
 
 
+def _dump_adapters(adapters: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps([{"path": str(a["path"]), "scale": float(a["scale"])} for a in adapters or ()])
+
+
+def _load_adapters(text: str | None) -> tuple[dict[str, Any], ...]:
+    """Only well-formed entries: a hand-edited row cannot break opening the conversation."""
+    try:
+        items = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return ()
+    if not isinstance(items, list):
+        return ()
+    return tuple({"path": a["path"], "scale": float(a["scale"])} for a in items
+                 if isinstance(a, dict) and isinstance(a.get("path"), str)
+                 and isinstance(a.get("scale"), (int, float)) and not isinstance(a.get("scale"), bool))
+
+
 def _conversation(row: tuple) -> Conversation:
-    id_, title, created, updated, model, template, system_prompt, sampling = row
+    id_, title, created, updated, model, template, system_prompt, sampling, adapters = row
     return Conversation(
         id=id_,
         title=title,
@@ -429,6 +454,7 @@ def _conversation(row: tuple) -> Conversation:
         template=template,
         system_prompt=system_prompt,
         sampling=_load_json(sampling) or {},
+        adapters=_load_adapters(adapters),
     )
 
 

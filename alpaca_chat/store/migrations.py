@@ -56,6 +56,12 @@ def m001_initial(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX conversations_by_update ON conversations (updated_at)")
 
 
+@migration
+def m002_conversation_adapters(conn: sqlite3.Connection) -> None:
+    """The LoRA adapters a conversation runs with (JSON list of {"path", "scale"}); existing rows: none."""
+    conn.execute("ALTER TABLE conversations ADD COLUMN adapters TEXT NOT NULL DEFAULT '[]'")
+
+
 def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply the migrations not yet recorded, in order, in one transaction.
 

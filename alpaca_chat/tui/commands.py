@@ -6,6 +6,7 @@ from textual.app import SystemCommand
 
 from alpaca_chat.commands import CommandDispatcher, format_sampling, format_stats, handles_commands, parse_set
 from alpaca_chat.errors import AlpacaChatError, UsageError
+from alpaca_chat.lora_spec import format_lora_list, plan_lora
 from alpaca_chat.tui.screens import TextPromptScreen
 
 
@@ -66,11 +67,31 @@ class TuiCommands:
             return
         self.app.load(args)
 
+    async def lora(self, args: str) -> None:
+        chats = self.app.chats
+        if not chats.need_session():
+            return
+        session = chats.session
+        plan = plan_lora(args, session.engine.adapters, session.adapters_off)
+        if plan is None:
+            self.app.notify(format_lora_list(session.engine.adapters, session.adapters_off), title="LoRA",
+                            timeout=10, markup=False)
+            return
+        if chats.busy("change LoRA adapters"):
+            return
+        session.set_adapters(plan.active)  # a bad adapter raises (a notification): the previous set stays
+        session.adapters_off = plan.off
+        chats.show_adapters()
+        chats.update_context()
+        self.app.notify(plan.message, markup=False)
+
     async def stats(self, args: str) -> None:
         if self.app.last_stats is None:
             self.app.notify("No reply yet.")
             return
-        self.app.notify(format_stats(self.app.last_stats), title="Last reply", timeout=10, markup=False)
+        session = self.app.chats.session
+        adapters = session.engine.adapters if session is not None else ()
+        self.app.notify(format_stats(self.app.last_stats, adapters), title="Last reply", timeout=10, markup=False)
 
     async def clear(self, args: str) -> None:
         await self.app.chats.clear_screen()
@@ -108,6 +129,9 @@ class TuiCommands:
                             partial(self._ask_then_run, "System prompt", "system", system or ""))
         yield SystemCommand("Sampling…", "Change a sampling setting, e.g. temp 0.7",
                             partial(self._ask_then_run, "NAME VALUE", "set", "", "temp 0.7"))
+        yield SystemCommand("LoRA adapters", "List the LoRA adapters, on and off", partial(self.run, "/lora"))
+        yield SystemCommand("Add LoRA adapter…", "Apply a LoRA adapter GGUF: FILE or FILE:SCALE",
+                            partial(self._ask_then_run, "LoRA adapter", "lora add", "", "adapter.gguf:1.0"))
         yield SystemCommand("Switch model…", "Load another model: a registry name, a .gguf path or a hub id",
                             partial(self._ask_then_run, "Model", "model", "", "smollm2-360m"))
 

@@ -2,6 +2,7 @@
 
 from alpaca_chat.errors import AlpacaChatError
 from alpaca_chat.loading import LoadedModel, kept_rows, new_session
+from alpaca_chat.lora_spec import format_adapters
 from alpaca_chat.tui.resume import ResumeSaver
 
 
@@ -48,7 +49,7 @@ class ConversationController:
         old, self.loaded = self.loaded, loaded
         try:
             if self.session is None:
-                self.session = new_session(loaded, self.settings, self.store, self.conversation)
+                self.session = new_session(loaded, self.settings, self.store, self.conversation, warn=self._warn)
             else:
                 self.session.switch_model(loaded.engine, loaded.template, loaded.label)
         except AlpacaChatError as exc:
@@ -57,6 +58,15 @@ class ConversationController:
             old.engine.close()
         self.app.status.model = loaded.display_name
         self.app.status.ctx_total = loaded.engine.n_ctx
+        self.show_adapters()
+
+    def show_adapters(self) -> None:
+        """The status bar names the LoRA adapters on."""
+        engine = self.loaded.engine if self.loaded is not None else None
+        self.app.status.adapters = format_adapters(getattr(engine, "adapters", ()))
+
+    def _warn(self, text: str) -> None:
+        self.app.notify(text, severity="warning", timeout=10, markup=False)
 
     def update_context(self) -> None:
         status = self.app.status
@@ -102,9 +112,10 @@ class ConversationController:
         if self.loaded is not None:
             leaving = self.session
             try:
-                self.session = new_session(self.loaded, self.settings, self.store, conversation)
+                self.session = new_session(self.loaded, self.settings, self.store, conversation, warn=self._warn)
             except AlpacaChatError as exc:
                 app.report(exc)
+            self.show_adapters()
             self.resume(leaving if leaving is not self.session else None)
             if conversation is not None and conversation.model and conversation.model != self.loaded.label \
                     and not app.state.startswith("loading"):

@@ -225,9 +225,10 @@ class PromptInput(TextArea):
 
 
 class StatusBar(Static):
-    """Model · context used/total · speed of the last reply · state (turning while a model loads)."""
+    """Model · LoRA adapters · context used/total · speed of the last reply · state (turning while a model loads)."""
 
     model = reactive("")
+    adapters = reactive("")  # the LoRA adapters on, e.g. "mine, style×0.5"
     ctx_used = reactive(0)
     ctx_total = reactive(0)
     tokens_per_s = reactive(0.0)
@@ -257,6 +258,8 @@ class StatusBar(Static):
         if state.endswith("generating"):
             state += " (Esc stops)"
         parts = [self.model or "no model"]
+        if self.adapters:
+            parts.append(f"LoRA {self.adapters}")
         if self.ctx_total:
             parts.append(f"ctx {self.ctx_used}/{self.ctx_total}")
         if self.tokens_per_s:
