@@ -4,6 +4,8 @@
 - `scheduler`: the thread that owns the engine and runs continuous batching.
 - `app`: the Starlette routes (no llama.cpp).
 - `prompt_cache`: idle sequences' KV states saved on disk, restored after a restart.
+- `adapters`: `--lora NAME=FILE` as model names, each with its adapter set and prompt cache.
+- `tools`, `tool_formats`: the request's tools and each template's tool-call format.
 """
 
 import argparse
@@ -25,6 +27,9 @@ def build_serve_parser(parser_class) -> argparse.ArgumentParser:
                                                          "(default min(4096, the model's))")
     p.add_argument("-t", "--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--template", default="auto", help="chat template: auto (default), alpaca, chatml, or PATH.jinja")
+    p.add_argument("--lora", action="append", metavar="NAME=FILE[:SCALE]",
+                   help="serve the model with this LoRA adapter as model BASE+NAME (repeatable; "
+                        "requests pick one by their model name)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
@@ -72,8 +77,10 @@ def serve(args) -> int:
     except ImportError as exc:
         raise UsageError(f"serve needs the serve extra: pip install 'alpaca-chat[serve]' ({exc})") from exc
     from alpaca_chat.loading import choose_template, load_engine, open_store
+    from alpaca_chat.server.adapters import open_variants, parse_loras
     from alpaca_chat.server.history import ApiHistory
-    from alpaca_chat.server.prompt_cache import SavedPrefixes
+
+    named = parse_loras(args.lora)  # a malformed --lora stops us before the model loads
 
     if not is_loopback(args.host) and not args.api_key:
         print(f"alpaca-chat serve: warning: serving {args.host} with no API key (--no-auth): anyone who can "
@@ -81,19 +88,28 @@ def serve(args) -> int:
     store = open_store(args.history)
     engine, resolved = load_engine(args.model, n_ctx=args.n_ctx, threads=args.threads, verbose=args.verbose,
                                    n_seq_max=args.parallel)
+    variants = None
     try:
+        variants = open_variants(engine, resolved.name, named, args.prompt_cache_mb)
         template = choose_template(engine, args.template, resolved.template)
         # saved with a conversation: what --continue resolves again (a path for local files)
         label = str(resolved.path) if resolved.source == "local" else resolved.name
         config = ServerConfig(model_id=resolved.name, api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
                               default_max_tokens=min(512, args.max_tokens_limit), max_queue=args.max_queue,
                               history=ApiHistory(store, label, template.name) if store is not None else None)
-        app = create_app(engine, template, config, saved=SavedPrefixes.open(engine, args.prompt_cache_mb))
+        app = create_app(engine, template, config, variants=variants)
+        variants = None  # the scheduler closes their prompt caches from now on
+        adapters = f"; adapters as models {', '.join(list(app.state.scheduler.variants)[1:])}" if named else ""
         print(f"alpaca-chat serve: {resolved.name} on http://{args.host}:{args.port}/v1 "
-              f"({args.parallel} parallel sequences, {engine.n_ctx}-token context)", file=sys.stderr, flush=True)
+              f"({args.parallel} parallel sequences, {engine.n_ctx}-token context{adapters})",
+              file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info",
                     timeout_graceful_shutdown=5)
     finally:
+        if variants is not None:  # never handed to a scheduler (startup failed)
+            from alpaca_chat.server.adapters import close_variants
+
+            close_variants(variants)
         engine.close()
         if store is not None:
             store.close()

@@ -47,11 +47,15 @@ class ServerConfig:
     history: Any = None  # history.ApiHistory with --history
 
 
-def create_app(engine, template, config: ServerConfig, grammars=None, saved=None) -> Starlette:
+def create_app(engine, template, config: ServerConfig, grammars=None, saved=None, variants=None) -> Starlette:
     """The ASGI app over a loaded engine and its chat template. `grammars` turns a response_format
     into a grammar (default: the engine's JSON-schema converter, imported when first needed); `saved`
-    is the prompt cache on disk (prompt_cache.SavedPrefixes), None for none."""
-    scheduler = Scheduler(engine, max_queue=config.max_queue, saved=saved)
+    is the prompt cache on disk (prompt_cache.SavedPrefixes), None for none; `variants` (model id ->
+    server.adapters.Variant, the base first) replaces it when adapters are served (--lora)."""
+    from alpaca_chat.server.adapters import Variant
+
+    variants = variants or {config.model_id: Variant(config.model_id, (), saved)}
+    scheduler = Scheduler(engine, max_queue=config.max_queue, variants=variants)
     api = _Api(engine, template, config, scheduler, grammars)
 
     @contextlib.asynccontextmanager
@@ -120,11 +124,12 @@ class _Api:
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
-            {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "alpaca-chat"}]})
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "alpaca-chat"}
+            for model_id in self.scheduler.variants]})
 
     async def _chat(self, request: Request) -> Response:
         parsed = parse_chat(await self._body(request), self.config.max_tokens_limit)
-        self._check_model(parsed)
+        parsed.model = self._check_model(parsed)
         parsed.sent = list(parsed.messages)  # what the client sent, for --history
         if self.native_tools and (parsed.tools is not None or parsed.has_tool_turns):
             described = parsed.tools.tools if parsed.tools is not None else None
@@ -145,7 +150,7 @@ class _Api:
 
     async def _completions(self, request: Request) -> Response:
         parsed = parse_completion(await self._body(request), self.config.max_tokens_limit)
-        self._check_model(parsed)
+        parsed.model = self._check_model(parsed)
         return await self._generate(request, parsed, parsed.prompt, chat=False)
 
     # -- checks --------------------------------------------------------------------
@@ -179,10 +184,15 @@ class _Api:
             raise too_large
         return parse_json(b"".join(chunks))
 
-    def _check_model(self, parsed: GenerationRequest) -> None:
-        if parsed.model not in (None, self.config.model_id):
-            raise ApiError(404, f"the model '{parsed.model}' does not exist; this server has '{self.config.model_id}'",
+    def _check_model(self, parsed: GenerationRequest) -> str:
+        """The variant (model id) the request runs on: its `model`, or the base when it names none."""
+        if parsed.model is None:
+            return self.config.model_id
+        if parsed.model not in self.scheduler.variants:
+            known = ", ".join(f"'{m}'" for m in self.scheduler.variants)
+            raise ApiError(404, f"the model '{parsed.model}' does not exist; this server has {known}",
                            param="model", code="model_not_found")
+        return parsed.model
 
     def _sampling(self, parsed: GenerationRequest, n_prompt: int) -> SamplingParams:
         n_ctx = self.engine.n_ctx
@@ -225,13 +235,13 @@ class _Api:
         sampling = self._sampling(parsed, len(tokens))
         stops = tuple(self.template.stop_strings) + parsed.stop if chat else parsed.stop
         try:
-            stream = self.scheduler.submit(tokens, sampling, stops)
+            stream = self.scheduler.submit(tokens, sampling, stops, variant=parsed.model)
         except Stopping as exc:
             raise ApiError(503, str(exc), type="server_error", code="shutting_down") from exc
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
                            code="queue_full") from exc
-        reply = _Reply(self.config.model_id, chat, parsed.tools, self.tool_format)
+        reply = _Reply(parsed.model, chat, parsed.tools, self.tool_format)
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
         if parsed.stream:
             return StreamingResponse(self._events(stream, reply, parsed, watcher, sampling),

@@ -3,8 +3,8 @@
 `ContinuousBatch` keeps finished sequences' KV cells while the context has room; this module
 keeps them across restarts. Idle sequences are saved (`save`, written by a background thread)
 through `kvcache.KVCache` in a directory of their own (`<data dir>/kv/serve/`), with its format,
-checks, 0600 files and disk budget (least recently used evicted), keyed by the model, context size
-and KV cache type like the chat's. A state's id is a hash of the tokens it holds; a state whose
+checks, 0600 files and disk budget (least recently used evicted), keyed by the model, context size,
+KV cache type and adapter set (server.adapters: a directory per set). A state's id is a hash of the tokens it holds; a state whose
 tokens extend a saved one replaces it.
 
 On startup the saved states' tokens are read (header and tokens only, checked); a request whose
@@ -12,6 +12,7 @@ prompt shares the longest prefix with a saved state (`best`) has it loaded (`loa
 kvcache.load before llama.cpp sees a byte) instead of evaluating that prefix again.
 """
 
+import hashlib
 import queue
 import sys
 import threading
@@ -47,13 +48,19 @@ class SavedPrefixes:
 
     @classmethod
     def open(cls, engine, max_mb: int, notice=None) -> "SavedPrefixes | None":
-        """The prompt cache of `engine` (None with a budget of 0, or when its directory is unusable)."""
+        """The prompt cache of `engine` under its active adapter set (None with a budget of 0, or when
+        its directory is unusable). Each adapter set has a directory of its own and a key that names it:
+        a state computed under one set is never found, replaced or evicted by another's."""
         if max_mb <= 0:
             return None
+        adapters = getattr(engine, "adapter_key", "")
+        directory = kvcache.kv_dir() / "serve"
+        if adapters:
+            directory = directory / f"lora-{hashlib.sha256(adapters.encode()).hexdigest()[:16]}"
         try:
             key = kvcache.state_key(engine.model_path, engine.n_ctx, engine.kv_type,
-                                    f"serve\nparallel={engine.n_seq_max > 1}")
-            return cls(kvcache.KVCache(kvcache.kv_dir() / "serve", max_bytes=max_mb * kvcache.MIB), key)
+                                    f"serve\nparallel={engine.n_seq_max > 1}" + (f"\nadapters={adapters}" if adapters else ""))
+            return cls(kvcache.KVCache(directory, max_bytes=max_mb * kvcache.MIB), key)
         except OSError as exc:
             (notice or _stderr)(f"prompt cache not used: {exc}")
             return None

@@ -4,6 +4,13 @@ submits requests and reads their text through asyncio queues. Knows nothing of H
 A request waits in a bounded queue (full: `QueueFull`) until a sequence and room in the context
 are free, then joins the running batch (`engine.batching.ContinuousBatch`) without waiting for
 the others. Its deltas cross back to the event loop with loop.call_soon_threadsafe.
+
+Adapter sets (`--lora`): a request names its variant (server.adapters.Variant); llama.cpp applies
+an adapter set to the whole context, so one batch runs one set. A request of the running set joins
+while no request of another set has waited longer; once the batch drains, the set of the oldest
+waiting request runs next and takes all of its waiting requests at once (every set gets its turn,
+and each turn batches what it can). A switch saves the idle sequences to the old set's prompt
+cache and starts an empty batch: in-memory KV cells are never reused across sets.
 """
 
 import asyncio
@@ -66,11 +73,16 @@ class Stream:
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_queue: int = 64, saved=None):
+    def __init__(self, engine, *, max_queue: int = 64, saved=None, variants=None):
+        """`variants`: model id -> server.adapters.Variant (its adapters and prompt cache); without
+        them, one variant "" of the engine as loaded, with `saved` (prompt_cache.SavedPrefixes)."""
         self.engine = engine
-        self.saved = saved  # prompt_cache.SavedPrefixes: idle sequences saved while nothing runs
+        self.variants = variants if variants is not None else {"": _Variant((), saved)}
+        self.active = next(iter(self.variants))  # the engine is loaded on the first (the base)
         self.max_queue = max_queue
-        self._pending: collections.deque[StreamRequest] = collections.deque()
+        self.switches = 0
+        self._fresh = True  # no request taken since the set was switched: all its waiting requests may join
+        self._pending: collections.deque[tuple[str, StreamRequest]] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._running = 0
@@ -88,13 +100,20 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def status(self) -> dict:
+        saved = [v.saved for v in self.variants.values() if v.saved is not None]
         return {"running": self._running, "queued": len(self._pending), "slots": self.engine.n_seq_max,
                 "completed": self.completed, "cancelled": self.cancelled,
-                **({"saved_states": len(self.saved.held), "restored_states": self.saved.restored}
-                   if self.saved is not None else {})}
+                **({"saved_states": sum(len(s.held) for s in saved), "restored_states": sum(s.restored for s in saved)}
+                   if saved else {}),
+                **({"model": self.active, "adapter_switches": self.switches} if len(self.variants) > 1 else {})}
 
-    def submit(self, tokens: list[int], sampling: SamplingParams, stop_strings: tuple[str, ...] = ()) -> Stream:
-        """Queue a request; call from the event loop. Raises QueueFull when `max_queue` wait."""
+    def submit(self, tokens: list[int], sampling: SamplingParams, stop_strings: tuple[str, ...] = (),
+               variant: str | None = None) -> Stream:
+        """Queue a request for `variant` (a key of `variants`; None: the first); call from the event
+        loop. Raises QueueFull when `max_queue` wait."""
+        variant = next(iter(self.variants)) if variant is None else variant
+        if variant not in self.variants:
+            raise KeyError(variant)
         stream = Stream(asyncio.get_running_loop())
 
         def done(stats: GenerationStats) -> None:
@@ -109,12 +128,12 @@ class Scheduler:
                 raise Stopping("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
-            self._pending.append(stream.request)
+            self._pending.append((variant, stream.request))
             self._wake.notify()
         return stream
 
     def _loop(self) -> None:
-        batch = ContinuousBatch(self.engine, self.saved)
+        batch = ContinuousBatch(self.engine, self.variants[self.active].saved)
         try:
             while True:
                 with self._wake:
@@ -123,47 +142,100 @@ class Scheduler:
                     if self._stopping:
                         break
                     admitted = self._take(batch)
+                    switch_to = self._next_variant(batch, admitted)
+                if switch_to is not None:
+                    batch = self._switch(batch, switch_to)
+                    continue
                 if not admitted and not batch.busy:  # nothing to run: save an idle sequence's state
                     batch.save_idle()
                     continue
-                for request in admitted:
-                    try:
-                        batch.admit(request)
-                    except AlpacaChatError as exc:  # e.g. a grammar llama.cpp refuses
-                        request.on_error(str(exc))
-                    except Exception as exc:  # noqa: BLE001 - one request's failure is not the server's
-                        request.on_error(f"internal error: {type(exc).__name__}: {exc}")
-                self._running = len(batch.running)
-                try:
-                    batch.step()
-                except AlpacaChatError:
-                    pass  # the running requests got the error; the next ones start afresh
-                except Exception as exc:  # noqa: BLE001 - a bug must not leave every later request waiting
-                    batch.fail_all(f"internal error: {type(exc).__name__}: {exc}")
-                self.completed += self._running - len(batch.running)
-                self._running = len(batch.running)
+                self._admit(batch, admitted)
+                self._step(batch)
         finally:
             batch.close()  # saves the idle sequences not saved yet
-            if self.saved is not None:
-                self.saved.close()
+            for variant in self.variants.values():
+                if variant.saved is not None:
+                    variant.saved.close()
             with self._wake:
-                for request in self._pending:
+                for _, request in self._pending:
                     request.on_error("the server is shutting down")
                 self._pending.clear()
 
+    def _admit(self, batch: ContinuousBatch, admitted: list[StreamRequest]) -> None:
+        for request in admitted:
+            try:
+                batch.admit(request)
+            except AlpacaChatError as exc:  # e.g. a grammar llama.cpp refuses
+                request.on_error(str(exc))
+            except Exception as exc:  # noqa: BLE001 - one request's failure is not the server's
+                request.on_error(f"internal error: {type(exc).__name__}: {exc}")
+        self._running = len(batch.running)
+
+    def _step(self, batch: ContinuousBatch) -> None:
+        try:
+            batch.step()
+        except AlpacaChatError:
+            pass  # the running requests got the error; the next ones start afresh
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave every later request waiting
+            batch.fail_all(f"internal error: {type(exc).__name__}: {exc}")
+        self.completed += self._running - len(batch.running)
+        self._running = len(batch.running)
+
     def _take(self, batch: ContinuousBatch) -> list[StreamRequest]:
-        """Requests to start now, oldest first (cancelled ones are dropped)."""
+        """Requests of the running set to start now, oldest first (cancelled ones are dropped). Right
+        after a switch every waiting request of the set may join; later ones only while no request of
+        another set has waited longer."""
         taken: list[StreamRequest] = []
         free = batch.free_sequences()
         room = self.engine.n_ctx - batch.reserved()
-        while self._pending and len(taken) < free:
-            request = self._pending[0]
+        kept: collections.deque = collections.deque()
+        other_waiting = False
+        while self._pending:
+            variant, request = self._pending.popleft()
             if request.cancel.is_set():
-                self._pending.popleft()
                 request.on_done(GenerationStats(prompt_tokens=len(request.tokens), stop_reason="cancelled"))
                 continue
-            if request.reserved > room:
-                break
-            taken.append(self._pending.popleft())
-            room -= request.reserved
+            joins = variant == self.active and (self._fresh or not other_waiting)
+            if joins and len(taken) < free and request.reserved <= room:
+                taken.append(request)
+                room -= request.reserved
+                continue
+            other_waiting = True  # another set's, or one that does not fit yet: later ones wait behind it
+            kept.append((variant, request))
+        self._pending = kept
+        self._fresh = self._fresh and not taken
         return taken
+
+    def _next_variant(self, batch: ContinuousBatch, admitted: list[StreamRequest]) -> str | None:
+        """The set to switch to: that of the oldest waiting request, once the batch has drained."""
+        if batch.busy or admitted or not self._pending:
+            return None
+        variant = self._pending[0][0]
+        return variant if variant != self.active else None
+
+    def _switch(self, batch: ContinuousBatch, variant: str) -> ContinuousBatch:
+        """Run `variant`'s adapters from now on: the old batch's idle sequences saved and dropped,
+        a fresh batch (its KV cells computed under the new set only). If the engine refuses the set,
+        that set's waiting requests fail and the old set stays."""
+        batch.close()
+        try:
+            self.engine.set_adapters(self.variants[variant].adapters)
+        except Exception as exc:  # noqa: BLE001 - one set's failure is not the server's
+            message = str(exc) if isinstance(exc, AlpacaChatError) else f"internal error: {type(exc).__name__}: {exc}"
+            with self._wake:
+                failed = [r for v, r in self._pending if v == variant]
+                self._pending = collections.deque((v, r) for v, r in self._pending if v != variant)
+            for request in failed:
+                request.on_error(f"the adapters of {variant} could not be applied: {message}")
+            return ContinuousBatch(self.engine, self.variants[self.active].saved)
+        self.active, self._fresh = variant, True
+        self.switches += 1
+        return ContinuousBatch(self.engine, self.variants[variant].saved)
+
+
+@dataclass
+class _Variant:
+    """What the scheduler needs of a server.adapters.Variant."""
+
+    adapters: tuple
+    saved: object = None
