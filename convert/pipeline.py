@@ -4,11 +4,10 @@
 
 Every step writes its artifact under DIR and a manifest in DIR/manifests/STEP.json:
 its inputs with their sha256, its settings, its outputs with their sha256,
-and whether it finished. Running the pipeline again skips a step whose inputs,
-settings and outputs are unchanged, redoes one whose inputs changed (and so
-everything after it), and resumes a fine-tune that was interrupted from its
-last checkpoint. Hashes are cached by (path, size, mtime), so a re-run does
-not read gigabytes again.
+and whether it finished (convert/pipeline_steps.py). Running the pipeline again
+skips a step whose inputs, settings and outputs are unchanged, redoes one whose
+inputs changed (and so everything after it), and resumes a fine-tune that was
+interrupted from its last checkpoint.
 
     DIR/data/generated.json       teacher-written Alpaca rows (generate, with --generate N)
     DIR/adapter/                  the LoRA adapter, metrics.json, loss.png (finetune)
@@ -16,6 +15,8 @@ not read gigabytes again.
     DIR/pruned/, DIR/distilled/   with --prune-* [--distill]: the compressed model (convert/distill_pipeline.py)
     DIR/gguf/NAME.F16.gguf        the unquantized GGUF (export)
     DIR/gguf/NAME.Q4_K_M.gguf     one per quantization type (quantize)
+    DIR/gguf/BASE.Q4_K_M.gguf     with --adapter-gguf: the base alone (export base, quantize base; BASE.F16.gguf too)
+    DIR/gguf/NAME.lora.gguf       with --adapter-gguf: the adapter for llama.cpp (alpaca-chat BASE.gguf --lora ...)
     DIR/eval.json                 eval losses, quantization quality, ROUGE-L of every model's answers (eval)
     DIR/compare.png               the ROUGE-L bar chart (eval)
     DIR/summary.txt               what the last run printed
@@ -26,23 +27,22 @@ Export, quantization and the quality measure are the converter's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alpaca_chat import __version__
+from alpaca_chat.errors import UsageError
 from convert import run_files
 from convert.atomic import atomic_output
 from convert.finetune_config import FinetuneConfig
 from convert.generate import GenerateOptions
+from convert.pipeline_steps import HASH_CACHE, MANIFESTS, Hasher, Step, StepOutcome, run_step
+from convert.pipeline_steps import input_source as _input  # also distill_pipeline's
+from convert.pipeline_steps import write_json as _write_json
 
-MANIFESTS = "manifests"
 AUTO = "AUTO"  # in quants: the smallest type within the KL budget (convert.quant_auto), written as NAME.AUTO.gguf
-HASH_CACHE = ".hash-cache.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class PipelineOptions:
     imatrix: str | None = None  # importance matrix for the quantizer: a file, or "auto" (computed once, cached)
     max_kl: float | None = None  # quants "AUTO": the KL budget (default quant_auto.DEFAULT_MAX_KL)
     compress: object | None = None  # convert.distill_pipeline.CompressOptions: prune, distill, --distill-from
+    adapter_gguf: bool = False  # also the adapter as a llama.cpp LoRA GGUF, with the base quantized alone
 
     @property
     def out(self) -> Path:
@@ -66,8 +67,13 @@ class PipelineOptions:
         return Path(out) / "data" / "generated.json"
 
     @property
+    def base_name(self) -> str:
+        base = Path(str(self.finetune.base).rstrip("/"))
+        return base.stem if base.suffix == ".gguf" else base.name
+
+    @property
     def name(self) -> str:
-        return f"{Path(str(self.finetune.base).rstrip('/')).name}-alpaca"
+        return f"{self.base_name}-alpaca"
 
     @property
     def adapter_dir(self) -> Path:
@@ -84,28 +90,27 @@ class PipelineOptions:
     def quantized(self, qtype: str) -> Path:
         return self.out / "gguf" / f"{self.name}.{qtype}.gguf"
 
+    # With adapter_gguf: the base exported and quantized as it is, and the adapter beside it.
+    @property
+    def base_exported(self) -> Path:
+        return self.out / "gguf" / f"{self.base_name}.{self.export_type.upper()}.gguf"
+
+    @property
+    def base_quant(self) -> str:
+        """The base's quantization: the first type asked for (Q4_K_M if that is only auto)."""
+        return next((q for q in self.quants if q != AUTO), "Q4_K_M")
+
+    @property
+    def base_quantized(self) -> Path:
+        return self.out / "gguf" / f"{self.base_name}.{self.base_quant}.gguf"
+
+    @property
+    def adapter_gguf_file(self) -> Path:
+        return self.out / "gguf" / f"{self.name}.lora.gguf"
+
     @property
     def eval_file(self) -> Path:
         return self.out / "eval.json"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One unit of work: what it reads, how it is set, what it writes, and how to do it."""
-
-    name: str
-    inputs: dict[str, Path | str]  # a path is hashed; a string (a hub id) is taken as is
-    settings: dict
-    outputs: tuple[Path, ...]
-    run: Callable[[bool], dict]  # resume? -> facts for the summary
-
-
-@dataclass
-class StepOutcome:
-    name: str
-    skipped: bool
-    seconds: float
-    info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +128,14 @@ class Summary:
     @property
     def chat_command(self) -> str:
         return f"alpaca-chat --model {self.chat_model.resolve()}"
+
+    @property
+    def lora_command(self) -> str | None:
+        """The base with the adapter applied at run time (with adapter_gguf)."""
+        o = self.options
+        if not o.adapter_gguf:
+            return None
+        return f"alpaca-chat --model {o.base_quantized.resolve()} --lora {o.adapter_gguf_file.resolve()}"
 
     def format(self) -> str:
         lines = [f"pipeline in {self.options.out}:"]
@@ -153,13 +166,19 @@ class Summary:
         lines.extend(evaluation.info.get("quality", []) if evaluation else [])
         lines.append("chat with it:")
         lines.append(f"  {self.chat_command}")
+        if self.lora_command:
+            lines.append("or with the base and the adapter applied at run time (other fine-tunes share the base):")
+            lines.append(f"  {self.lora_command}")
         return "\n".join(lines)
 
     def _files(self) -> list[Path]:
         o = self.options
         files = [o.adapter_dir / "adapter_model.safetensors", *sorted(o.merged_dir.glob("*.safetensors")),
                  *(f for d in ("pruned", "distilled") for f in sorted((o.out / d).glob("*.safetensors"))), o.exported]
-        return [p for p in (*files, *(o.quantized(q) for q in o.quants)) if p.exists()]
+        files += [o.quantized(q) for q in o.quants]
+        if o.adapter_gguf:
+            files += [o.base_exported, o.base_quantized, o.adapter_gguf_file]
+        return [p for p in files if p.exists()]
 
 
 # -- running -----------------------------------------------------------------------------
@@ -174,6 +193,8 @@ def run_pipeline(options: PipelineOptions, *, report: Callable[[str], None] = la
             parse_quant_type(qtype)  # an unknown type fails now, not after the fine-tune
     if options.compress is not None:
         options.compress.check(options.finetune.base)  # bad --prune-*/--distill flags: now, not after training
+        if options.adapter_gguf and options.compress.distill_from:
+            raise UsageError("--adapter-gguf needs the fine-tune's LoRA adapter; --distill-from trains none")
     options.out.mkdir(parents=True, exist_ok=True)
     hasher = Hasher(options.out / MANIFESTS / HASH_CACHE)
     base = resolve_base(options.finetune.base)
@@ -239,6 +260,8 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
                 lambda resume, qtype=qtype: _quantize(options, qtype),
             )
         )
+    if options.adapter_gguf:
+        steps += _adapter_steps(options, base, adapter_files)
     if options.evaluate:
         steps.append(
             Step(
@@ -251,36 +274,6 @@ def build_steps(options: PipelineOptions, base: Path) -> list[Step]:
             )
         )
     return steps
-
-
-def run_step(step: Step, out: Path, hasher: Hasher, report: Callable[[str], None]) -> StepOutcome:
-    manifest_file = out / MANIFESTS / f"{_slug(step.name)}.json"
-    inputs = {name: _describe(value, hasher) for name, value in step.inputs.items()}
-    previous = _read_json(manifest_file)
-    same = previous is not None and previous.get("inputs") == inputs and previous.get("settings") == step.settings
-    if same and previous.get("status") == "done" and _outputs_intact(previous, out, hasher):
-        report(f"{step.name}: up to date, skipped")
-        return StepOutcome(step.name, True, 0.0, previous.get("info") or {})
-    resume = same and previous.get("status") == "running"
-    report(f"{step.name}: {'resuming' if resume else 'running'}")
-    manifest = {
-        "step": step.name, "version": __version__, "status": "running", "inputs": inputs, "settings": step.settings
-    }
-    _write_json(manifest_file, manifest)
-    started = time.perf_counter()
-    info = step.run(resume)
-    seconds = time.perf_counter() - started
-    outputs = {str(p.relative_to(out)): _describe(p, hasher) for p in step.outputs}
-    _write_json(manifest_file, {**manifest, "status": "done", "outputs": outputs, "seconds": seconds, "info": info})
-    report(f"{step.name}: done in {seconds:.1f} s")
-    return StepOutcome(step.name, False, seconds, info)
-
-
-def _outputs_intact(manifest: dict, out: Path, hasher: Hasher) -> bool:
-    recorded = manifest.get("outputs") or {}
-    return bool(recorded) and all(
-        (out / name).exists() and _describe(out / name, hasher) == value for name, value in recorded.items()
-    )
 
 
 # -- the steps ---------------------------------------------------------------------------------
@@ -346,6 +339,41 @@ def _export(options: PipelineOptions) -> dict:
     source = source_for_export(options.out, options.compress)
     result = export(source, options.exported, options.export_type)
     return {"architecture": result.architecture, "bytes": result.n_bytes}
+
+
+def _adapter_steps(options: PipelineOptions, base: Path, adapter_files: list[Path]) -> list[Step]:
+    """The base exported and quantized as it is, and the adapter as a llama.cpp LoRA GGUF (f16) for it."""
+    qtype = options.base_quant
+    return [
+        Step("export base", {"base": base}, {"outtype": options.export_type}, (options.base_exported,),
+             lambda resume: _export_base(options, base)),
+        Step(f"quantize base {qtype}", {"source": options.base_exported}, _quantize_settings(options, qtype),
+             (options.base_quantized,), lambda resume: _quantize_base(options)),
+        Step("export adapter", {"base": base, **{f"adapter/{p.name}": p for p in adapter_files}}, {"outtype": "f16"},
+             (options.adapter_gguf_file,), lambda resume: _export_adapter(options, base)),
+    ]
+
+
+def _export_base(options: PipelineOptions, base: Path) -> dict:
+    from convert.export import export
+
+    options.base_exported.parent.mkdir(parents=True, exist_ok=True)
+    result = export(base, options.base_exported, options.export_type)
+    return {"architecture": result.architecture, "bytes": result.n_bytes}
+
+
+def _quantize_base(options: PipelineOptions) -> dict:
+    from convert.quantize import quantize
+
+    result = quantize(options.base_exported, options.base_quantized, options.base_quant, imatrix=options.imatrix)
+    return {"bytes": result.output_bytes}
+
+
+def _export_adapter(options: PipelineOptions, base: Path) -> dict:
+    from convert.export.adapter import export_adapter
+
+    result = export_adapter(options.adapter_dir, options.adapter_gguf_file, "f16", base=str(base))
+    return {"bytes": result.n_bytes, "pairs": result.n_pairs, "ranks": list(result.ranks), "alpha": result.alpha}
 
 
 def _quantize_settings(options: PipelineOptions, qtype: str) -> dict:
@@ -420,77 +448,6 @@ def _answer_scores(options: PipelineOptions) -> dict:
         "rouge_l": {s.label: s.rouge_l for s in scores},
         "quality": [f"ROUGE-L F vs reference on {len(prompts)} held-out rows: {line}"],
     }
-
-
-# -- hashing and manifests -------------------------------------------------------------------------
-
-
-class Hasher:
-    """sha256 of files and directories, cached by (size, mtime) across runs."""
-
-    def __init__(self, cache_file: Path):
-        self.cache_file = cache_file
-        self.cache = _read_json(cache_file) or {}
-        self.dirty = False
-
-    def digest(self, path: Path) -> str:
-        if path.is_dir():
-            h = hashlib.sha256()
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                h.update(f"{file.relative_to(path).as_posix()}\0{self._file(file)}\n".encode())
-            return h.hexdigest()
-        return self._file(path)
-
-    def _file(self, path: Path) -> str:
-        stat = path.stat()
-        key = str(path.resolve())
-        stamp = [stat.st_size, stat.st_mtime_ns]
-        cached = self.cache.get(key)
-        if cached and cached[:2] == stamp:
-            return cached[2]
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        self.cache[key] = [*stamp, h.hexdigest()]
-        self.dirty = True
-        return h.hexdigest()
-
-    def save(self) -> None:
-        if self.dirty:
-            _write_json(self.cache_file, self.cache)
-            self.dirty = False
-
-
-def _input(spec: str) -> Path | str:
-    """A data source: a local path is hashed, anything else (a hub id) is recorded by name."""
-    path = Path(spec).expanduser()
-    return path if path.exists() else spec
-
-
-def _describe(value: Path | str, hasher: Hasher) -> dict:
-    if isinstance(value, str):
-        return {"id": value}
-    if not value.exists():
-        return {"path": str(value), "missing": True}
-    return {"path": str(value), "sha256": hasher.digest(value)}
-
-
-def _slug(name: str) -> str:
-    return name.replace(" ", "-").lower()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def _size(path: Path) -> str:

@@ -88,6 +88,9 @@ def _add_pipeline(sub, common) -> None:
     p.add_argument("--parallel", type=int, default=4, metavar="K", help="with --generate: requests decoded at once")
     p.add_argument("--merge-dtype", default="auto", help="dtype of the merged checkpoint (default: the base's)")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the quantized GGUFs against the F16")
+    p.add_argument("--adapter-gguf", action="store_true",
+                   help="also write the adapter as a llama.cpp LoRA GGUF and the base quantized alone, to chat "
+                   "with base + adapter (alpaca-chat BASE.gguf --lora ADAPTER.gguf)")
     p.set_defaults(run=cmd_pipeline)
 
 
@@ -226,6 +229,7 @@ def cmd_pipeline(args) -> int:
         generate=generate,
         imatrix=args.imatrix,
         max_kl=args.max_kl,
+        adapter_gguf=args.adapter_gguf,
     )
     summary = run_pipeline(options, report=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary.format())

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -109,16 +110,58 @@ def test_running_again_does_no_work(first_run, tiny_llama, rows_file, monkeypatc
 
 
 def test_a_new_quant_type_redoes_only_what_depends_on_it(first_run, tiny_llama, rows_file, tmp_path):
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(first_run[0], out)
-    # The copy's paths differ, so hash it under its own name: rewrite the manifests' paths.
-    for manifest in (out / "manifests").glob("*.json"):
-        manifest.write_text(manifest.read_text().replace(str(first_run[0]), str(out)))
+    out = copy_run(first_run, tmp_path / "copy")
     summary = run_pipeline(options(tiny_llama, rows_file, out, quants=("Q4_K_M", "Q8_0", "Q5_K_M")))
     ran = [s.name for s in summary.steps if not s.skipped]
     assert ran == ["quantize Q5_K_M", "eval"]
+
+
+def copy_run(first_run, out):
+    """A copy of the first run whose manifests name the copy's paths (so its steps are up to date)."""
+    import shutil
+
+    shutil.copytree(first_run[0], out)
+    for manifest in (out / "manifests").glob("*.json"):
+        manifest.write_text(manifest.read_text().replace(str(first_run[0]), str(out)))
+    return out
+
+
+def test_adapter_gguf_adds_the_base_and_the_adapter_for_llama_cpp(first_run, tiny_llama, rows_file, tmp_path):
+    import numpy as np
+
+    from alpaca_chat.engine import AdapterSpec, Engine
+
+    out = copy_run(first_run, tmp_path / "copy")
+    opts = replace(options(tiny_llama, rows_file, out), adapter_gguf=True)
+    summary = run_pipeline(opts)
+    assert [s.name for s in summary.steps if not s.skipped] == ["export base", "quantize base Q4_K_M", "export adapter"]
+    base_name = tiny_llama.name
+    base_q4, lora = out / "gguf" / f"{base_name}.Q4_K_M.gguf", out / "gguf" / f"{opts.name}.lora.gguf"
+    text = summary.format()
+    assert f"alpaca-chat --model {(out / 'gguf' / f'{opts.name}.Q4_K_M.gguf').resolve()}" in text  # merged
+    assert text.endswith(f"alpaca-chat --model {base_q4.resolve()} --lora {lora.resolve()}")
+    for path in (base_q4, lora, out / "gguf" / f"{base_name}.F16.gguf"):
+        assert path.is_file() and str(path) in text
+    assert lora.stat().st_size < 0.2 * base_q4.stat().st_size
+
+    # Base F16 + adapter in llama.cpp is the merged F16, as near as F16 rounding allows, and nearer
+    # than the base alone.
+    rng = np.random.default_rng(0)
+    sequences = [[int(t) for t in rng.integers(10, 2000, size=n)] for n in (5, 17, 40)]
+
+    def last_logits(model, adapters=()):
+        with Engine(model, n_ctx=64, n_batch=64, exact=True, adapters=adapters) as engine:
+            return np.stack([engine.sequence_logits(ids, len(ids) - 1)[0] for ids in sequences])
+
+    base_f16, merged_f16 = out / "gguf" / f"{base_name}.F16.gguf", out / "gguf" / f"{opts.name}.F16.gguf"
+    merged = last_logits(merged_f16)
+    adapted = last_logits(base_f16, [AdapterSpec(out / "gguf" / f"{opts.name}.lora.gguf")])
+    alone = last_logits(base_f16)
+    assert np.abs(adapted - merged).max() < 0.05 * np.abs(alone - merged).max()
+    assert np.abs(adapted - merged).max() <= 1e-2 * (merged.max() - merged.min())
+
+    again = run_pipeline(opts)  # and all of it is up to date on the next run
+    assert all(s.skipped for s in again.steps)
 
 
 def test_interrupted_finetune_resumes_on_the_next_run(first_run, tiny_llama, rows_file, tmp_path, monkeypatch):
