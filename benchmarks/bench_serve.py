@@ -1,7 +1,7 @@
 """`alpaca-chat serve` against llama-cpp-python's `llama_cpp.server`, same model, same requests.
 
     pip install fastapi pydantic-settings sse-starlette starlette-context   # llama_cpp.server's deps
-    python benchmarks/bench_serve.py [--model PATH] [--tokens 64] [--clients 8]
+    python benchmarks/bench_serve.py [--model PATH] [--tokens 64] [--clients 8] [--targets 1,2,3,4] [--anchor-first]
 
 Each server runs alone (one after the other), with the same threads and context, and is asked:
   1. one streaming client: time to first token and tokens/s (target: ours >= 0.95x the anchor's);
@@ -14,6 +14,8 @@ Each server runs alone (one after the other), with the same threads and context,
      `--only-restart` runs this one alone.
 The batching ceiling is measured in the same run, in-process, with the engine: K x one sequence's
 tokens/s x (cost of a 1-sequence decode step / cost of a K-sequence step).
+`--targets` picks what to measure (1 and 2 always go together); `--anchor-first` runs the anchor
+before ours (alternate between runs). The load average before and after is reported.
 Absolute numbers on a shared machine are noise; compare within one run.
 """
 
@@ -73,7 +75,7 @@ def stream_one(client, model: str, prompt: str, tokens: int) -> tuple[float, int
     return first - started, count, end - first
 
 
-def measure(base: str, model: str, tokens: int, clients: int) -> dict:
+def measure(base: str, model: str, tokens: int, clients: int, chat: bool = True) -> dict:
     client = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=600)
     stream_one(client, model, "Hello", 4)  # warm up
     singles = [stream_one(client, model, PROMPT + f" ({i})", tokens) for i in range(3)]
@@ -92,6 +94,10 @@ def measure(base: str, model: str, tokens: int, clients: int) -> dict:
     wall = time.perf_counter() - started
     ttfts = sorted(r[0] for r in results)
     aggregate = sum(r[1] for r in results) / wall
+    report = {"ttft_1": ttft_1, "tps_1": tps_1, "aggregate_tps": aggregate, "ttft_p50": statistics.median(ttfts),
+              "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+    if not chat:
+        return report
 
     history, turn_ttft = [], []
     for question in QUESTIONS:
@@ -105,9 +111,7 @@ def measure(base: str, model: str, tokens: int, clients: int) -> dict:
                 text.append(chunk.choices[0].delta.content)
         turn_ttft.append((first or time.perf_counter()) - started)
         history.append({"role": "assistant", "content": "".join(text)})
-    return {"ttft_1": ttft_1, "tps_1": tps_1, "aggregate_tps": aggregate, "ttft_p50": statistics.median(ttfts),
-            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-            "turn10_over_turn1": turn_ttft[-1] / turn_ttft[0]}
+    return {**report, "turn10_over_turn1": turn_ttft[-1] / turn_ttft[0]}
 
 
 def chat_ttft(base: str, model: str, messages: list[dict]) -> tuple[float, str, int, int]:
@@ -186,33 +190,39 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-anchor", action="store_true")
-    p.add_argument("--only-restart", action="store_true", help="measure target 4 alone")
+    p.add_argument("--only-restart", action="store_true", help="measure target 4 alone (= --targets 4)")
+    p.add_argument("--targets", default="1,2,3,4", help="which targets to measure (default 1,2,3,4)")
+    p.add_argument("--anchor-first", action="store_true", help="run llama_cpp.server before ours")
     args = p.parse_args()
     from alpaca_chat.engine import physical_cores
     from alpaca_chat.models import resolve_model
 
+    targets = {"4"} if args.only_restart else set(args.targets.split(","))
     model = str(resolve_model(args.model).path)
     threads = args.threads or physical_cores()
-    report = {"model": os.path.basename(model), "threads": threads, "clients": args.clients, "tokens": args.tokens}
-    report["restart"] = restart_ttft(model, threads)
-    if args.only_restart:
+    report = {"model": os.path.basename(model), "threads": threads, "clients": args.clients, "tokens": args.tokens,
+              "load_before": os.getloadavg()}
+    if "4" in targets:
+        report["restart"] = restart_ttft(model, threads)
+    if not targets & {"1", "2", "3"}:
+        report["load_after"] = os.getloadavg()
         print(json.dumps(report, indent=2))
         return 0
 
-    port = free_port()
-    proc = start([sys.executable, "-m", "alpaca_chat", "serve", "--model", model, "--port", str(port),
-                  "--parallel", str(args.clients), "--ctx", "4096", "--threads", str(threads)], port)
-    try:
-        report["ours"] = measure(f"http://127.0.0.1:{port}", os.path.basename(model), args.tokens, args.clients)
-    finally:
-        proc.terminate()
-        proc.wait()
+    chat = "3" in targets
+    ours_cmd = [sys.executable, "-m", "alpaca_chat", "serve", "--model", model, "--parallel", str(args.clients),
+                "--ctx", "4096", "--threads", str(threads)]
+    anchor_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "4096",
+                  "--n_threads", str(threads), "--interrupt_requests", "False"]
+    runs = [("ours", ours_cmd, os.path.basename(model))]
     if not args.skip_anchor:
+        runs.insert(0 if args.anchor_first else 1, ("anchor", anchor_cmd, model))
+    report["first"] = runs[0][0]
+    for name, command, model_id in runs:
         port = free_port()
-        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
-                      "--n_ctx", "4096", "--n_threads", str(threads), "--interrupt_requests", "False"], port)
+        proc = start(command + ["--port", str(port)], port)
         try:
-            report["anchor"] = measure(f"http://127.0.0.1:{port}", model, args.tokens, args.clients)
+            report[name] = measure(f"http://127.0.0.1:{port}", model_id, args.tokens, args.clients, chat)
         finally:
             proc.terminate()
             proc.wait()
@@ -224,6 +234,7 @@ def main() -> int:
         anchor = report["anchor"]
         report["ratios"] = {"ttft_1": ours["ttft_1"] / anchor["ttft_1"], "tps_1": ours["tps_1"] / anchor["tps_1"],
                             "aggregate_tps": ours["aggregate_tps"] / anchor["aggregate_tps"]}
+    report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     return 0
 

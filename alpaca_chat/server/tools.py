@@ -1,9 +1,9 @@
 """The request's tools, and the Hermes / Qwen2.5 prompt text for templates with no tool format. Pure.
 
-The tools are described in the system prompt the way Qwen2.5's template does (a `<tools>` block,
-calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), tool results go back as
-`<tool_response>` user turns, and calls are parsed out of the reply into OpenAI's `tool_calls`.
-With `tool_choice` "required" or a named function, a grammar makes the reply one such call.
+A template that renders tools itself (Qwen, Hermes, Llama 3.x, Mistral) gets them as they are
+(tool_formats). For any other, the tools are described in the system prompt the way Qwen2.5's
+template does (a `<tools>` block, calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`),
+and tool results go back as `<tool_response>` user turns.
 """
 
 import json
@@ -33,12 +33,6 @@ class ToolSpec:
     def parameters(self, name: str) -> dict:
         return next(t["function"].get("parameters") or EMPTY_PARAMETERS for t in self.tools
                     if t["function"]["name"] == name)
-
-    def call_schema(self) -> dict:
-        """The JSON schema of one call of a forced tool."""
-        return {"anyOf": [{"type": "object", "properties": {"name": {"const": name},
-                                                              "arguments": self.parameters(name)},
-                           "required": ["name", "arguments"]} for name in self.forced]}
 
 
 def parse_tools(body: dict) -> ToolSpec | None:
