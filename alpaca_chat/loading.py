@@ -165,6 +165,7 @@ def new_session(
         notice=notice,
     )
     if saved is not None and not getattr(settings, "lora", ()):
+        # --lora / config `lora` beat what it recorded; the session records those with its next message.
         restore_adapters(session, saved, warn or stderr_warning)
     return session
 

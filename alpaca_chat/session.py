@@ -83,6 +83,7 @@ class ChatSession:
         self._kv_save_failed = False
         # LoRA adapters turned off with /lora, remembered for /lora on (the active ones are the engine's).
         self.adapters_off: tuple = ()
+        self._recorded_adapters: list[dict] | None = None  # what the store holds for this conversation (None: unknown)
 
     def set_system_prompt(self, text: str | None) -> None:
         self.messages = [m for m in self.messages if m.role != "system"]
@@ -139,16 +140,17 @@ class ChatSession:
         self.save_settings()
 
     def save_settings(self) -> None:
-        """Write the system prompt, sampling, model and template to the saved conversation."""
+        """Write the system prompt, sampling, model, template and adapters to the saved conversation."""
         if self.store is None or self.conversation_id is None:
             return
+        self._recorded_adapters = self.adapter_records()
         self.store.update_conversation_settings(
             self.conversation_id,
             system_prompt=self.system_prompt,
             sampling=self.sampling.to_dict(),
             model=self.model_label,
             template=self.template.name,
-            adapters=self.adapter_records(),
+            adapters=self._recorded_adapters,
         )
 
     def send(self, text: str, *, input: str = "", cancel: threading.Event | None = None) -> Reply:
@@ -356,12 +358,17 @@ class ChatSession:
                 adapters=self.adapter_records(),
             )
             self.conversation_id = conversation.id
+            self._recorded_adapters = list(conversation.adapters)
 
     def _save_user(self, user: Message) -> None:
         if self.store is None:
             return
         self._ensure_conversation()
         self.store.add_message(self.conversation_id, "user", user.flattened_content())
+        records = self.adapter_records()
+        if records != self._recorded_adapters:  # e.g. a conversation continued with other --lora
+            self.store.update_conversation_settings(self.conversation_id, adapters=records)
+            self._recorded_adapters = records
 
     def _save_reply_start(self) -> int | None:
         if self.store is None:
