@@ -25,7 +25,9 @@ What differs from the shared base, written as llama.cpp's converter writes it:
   projector to a separate mmproj file); `text_config` holds the settings, and
   its released configs leave most of them to transformers' defaults, which are
   filled in from GEMMA2_DEFAULTS / GEMMA3_DEFAULTS, as transformers fills them;
-- the tokenizer is SentencePiece (`tokenizer.model`) without a space prefix.
+- the tokenizer is SentencePiece without a space prefix: from `tokenizer.model` as llama.cpp's
+  "llama" model, or, saved by transformers 5 as `tokenizer.json` only, as llama.cpp's
+  SentencePiece-style BPE ("gpt2" model, "gemma4" pre-tokenizer), as its converter writes it.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ _SLIDING, _FULL = "sliding_attention", "full_attention"
 class GemmaModel(ArchModel):
     """What Gemma 2 and Gemma 3 share."""
 
-    expected_tokenizers = ("llama",)
+    # SentencePiece from tokenizer.model, or the same saved as tokenizer.json only (vocab_spm_json.py).
+    expected_tokenizers = ("llama", "gpt2")
     defaults: ClassVar[dict[str, Any]]
     # llama.cpp's sliding-window pattern when the file gives none: every n-th layer is global.
     default_swa_pattern: ClassVar[int]
@@ -158,8 +161,10 @@ class GemmaModel(ArchModel):
     # -- tokenizer -------------------------------------------------------------------
 
     def set_vocab(self, writer: gguf.GGUFWriter, chat_template: str | None = None) -> None:
-        super().set_vocab(writer, chat_template)
-        writer.add_add_space_prefix(False)  # Gemma's SentencePiece model adds no dummy prefix
+        vocab = self.load_vocab()
+        vocab.add_to(writer, chat_template)
+        if vocab.model == "llama":
+            writer.add_add_space_prefix(False)  # Gemma's SentencePiece model adds no dummy prefix
 
     # -- tensors ---------------------------------------------------------------------
 
@@ -226,6 +231,10 @@ class Gemma2Model(GemmaModel):
 class Gemma3Model(GemmaModel):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     defaults = GEMMA3_DEFAULTS
+    # A tokenizer.json-only Gemma 3: llama.cpp's converter names its SentencePiece-style BPE by the
+    # hash of the ids Gemma 3's vocabulary gives, which its table files under an embedding model
+    # built on Gemma 3's tokenizer. Same pre-tokenizer in llama.cpp as "gemma4"; the same name here.
+    pre_tokenizer_names = {"gemma4": "granite-embed-multi-311m"}
     default_swa_pattern = 6
     scaled_by_hidden_layers = 62
     no_window_means_full_attention = True

@@ -1,9 +1,11 @@
 """The tokenizer, as GGUF metadata: tokens, their types and scores, merges, special tokens.
 
-Two kinds of tokenizer are read:
+Three kinds of tokenizer are read:
 - SentencePiece, from `tokenizer.model` (Llama 2, Mistral, TinyLlama): llama.cpp's "llama" model;
 - byte-level BPE, from `tokenizer.json` (GPT-2 style: SmolLM, Llama 3, Qwen2): llama.cpp's
-  "gpt2" model, with the pre-tokenizer named by `pretokenizers.py`.
+  "gpt2" model, with the pre-tokenizer named by `pretokenizers.py`;
+- SentencePiece saved as a byte-fallback BPE `tokenizer.json` only (transformers 5): see
+  `vocab_spm_json.py` for which llama.cpp model each becomes.
 
 Merges, special token ids, add_bos/add_eos and the chat template come from
 gguf's `SpecialVocab`, which reads tokenizer.json, tokenizer_config.json,
@@ -24,6 +26,14 @@ import gguf
 
 from alpaca_chat.errors import ConversionError
 from convert.export.pretokenizers import UnknownPreTokenizer, detect_pre_tokenizer
+from convert.export.vocab_spm_json import (
+    SPACE,
+    SPM_BPE_PRE_TOKENIZER,
+    UnsupportedSpmJson,
+    is_byte_token,
+    merge_scores,
+    spm_style,
+)
 
 
 class TokenizerError(ConversionError):
@@ -75,30 +85,25 @@ def _bpe_vocab(path: Path, config: dict[str, Any], pre_tokenizer: str | None) ->
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(
             f"{path / 'tokenizer.json'}: a {model.get('type') or 'unknown'} tokenizer; "
-            "only byte-level BPE (or a SentencePiece tokenizer.model) can be converted"
+            "only BPE (byte-level or SentencePiece-style) or a SentencePiece tokenizer.model can be converted"
         )
-    if model.get("byte_fallback"):
+    try:
+        style = spm_style(tokenizer)
+    except UnsupportedSpmJson as exc:
         raise TokenizerError(
-            f"{path / 'tokenizer.json'} is a SentencePiece-style BPE tokenizer; "
-            "tokenizer.model is needed to convert it"
-        )
-    if pre_tokenizer is None:
+            f"{path / 'tokenizer.json'} is a SentencePiece-style BPE tokenizer llama.cpp cannot reproduce: {exc}"
+        ) from None
+    if style is not None and style.dummy_prefix:
+        return _spm_json_vocab(path, config, tokenizer)
+    if pre_tokenizer is None and style is not None:
+        pre_tokenizer = SPM_BPE_PRE_TOKENIZER
+    elif pre_tokenizer is None:
         try:
             pre_tokenizer = detect_pre_tokenizer(tokenizer.get("pre_tokenizer"))
         except UnknownPreTokenizer as exc:
             raise TokenizerError(str(exc)) from None
 
-    ids: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    added = {a["id"]: a for a in tokenizer.get("added_tokens", [])}
-    for token_id, entry in added.items():
-        ids[token_id] = entry["content"]
-    n_vocab = config.get("vocab_size") or max(ids) + 1
-    if max(ids) >= n_vocab:
-        raise TokenizerError(
-            f"the tokenizer has token id {max(ids)} but the model's vocab_size is {n_vocab}: "
-            "the embeddings have no row for it"
-        )
-
+    ids, added, n_vocab = _token_ids(path, tokenizer, config)
     tokens: list[bytes] = []
     types: list[int] = []
     for i in range(n_vocab):
@@ -107,8 +112,9 @@ def _bpe_vocab(path: Path, config: dict[str, Any], pre_tokenizer: str | None) ->
             tokens.append(f"[PAD{i}]".encode())
             types.append(T.UNUSED)
         elif i in added:
+            token_type, text = _added_token_type(added[i], text)
             tokens.append(text.encode("utf-8"))
-            types.append(T.CONTROL if added[i].get("special") or looks_special(text) else T.USER_DEFINED)
+            types.append(token_type)
         else:
             tokens.append(text.encode("utf-8"))
             types.append(T.NORMAL)
@@ -118,13 +124,64 @@ def _bpe_vocab(path: Path, config: dict[str, Any], pre_tokenizer: str | None) ->
     return Vocab("gpt2", pre_tokenizer, tokens, types, None, special)
 
 
+def _token_ids(path: Path, tokenizer: dict, config: dict[str, Any]) -> tuple[dict[int, str], dict[int, dict], int]:
+    """id -> text (the model's vocabulary, then its added tokens), the added tokens, the vocabulary size."""
+    ids: dict[int, str] = {i: t for t, i in tokenizer["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tokenizer.get("added_tokens", [])}
+    for token_id, entry in added.items():
+        ids[token_id] = entry["content"]
+    n_vocab = config.get("vocab_size") or max(ids) + 1
+    if max(ids) >= n_vocab:
+        raise TokenizerError(
+            f"the tokenizer has token id {max(ids)} but the model's vocab_size is {n_vocab}: "
+            "the embeddings have no row for it"
+        )
+    return ids, added, n_vocab
+
+
+def _added_token_type(entry: dict, text: str) -> tuple[int, str]:
+    """An added token's type, and its text as llama.cpp matches it (user-defined ones pre-normalized)."""
+    if entry.get("special") or looks_special(text):
+        return T.CONTROL, text
+    # llama.cpp matches user-defined tokens in the raw text: a ▁ in one stands for a space.
+    return T.USER_DEFINED, text.replace(SPACE, " ")
+
+
+def _spm_json_vocab(path: Path, config: dict[str, Any], tokenizer: dict) -> Vocab:
+    """A SentencePiece-style BPE with a dummy prefix as llama.cpp's SentencePiece model, scored by
+    merge rank (see vocab_spm_json.py)."""
+    ids, added, n_vocab = _token_ids(path, tokenizer, config)
+    model = tokenizer["model"]
+    merge_score = merge_scores(model.get("merges") or [])
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [T.UNUSED] * n_vocab
+    for i, text in ids.items():
+        if i in added and text != model.get("unk_token"):
+            types[i], text = _added_token_type(added[i], text)
+            scores[i] = -1000.0
+        elif text == model.get("unk_token"):
+            types[i], scores[i] = T.UNKNOWN, 0.0
+        elif is_byte_token(text):
+            types[i], scores[i] = T.BYTE, 0.0
+        else:
+            types[i], scores[i] = T.NORMAL, merge_score.get(text, 0.0)
+        tokens[i] = text.encode("utf-8")
+    return Vocab("llama", "default", tokens, types, scores, gguf.SpecialVocab(path, n_vocab=n_vocab))
+
+
 def looks_special(text: str) -> bool:
     """Added tokens some checkpoints forget to mark special: <|...|> and friends.
 
     llama.cpp treats control tokens as atomic and never prints them; an
     unmarked <|im_end|> would be printed and would not stop generation.
     """
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")  # Gemma's, DeepSeek-Coder's
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))  # Gemma's reserved tokens
+    )
 
 
 # -- SentencePiece (tokenizer.model) ----------------------------------------------
@@ -160,7 +217,7 @@ def _sentencepiece_vocab(path: Path, config: dict[str, Any]) -> Vocab:
         if special or looks_special(text):
             types[token_id] = T.CONTROL
         else:
-            text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalized
+            text = text.replace(SPACE, " ")  # llama.cpp expects user-defined tokens pre-normalized
             types[token_id] = T.USER_DEFINED
         tokens[token_id] = text.encode("utf-8")
         scores[token_id] = -1000.0
