@@ -43,7 +43,7 @@ def adapters(default_model_path, tmp_path_factory):
 def lora_server(default_model_path, tmp_path_factory, adapters):
     a, b = adapters
     yield from _serve(default_model_path, tmp_path_factory, "--parallel", "4", "--ctx", "2048",
-                      "--lora", f"a={a}", "--lora", f"b={b}:0.5")
+                      "--lora", f"a={a}", "--lora", f"b={b}:0.5", "--history")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,23 @@ def test_the_prompt_cache_is_not_shared_between_adapter_sets(client, lora_server
     assert _ask(client, base, PROMPT)[1] > 100
     data = Path(lora_server.env["XDG_DATA_HOME"])
     assert list(data.glob("**/kv/serve/*.kv")) and len(list(data.glob("**/kv/serve/lora-*/*.kv"))) >= 1
+
+
+def test_history_records_the_adapter_set_of_the_model_asked(client, lora_server, adapters):
+    base = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "adapter history probe"}]
+    reply = client.chat.completions.create(model=f"{base}+b", messages=messages, max_tokens=4, temperature=0)
+    messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": "and a second turn"}]
+    client.chat.completions.create(model=f"{base}+b", messages=messages, max_tokens=4, temperature=0)
+    client.chat.completions.create(model=base, messages=messages, max_tokens=4, temperature=0)  # another one
+    code = ("import json; from alpaca_chat.store import Store; s = Store(); print(json.dumps("
+            "[[list(c.adapters), [m.content for m in s.messages(c.id)]] for c in s.list_conversations()]))")
+    listed = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       env=lora_server.env).stdout)
+    probes = [(adapters_, texts) for adapters_, texts in listed if texts and texts[0] == "adapter history probe"]
+    assert sorted((len(texts), [(a["path"], a["scale"]) for a in adapters_]) for adapters_, texts in probes) == [
+        (4, []), (4, [(str(adapters[1]), 0.5)])]  # both turns of the +b chat in one conversation; the base's apart
 
 
 def test_bad_adapters_stop_the_server_in_one_line(default_model_path, tmp_path, adapters):

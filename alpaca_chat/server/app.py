@@ -261,7 +261,8 @@ class _Api:
         if self.config.history is None or not parsed.messages:
             return
         try:
-            self.config.history.record(parsed.sent, text, sampling.to_dict(), stats)
+            self.config.history.record(parsed.sent, text, sampling.to_dict(), stats,
+                                       self.scheduler.variants[parsed.model].adapters)
         except AlpacaChatError as exc:
             print(f"alpaca-chat serve: warning: history not saved: {exc}", file=sys.stderr)
 
