@@ -73,7 +73,7 @@ class PipelineOptions:
 
     @property
     def name(self) -> str:
-        return f"{self.base_name}-alpaca"
+        return f"{Path(str(self.finetune.base).rstrip('/')).name}-alpaca"
 
     @property
     def adapter_dir(self) -> Path:
@@ -423,6 +423,9 @@ def _evaluate(options: PipelineOptions) -> dict:
     scored = _answer_scores(options)
     info["quality"] += scored.pop("quality", [])
     info.update(scored)
+    from convert.distill_pipeline import compression_report_info
+
+    info.update(compression_report_info(options, info.get("rouge_l")))  # {} without --prune-*/--distill*
     _write_json(options.eval_file, info)
     return info
 

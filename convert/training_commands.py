@@ -112,6 +112,9 @@ def _add_compare(sub, common) -> None:
     p.add_argument("--width", type=int, default=None, help="output width in columns (default: the terminal's)")
     p.add_argument("--plot", metavar="PNG", help="where to write the ROUGE-L bar chart "
                    "(default: DIR/compare.png with --pipeline, else compare.png)")
+    from convert import compression_report
+
+    compression_report.add_compare_flags(p)  # --report, --teacher, --report-png, --speed-tokens
     p.set_defaults(run=cmd_compare)
 
 
@@ -280,6 +283,11 @@ def cmd_compare(args) -> int:
     print(compare.format_scores(model_scores))
     plot = Path(args.plot) if args.plot else (Path(args.pipeline) if args.pipeline else Path(".")) / "compare.png"
     print(f"wrote {compare.plot_scores(model_scores, plot)}")
+    if args.report:
+        from convert import compression_report
+
+        print()
+        print(compression_report.for_compare(args, models, model_scores))
     return 0
 
 
