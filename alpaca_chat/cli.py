@@ -320,6 +320,7 @@ def _json_result(session, reply) -> dict:
         "text": reply.text,
         "model": session.model_label,
         "template": session.template.name,
+        "lora": [str(spec) for spec in getattr(session.engine, "adapters", ())],  # FILE:SCALE each
         "conversation_id": session.conversation_id,
         "dropped_messages": len(reply.dropped),
         "stats": reply.stats.to_dict(),

@@ -58,9 +58,11 @@ def deltas(pairs: dict, *, alpha: float | None, scale: float = 1.0) -> dict:
     return out
 
 
-def write_merged(path: Path, base: Path, weight_deltas: dict) -> Path:
+def write_merged(path: Path, base: Path, weight_deltas: dict, *, requantize: bool = False) -> Path:
     """A copy of the base GGUF whose weights in `weight_deltas` are dequantized, changed and stored in
-    F32: the model an adapter stands for. Other tensors keep their type and bytes."""
+    F32: the model an adapter stands for. Other tensors keep their type and bytes. `requantize` stores
+    the changed weights in their original type instead (as a merged, quantized fine-tune: for speed
+    comparisons; F32 is for exactness)."""
     reader = gguf.GGUFReader(str(base))
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     writer = gguf.GGUFWriter(str(path), arch)
@@ -73,7 +75,11 @@ def write_merged(path: Path, base: Path, weight_deltas: dict) -> Path:
     for t in reader.tensors:
         if t.name in weight_deltas:
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            writer.add_tensor(t.name, (w.astype(np.float64) + weight_deltas[t.name]).astype(np.float32))
+            merged = (w.astype(np.float64) + weight_deltas[t.name]).astype(np.float32)
+            if requantize and t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                writer.add_tensor(t.name, gguf.quants.quantize(merged, t.tensor_type), raw_dtype=t.tensor_type)
+            else:
+                writer.add_tensor(t.name, merged)
         else:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # the reader gives the byte shape
     writer.write_header_to_file()

@@ -87,6 +87,7 @@ def test_continue_restores_the_adapter_set_and_never_a_state_of_another(isolated
     first = alpaca_chat("-p", QUESTION, "--json", "--lora", f"{cli_adapters['first']}:0.8")
     assert first.returncode == 0, first.stderr
     conversation = json.loads(first.stdout)["conversation_id"]
+    assert json.loads(first.stdout)["lora"] == [f"{cli_adapters['first']}:0.8"]
     with Store() as store:
         assert store.get_conversation(conversation).adapters == (
             {"path": str(cli_adapters["first"].resolve()), "scale": 0.8},)
@@ -268,3 +269,22 @@ def test_new_session_leaves_the_set_when_restoring_fails(store, tmp_path):
     warned = []
     new_session(fake_loaded(engine), build_settings(), store, saved, warn=warned.append)
     assert engine.adapters == () and len(warned) == 1 and "continuing on the base model" in warned[0]
+
+
+def test_state_files_carry_the_adapter_set_and_older_files_read_as_none(tmp_path):
+    import io
+
+    from alpaca_chat.kvcache_format import check_key, decode, encode
+
+    key = kvcache.StateKey(10, "m" * 64, 512, "f16", "t" * 64, adapters="abc*1.0")
+    data = encode(7, key, [1, 2, 3], b"payload")
+    header = decode(io.BytesIO(data), len(data)).header
+    assert header["adapters"] == "abc*1.0"
+    check_key(header, key)
+    with pytest.raises(kvcache.StateRejected, match="another set of LoRA adapters"):
+        check_key(header, kvcache.StateKey(10, "m" * 64, 512, "f16", "t" * 64))
+    older = encode(7, kvcache.StateKey(10, "m" * 64, 512, "f16", "t" * 64), [1, 2, 3], b"payload")
+    older = older.replace(b'"adapters": "", ', b"")  # as written before adapters existed
+    older = older[:12] + (int.from_bytes(older[12:16], "little") - len(b'"adapters": "", ')).to_bytes(4, "little") \
+        + older[16:]
+    assert b"adapters" not in older and decode(io.BytesIO(older), len(older)).header["adapters"] == ""
