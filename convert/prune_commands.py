@@ -36,6 +36,8 @@ def register(sub, common) -> None:
     p.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
                    help="calibration tokens to score with (default 4096)")
     p.add_argument("--max-length", type=int, default=256, metavar="N", help="tokens per calibration chunk (default 256)")
+    p.add_argument("--experts-keep", type=int, metavar="N",
+                   help="a mixture of experts (Mixtral, Qwen3-MoE): keep each layer's N most-routed experts")
     p.set_defaults(run=cmd_prune)
 
 
@@ -52,6 +54,8 @@ def _count(text: str) -> int:
 def cmd_prune(args) -> int:
     from convert.prune import PruneRequest, prune
 
+    if args.experts_keep is not None:
+        return _prune_experts(args)
     request = PruneRequest(
         drop_layers=args.drop_layers, ffn_keep=args.ffn_keep, heads_keep=args.heads_keep,
         target_params=args.target_params, prefer=args.prefer, ffn_multiple=args.ffn_multiple,
@@ -62,5 +66,23 @@ def cmd_prune(args) -> int:
     print(f"pruned: {result.params_before:,} -> {result.params_after:,} parameters "
           f"(-{dropped / result.params_before:.1%}); {len(result.plan.kept_layers)} layers, FFN {shape.ffn}, "
           f"{shape.n_heads} heads / {shape.n_kv} KV heads")
+    print(f"wrote {result.out} (what went and why: {result.out / 'pruning.json'})")
+    return 0
+
+
+def _prune_experts(args) -> int:
+    from alpaca_chat.errors import UsageError
+    from convert.prune_experts import prune_experts
+
+    others = {"--drop-layers": args.drop_layers, "--ffn-keep": args.ffn_keep, "--heads-keep": args.heads_keep,
+              "--target-params": args.target_params}
+    given = [flag for flag, value in others.items() if value]
+    if given:
+        raise UsageError(f"--experts-keep prunes experts alone: give it without {', '.join(given)}")
+    result = prune_experts(args.checkpoint, args.out, args.experts_keep, calibration=args.calibration,
+                           calibration_tokens=args.calibration_tokens, max_length=args.max_length)
+    dropped = result.params_before - result.params_after
+    print(f"pruned experts: {result.params_before:,} -> {result.params_after:,} parameters "
+          f"(-{dropped / result.params_before:.1%}); {args.experts_keep} experts per layer")
     print(f"wrote {result.out} (what went and why: {result.out / 'pruning.json'})")
     return 0
