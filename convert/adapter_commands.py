@@ -24,8 +24,9 @@ def register(sub, common) -> None:
     )
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="the adapter directory (adapter_config.json, "
                    "adapter_model.safetensors)")
-    p.add_argument("--base", metavar="BASE", help="the base checkpoint (directory or hub id; default: the "
-                   "adapter's base_model_name_or_path)")
+    p.add_argument("--base", metavar="BASE",
+                   help="the base model: a checkpoint directory, hub id, or the GGUF it was fine-tuned from "
+                   "(default: the adapter's base_model_name_or_path)")
     p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="tensor type (default f16)")
     p.add_argument("-o", "--output", help="output file (default: ./ADAPTER_DIR's name.gguf)")

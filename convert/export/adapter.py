@@ -136,10 +136,20 @@ def export_adapter(
 
 
 def _base_model(spec: str) -> ArchModel:
+    """The base's exporter model: a checkpoint directory or hub id, or a GGUF (a path or an alpaca-chat
+    model name) through the checkpoint a fine-tune on it dequantized it into (convert/gguf_base.py)."""
+    from convert import gguf_base
+
     try:
+        if gguf_base.is_gguf_spec(spec):
+            spec = str(gguf_base.checkpoint_from_gguf(spec))  # cached by the fine-tune; else dequantized now
         ckpt = open_checkpoint(spec)
     except CheckpointError as exc:
         raise CheckpointError(f"base model: {exc}") from None
+    except ImportError as exc:  # dequantizing needs torch and transformers
+        raise UsageError(
+            f"base model {spec} is a GGUF not dequantized yet, which needs the 'convert' extra ({exc.name})"
+        ) from None
     return model_class_for(ckpt.config)(ckpt)
 
 

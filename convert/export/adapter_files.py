@@ -187,7 +187,9 @@ def _split_name(name: str, file_name: str) -> tuple[str, str, bool]:
         what = "trainable token rows"
     else:
         what = "a whole weight (modules_to_save), not a LoRA pair"
-    raise AdapterError(f"{file_name}: tensor {name} is {what}, which a llama.cpp LoRA adapter cannot hold; {_MERGE_INSTEAD}")
+    raise AdapterError(
+        f"{file_name}: tensor {name} is {what}, which a llama.cpp LoRA adapter cannot hold; {_MERGE_INSTEAD}"
+    )
 
 
 def _base_name(module: str) -> str:
