@@ -108,7 +108,8 @@ def test_a_call_the_template_writes_parses_back(corpus, name):
                            '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
     (tool_formats.MISTRAL, '[{"name": "get_time", "arguments": {"zone": "UTC"}}, '  # marker detokenized away
                            '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
-    (tool_formats.MISTRAL_ARGS, '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'),
+    (tool_formats.MISTRAL_ARGS, '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
+                                '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'),
     (tool_formats.MISTRAL_ARGS, 'get_time{"zone": "UTC"}get_weather{"city": "Oslo"}'),  # markers detokenized away
     (tool_formats.MISTRAL_ARGS, '[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC"}'
                                 'get_weather[ARGS]{"city": "Oslo"}'),

@@ -4,8 +4,8 @@
 keeps them across restarts. Idle sequences are saved (`save`, written by a background thread)
 through `kvcache.KVCache` in a directory of their own (`<data dir>/kv/serve/`), with its format,
 checks, 0600 files and disk budget (least recently used evicted), keyed by the model, context size,
-KV cache type and adapter set (server.adapters: a directory per set). A state's id is a hash of the tokens it holds; a state whose
-tokens extend a saved one replaces it.
+KV cache type and adapter set (server.adapters: a directory per set). A state's id is a hash of the
+tokens it holds; a state whose tokens extend a saved one replaces it.
 
 On startup the saved states' tokens are read (header and tokens only, checked); a request whose
 prompt shares the longest prefix with a saved state (`best`) has it loaded (`load`: every check of
@@ -58,8 +58,8 @@ class SavedPrefixes:
         if adapters:
             directory = directory / f"lora-{hashlib.sha256(adapters.encode()).hexdigest()[:16]}"
         try:
-            key = kvcache.state_key(engine.model_path, engine.n_ctx, engine.kv_type,
-                                    f"serve\nparallel={engine.n_seq_max > 1}" + (f"\nadapters={adapters}" if adapters else ""))
+            extra = f"serve\nparallel={engine.n_seq_max > 1}" + (f"\nadapters={adapters}" if adapters else "")
+            key = kvcache.state_key(engine.model_path, engine.n_ctx, engine.kv_type, extra)
             return cls(kvcache.KVCache(directory, max_bytes=max_mb * kvcache.MIB), key)
         except OSError as exc:
             (notice or _stderr)(f"prompt cache not used: {exc}")

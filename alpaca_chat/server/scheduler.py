@@ -105,7 +105,8 @@ class Scheduler:
                 "completed": self.completed, "cancelled": self.cancelled,
                 **({"saved_states": sum(len(s.held) for s in saved), "restored_states": sum(s.restored for s in saved)}
                    if saved else {}),
-                **({"active_model": self.active, "adapter_switches": self.switches} if len(self.variants) > 1 else {})}
+                **({"active_model": self.active, "adapter_switches": self.switches}
+                   if len(self.variants) > 1 else {})}
 
     def submit(self, tokens: list[int], sampling: SamplingParams, stop_strings: tuple[str, ...] = (),
                variant: str | None = None) -> Stream:

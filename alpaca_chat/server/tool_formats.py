@@ -174,7 +174,8 @@ class Mistral(ToolFormat):
         if not isinstance(value, list) or not value or not all(
                 isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
             return [], 0
-        return [self.openai_call(v["name"], v.get("arguments", {})) for v in value], end + len(rest) - len(rest.lstrip())
+        skipped = len(rest) - len(rest.lstrip())
+        return [self.openai_call(v["name"], v.get("arguments", {})) for v in value], end + skipped
 
     def _parse_named(self, rest: str, names: list[str], marked: bool) -> tuple[list[dict], int]:
         calls, at, decoder = [], 0, json.JSONDecoder()

@@ -96,8 +96,11 @@ def checked_calls(calls) -> list[dict]:
 
 def calls_text(calls: list[dict]) -> str:
     """Checked `tool_calls` (checked_calls), as a Hermes-style model writes them."""
-    return "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                                  ensure_ascii=False) + "\n</tool_call>" for c in calls)
+    blocks = []
+    for call in calls:
+        value = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+        blocks.append("<tool_call>\n" + json.dumps(value, ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(blocks)
 
 
 def parse_calls(text: str) -> tuple[str | None, list[dict]]:
