@@ -102,3 +102,22 @@ def _grown(checkpoint, out):
     model.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
     return out
+
+
+def test_compare_report_from_the_command_line(models, tmp_path, capsys):
+    """`alpaca-convert compare --report`: the ROUGE-L of compare's answers lands in the report's rows."""
+    from convert import cli
+    from finetune_helpers import seed_rows, write_json
+
+    _, specs = models
+    prompts = write_json(tmp_path / "rows.json", seed_rows(1))
+    capsys.readouterr()
+    code = cli.main(["compare", "--base", str(specs[0].path), "--gguf", str(specs[2].path), "--prompts", str(prompts),
+                     "-n", "1", "--max-tokens", "4", "--width", "100", "--plot", str(tmp_path / "rouge.png"),
+                     "--report", "--teacher", "base", "--report-png", str(tmp_path / "size-kl.png"),
+                     "--speed-tokens", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = out[out.index("compression report:"):].splitlines()
+    assert report[3].startswith("base") and " 0.0000 " in report[3] and report[4].startswith("Q8_0")
+    assert f"wrote {tmp_path / 'size-kl.png'}" in out and (tmp_path / "size-kl.png").is_file()
