@@ -105,11 +105,29 @@ def export_adapter(
     plan = plan_adapter(model, adapter, alpha)
 
     writer = gguf.GGUFWriter(None, model.arch_name)
-    tensors = [(p, half, shape) for p in plan for half, shape in zip(("a", "b"), p.shapes)]
-    for p, half, shape in tensors:
-        wanted = lora_qtype(shape, qtype)
-        writer.add_tensor_info(_lora_name(p, half), shape, np.dtype(np.float32), _nbytes(shape, wanted), raw_dtype=wanted)
+    for p in plan:
+        for half, shape in zip(("a", "b"), p.shapes):
+            wanted = lora_qtype(shape, qtype)
+            writer.add_tensor_info(f"{p.gguf_name}.lora_{half}", shape, np.dtype(np.float32), _nbytes(shape, wanted),
+                                   raw_dtype=wanted)
     _set_metadata(writer, adapter, model, alpha, file_type, outtype.upper(), base_spec)
+    _write(writer, output, model, adapter, plan, qtype, progress)
+    return AdapterExportResult(
+        path=output,
+        architecture=model.checkpoint.architecture,
+        base=base_spec,
+        outtype=outtype.lower(),
+        n_pairs=len(plan),
+        alpha=alpha,
+        ranks=tuple(sorted({p.pair.rank for p in plan})),
+        n_bytes=output.stat().st_size,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write(writer: gguf.GGUFWriter, output: Path, model: ArchModel, adapter: PeftAdapter, plan: list[PlannedPair],
+           qtype: Q, progress: Progress | None) -> None:
+    """Header, then each pair's data in the planned order; staged beside `output`, fsynced, renamed."""
     with atomic_output(output) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
@@ -122,17 +140,6 @@ def export_adapter(
                     progress(i + 1, len(plan), p.gguf_name)
         finally:
             writer.close()
-    return AdapterExportResult(
-        path=output,
-        architecture=model.checkpoint.architecture,
-        base=base_spec,
-        outtype=outtype.lower(),
-        n_pairs=len(plan),
-        alpha=alpha,
-        ranks=tuple(sorted({p.pair.rank for p in plan})),
-        n_bytes=output.stat().st_size,
-        seconds=time.perf_counter() - started,
-    )
 
 
 def _base_model(spec: str) -> ArchModel:
@@ -347,10 +354,6 @@ def pair_data(model: ArchModel, adapter: PeftAdapter, p: PlannedPair) -> tuple[n
     if p.pair.embedding:
         a = a.T
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-
-def _lora_name(p: PlannedPair, half: str) -> str:
-    return f"{p.gguf_name}.lora_{half}"
 
 
 def _nbytes(shape: tuple[int, ...], qtype: Q) -> int:
