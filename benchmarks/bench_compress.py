@@ -2,6 +2,11 @@
 
     python benchmarks/bench_compress.py [--steps 60] [--learning-rate 5e-4] [--rounds 5] [--work DIR]
                                         [--plot docs/compress_size_kl.png]
+    python benchmarks/bench_compress.py --speed-only --work DIR [--rounds 8]   # targets 1 and 4's speed alone
+
+`--speed-only` times the Q4_K_M files of the teacher and the pruned models in DIR (made there if missing:
+the base, the depth- and width-pruned checkpoints, their F16 and Q4_K_M GGUFs), nothing else: the
+speed can be measured again on a quieter machine without training again.
 
 1. speed follows size: a model pruned by ~25 % of its parameters (depth: whole layers) decodes at
    Q4_K_M faster than the unpruned Q4_K_M, same run, rounds alternating (median of per-round ratios);
@@ -10,6 +15,12 @@
 3. distillation against cross-entropy training on the same text, tokens and steps (the same code:
    `--alpha 1` is plain CE): both the KL to the teacher and the held-out perplexity;
 4. depth against width pruning at equal parameter count: perplexity, KL, speed.
+
+SmolLM2-135M's hidden size, 576, is not a multiple of 256, so llama.cpp's K-quants fall back to 32-blocks
+(Q5_0 for Q4_K_M's attention and FFN input matrices); only rows of a multiple of 256 (the FFN's down
+projection, 1536 wide) take Q4_K/Q6_K. A width-pruned FFN of a multiple of 64 loses that too, which changes
+the speed as much as the size does. So the speed table gives each file's tensor types, and a second
+width-pruned model keeps its FFN at a multiple of 256 ("width-256").
 
 Held-out text: convert/eval_sample.txt, which neither the pruning calibration text (convert/builtin_data/
 calibration_prune.txt) nor the training text (default: convert/builtin_data/calibration.txt, the
@@ -45,31 +56,76 @@ def main() -> int:
     p.add_argument("--ce", type=Path, help="with --distilled: the CE-trained student trained alike")
     p.add_argument("--plot", type=Path, help="write the size-vs-KL PNG here")
     p.add_argument("--rounds", type=int, default=5, help="speed rounds (each model once per round)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per timed reply (sampled, seed = round)")
+    p.add_argument("--speed-only", action="store_true", help="only time the Q4_K_M files (made in --work if missing)")
     p.add_argument("--drop-layers", type=int, default=10, help="depth pruning: layers removed (10 of 30: ~26 %% of params)")
     p.add_argument("--work", type=Path, help="keep the models here (default: a temp dir)")
     p.add_argument("--base", type=Path, help="an existing SmolLM2 HF checkpoint (default: built from the bundled GGUF)")
     args = p.parse_args()
+    if args.speed_only and args.work is None:
+        p.error("--speed-only reuses the models of a work directory: give --work DIR")
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        run(args, work)
+        print(f"machine: {_load()}", flush=True)
+        if args.speed_only:
+            pruned = prune_models(args, work)
+            report_speed(measure_speed(pruned, work, args.rounds, args.tokens), pruned["params"])
+        else:
+            run(args, work)
+        print(f"machine at the end: {_load()}")
     return 0
 
 
-def run(args, work: Path) -> None:
-    from convert.distill import CACHE_DIR, DistillSettings, distill
-    from convert.finetune_config import FinetuneConfig
+def _load() -> str:
+    import os
+
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
+def prune_models(args, work: Path) -> dict:
+    """The teacher and its pruned versions at about equal parameters (made in `work` if missing):
+    depth (whole layers), width (FFN multiple of 64, as fine as the target needs) and width-256."""
     from convert.prune import PruneRequest, prune
 
-    started = time.perf_counter()
     base = args.base or build_base(work / "smollm2-hf")
     depth = work / "pruned-depth"
     if not depth.exists():
         prune(base, depth, PruneRequest(drop_layers=args.drop_layers))
+    target = json.loads((depth / "pruning.json").read_text())["params"]["after"]
+    models = {"teacher": base, "depth-pruned": depth}
+    for name, multiple in (("width-pruned", 64), ("width-256", 256)):
+        out = work / ("pruned-width" if multiple == 64 else "pruned-width-256")
+        if not out.exists():
+            prune(base, out, PruneRequest(target_params=target, prefer="width", ffn_multiple=multiple))
+        models[name] = out
+    params = {name: _params(path) for name, path in models.items()}
+    print("params: " + ", ".join(f"{name} {n:,} ({n / params['teacher'] - 1:+.1%})" for name, n in params.items()))
+    return {**models, "params": params}
+
+
+def report_speed(speed: dict, params: dict) -> None:
+    print("\n| model | params | Q4_K_M MiB | Q4_K_M tensor types | tok/s | vs teacher (median of rounds) | per round |")
+    print("|---|---:|---:|---|---:|---:|---|")
+    for name, v in speed.items():
+        rounds = " ".join(f"{r:.2f}" for r in v["ratios"])
+        print(f"| {name} | {params[name] / 1e6:.1f} M | {v['bytes'] / 2**20:.1f} | {v['types']} | {v['tok_s']:.1f} | "
+              f"{v['ratio']:.2f}x | {rounds} |")
+    depth = speed["depth-pruned"]
+    print(f"\n1. speed: depth-pruned ({1 - params['depth-pruned'] / params['teacher']:.0%} fewer params) decodes "
+          f"{depth['ratio']:.2f}x the teacher at Q4_K_M (target >= 1.2x); width-pruned {speed['width-pruned']['ratio']:.2f}x, "
+          f"width-256 {speed['width-256']['ratio']:.2f}x")
+
+
+def run(args, work: Path) -> None:
+    from convert.distill import CACHE_DIR, DistillSettings, distill
+    from convert.distill_pipeline import measure_quality
+    from convert.finetune_config import FinetuneConfig
+
+    started = time.perf_counter()
+    pruned = prune_models(args, work)
+    base, depth, width = pruned["teacher"], pruned["depth-pruned"], pruned["width-pruned"]
     depth_params = json.loads((depth / "pruning.json").read_text())["params"]
-    width = work / "pruned-width"
-    if not width.exists():
-        prune(base, width, PruneRequest(target_params=depth_params["after"], prefer="width", ffn_multiple=64))
     width_params = json.loads((width / "pruning.json").read_text())["params"]
     print(f"params: teacher {depth_params['before']:,}; depth-pruned {depth_params['after']:,} "
           f"({1 - depth_params['after'] / depth_params['before']:.1%} fewer); width-pruned {width_params['after']:,}")
@@ -94,10 +150,12 @@ def run(args, work: Path) -> None:
     models = {"teacher": base, "depth-pruned": depth, "width-pruned": width,
               "depth+distilled": args.distilled or work / "distilled", "depth+CE": args.ce or work / "ce-trained"}
     quality = measure_quality(models, base, text)
-    speed = measure_speed({k: models[k] for k in ("teacher", "depth-pruned", "width-pruned")}, work, args.rounds)
+    timed = measure_speed(pruned, work, args.rounds, args.tokens)
+    report_speed(timed, pruned["params"])
+    speed = {name: (v["tok_s"], v["ratio"]) for name, v in timed.items()}
 
     params = {name: _params(path) for name, path in models.items()}
-    sizes = {name: (work / f"{name}.Q4_K_M.gguf").stat().st_size for name in speed}
+    sizes = {name: v["bytes"] for name, v in timed.items()}
     print("\n| model | params | Q4_K_M MiB | Q4_K_M tok/s (vs teacher) | held-out ppl | KL to teacher |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in models:
@@ -123,7 +181,7 @@ def run(args, work: Path) -> None:
     results = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "temperature": args.temperature,
                "data": Path(args.data).name, "params": params, "q4_k_m_bytes": sizes,
                "quality": {k: {"ppl": v[0], "kl": v[1]} for k, v in quality.items()},
-               "speed": {k: {"tok_s": v[0], "ratio": v[1]} for k, v in speed.items()},
+               "speed": {k: {"tok_s": v["tok_s"], "ratio": v["ratio"], "tensor_types": v["types"]} for k, v in timed.items()},
                "seconds": round(time.perf_counter() - started)}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.plot:
@@ -184,75 +242,36 @@ def build_base(out: Path) -> Path:
     return out
 
 
-def measure_quality(models: dict, teacher: Path, text: str) -> dict:
-    """(perplexity, mean KL(teacher || model)) on `text`, float32, one sequence."""
-    import torch
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(teacher)
-    ids = torch.tensor([tokenizer(text)["input_ids"][:2048]])
-
-    def log_probs(path):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        with torch.no_grad():
-            return model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-
-    reference = log_probs(teacher)
-    targets = ids[0, 1:]
-    out = {}
-    for name, path in models.items():
-        lp = reference if name == "teacher" else log_probs(path)
-        ppl = float(torch.exp(-lp.gather(-1, targets[:, None]).mean()))
-        kl = float((reference.exp() * (reference - lp)).sum(-1).mean())
-        out[name] = (ppl, kl)
-    return out
-
-
-def measure_speed(models: dict, work: Path, rounds: int) -> dict:
-    """Q4_K_M decode tokens/s through the engine: per round every model once (order alternating);
-    the teacher's and each model's ratio is the median of the per-round ratios."""
-    from alpaca_chat.conversation import SamplingParams
-    from alpaca_chat.engine import Engine
+def measure_speed(models: dict, work: Path, rounds: int, tokens: int) -> dict:
+    """Q4_K_M decode tokens/s through the engine (convert/compression_report.decode_rates, the report's
+    method): per round every model once, the order alternating. A round counts only if every model
+    wrote at least half the tokens (a reply ending at once times nothing). Each model's ratio is the
+    median of its per-round ratios to the teacher."""
+    from convert import compression_report
     from convert.export import export
     from convert.quantize import quantize
 
     ggufs = {}
     for name, path in models.items():
+        if name == "params":
+            continue
         q4 = work / f"{name}.Q4_K_M.gguf"
         if not q4.exists():
             f16 = export(path, work / f"{name}.F16.gguf", "f16").path
             quantize(f16, q4, "Q4_K_M")
         ggufs[name] = q4
-    engines = {name: Engine(path, n_ctx=512) for name, path in ggufs.items()}
-    prompt = "### Instruction:\nWrite a long story about a lighthouse keeper.\n\n### Response:\n"
-    # Sampled, not greedy: a pruned model's greedy reply may end at once, and tokens/s of a
-    # two-token reply is noise. A round counts only if every model wrote at least 48 tokens.
-    per_round = {name: [] for name in models}
-    for name in models:  # warm-up
-        for _ in engines[name].generate(prompt, SamplingParams(temperature=1.0, max_tokens=8, seed=0)):
-            pass
-    for r in range(rounds * 3):
-        if len(per_round["teacher"]) >= rounds:
-            break
-        sampling = SamplingParams(temperature=1.0, max_tokens=128, seed=r)
-        order = list(models) if r % 2 == 0 else list(reversed(list(models)))
-        this_round = {}
-        for name in order:
-            engines[name].reset()
-            generation = engines[name].generate(prompt, sampling)
-            for _ in generation:
-                pass
-            if generation.stats.generated_tokens >= 48:
-                this_round[name] = generation.stats.generation_tokens_per_s
-        if len(this_round) == len(models):
-            for name, value in this_round.items():
-                per_round[name].append(value)
-    if not per_round["teacher"]:
-        sys.exit("speed: no round where every model wrote 48 tokens")
-    for engine in engines.values():
-        engine.close()
-    return {name: (statistics.median(v), statistics.median(x / t for x, t in zip(v, per_round["teacher"])))
-            for name, v in per_round.items()}
+    runs = compression_report.decode_rates(ggufs, tokens=tokens, rounds=rounds)
+    kept = [r for r in range(rounds) if all(v[r][1] >= tokens // 2 for v in runs.values())]
+    if not kept:
+        sys.exit(f"speed: no round where every model wrote {tokens // 2} tokens")
+    out = {}
+    for name, v in runs.items():
+        ratios = [v[r][0] / runs["teacher"][r][0] for r in kept]
+        out[name] = {"tok_s": statistics.median(v[r][0] for r in kept), "ratio": statistics.median(ratios),
+                     "ratios": ratios, "bytes": ggufs[name].stat().st_size,
+                     "types": compression_report.tensor_types(ggufs[name])}
+    print(f"speed: {len(kept)} of {rounds} rounds counted (each model at least {tokens // 2} tokens)")
+    return out
 
 
 if __name__ == "__main__":

@@ -180,7 +180,15 @@ def tensor_types(gguf: Path) -> str:
 
 def decode_speed(ggufs: Mapping[str, Path], *, tokens: int = SPEED_TOKENS, rounds: int = SPEED_ROUNDS,
                  threads: int | None = None) -> dict[str, tuple[float, int]]:
-    """label -> (median decode tokens/s, median tokens generated) through the engine.
+    """label -> (median decode tokens/s, median tokens generated) over `rounds` (see decode_rates)."""
+    runs = decode_rates(ggufs, tokens=tokens, rounds=rounds, threads=threads)
+    return {label: (statistics.median(r for r, _ in v), int(statistics.median(n for _, n in v)))
+            for label, v in runs.items()}
+
+
+def decode_rates(ggufs: Mapping[str, Path], *, tokens: int = SPEED_TOKENS, rounds: int = SPEED_ROUNDS,
+                 threads: int | None = None) -> dict[str, list[tuple[float, int]]]:
+    """label -> per round (decode tokens/s, tokens generated), through the engine.
 
     Every model gets the same prompt and the same sampled generation (fixed seed per round;
     sampled, since a greedy reply of a pruned model may end at once). All engines stay loaded,
@@ -197,19 +205,17 @@ def decode_speed(ggufs: Mapping[str, Path], *, tokens: int = SPEED_TOKENS, round
         warm = SamplingParams(temperature=1.0, repeat_penalty=1.0, max_tokens=4, seed=0)
         for engine in engines.values():
             _run(engine, warm)
-        rates = {label: [] for label in engines}
-        counts = {label: [] for label in engines}
+        runs = {label: [] for label in engines}
         for r in range(rounds):
             sampling = SamplingParams(temperature=1.0, repeat_penalty=1.0, max_tokens=tokens, seed=r)
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for label in order:
                 stats = _run(engines[label], sampling)
-                rates[label].append(stats.generation_tokens_per_s)
-                counts[label].append(stats.generated_tokens)
+                runs[label].append((stats.generation_tokens_per_s, stats.generated_tokens))
     finally:
         for engine in engines.values():
             engine.close()
-    return {label: (statistics.median(rates[label]), int(statistics.median(counts[label]))) for label in engines}
+    return runs
 
 
 def _run(engine, sampling):
