@@ -102,4 +102,27 @@ def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
     with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        _drop_tokens_without_embeddings(staging, model.get_input_embeddings().weight.shape[0])
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+
+
+def _drop_tokens_without_embeddings(checkpoint: Path, n_vocab: int) -> None:
+    """Remove added tokens the model has no embedding row for from the saved tokenizer.
+
+    transformers' GGUF reader builds the tokenizer with its class's default special tokens, and
+    adds one the file's vocabulary lacks after the last id (GemmaTokenizer's <mask>). No weight
+    exists for it: training would index past the embeddings and export refuses it.
+    """
+    tokenizer_file = checkpoint / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    invented = {entry["content"] for entry in data.get("added_tokens", []) if entry["id"] >= n_vocab}
+    if not invented:
+        return
+    data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < n_vocab]
+    tokenizer_file.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key, value in config.items():
+        if isinstance(value, str) and value in invented:
+            config[key] = None  # e.g. mask_token: the model has none
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -109,7 +109,24 @@ def load_gguf(gguf: Path):
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # plain floats from here on
     model.generation_config = loaded.generation_config
+    _set_gemma_query_scale(model.config)
     return model, tokenizer
+
+
+def _set_gemma_query_scale(config) -> None:
+    """Gemma's query scale as llama.cpp runs the GGUF. A GGUF has no key for it (llama.cpp derives
+    1/sqrt(head_dim), or 1/sqrt(hidden_size / heads) for the 27B sizes), and transformers' reader
+    leaves its config default, 256: right only for head_dim 256. Training with it, and exporting
+    (which refuses a scale llama.cpp cannot run), would then disagree with the model."""
+    from convert.export.gemma import Gemma2Model, Gemma3Model
+
+    family = {"gemma2": Gemma2Model, "gemma3_text": Gemma3Model}.get(config.model_type)
+    if family is None:
+        return
+    if config.num_hidden_layers == family.scaled_by_hidden_layers:
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
+    else:
+        config.query_pre_attn_scalar = config.head_dim
 
 
 def base_shape(model_config) -> dict:

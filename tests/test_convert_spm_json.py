@@ -1,8 +1,8 @@
 """SentencePiece families saved as transformers 5 saves them: tokenizer.json only, no tokenizer.model.
 
-The tiny Gemma 3, Gemma 2 and Llama 2 cases (tests/arch_cases/) are copied without their
-tokenizer.model (a Llama 2 one gets the tokenizer.json transformers 5 writes for it) and
-exported. Each GGUF must tokenize the mixed text exactly as transformers does with that
+The tiny Gemma 3, Gemma 2, Llama 2, Mistral v0.1 and Phi-3 cases (tests/arch_cases/) are
+copied without their tokenizer.model (one that has no tokenizer.json gets the one transformers
+5's LlamaTokenizer writes for it) and exported. Each GGUF must tokenize the mixed text exactly as transformers does with that
 directory, and exactly as the GGUF exported from tokenizer.model does (the original model).
 Gemma 3 is also compared with llama.cpp's converter on the same directory, key by key and
 byte by byte. Its converter refuses Gemma 2 and Phi-3 without tokenizer.model, and writes
@@ -83,7 +83,9 @@ def _mixed_text(tokenizer):
     return text
 
 
-@pytest.mark.parametrize("name", ["gemma3-text-swa", "gemma2-softcap-swa", "llama-spm-gqa"])
+@pytest.mark.parametrize(
+    "name", ["gemma3-text-swa", "gemma2-softcap-swa", "llama-spm-gqa", "mistral-spm-linear-rope", "phi3-spm-fused"]
+)
 def test_tokenizes_like_transformers_and_the_original(exported, name):
     import transformers
 

@@ -140,3 +140,32 @@ def test_bf16_loss_stays_within_2_percent_of_fp32(tiny_llama, tmp_path):
         assert json.loads((tmp_path / kind / "training.json").read_text())["precision"] == kind
         losses[kind] = result.metrics["train_loss"][-1]["loss"]
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * losses["fp32"]
+
+
+@pytest.mark.parametrize("name", ["llama-spm-gqa", "phi3-spm-fused", "gemma3-text-swa", "llama3-bpe-tied"])
+def test_a_gguf_base_exports_and_tokenizes_like_the_gguf_it_came_from(tiny_builds, tmp_path, name):
+    """What the GGUF base is dequantized into (safetensors and tokenizer.json, as transformers 5
+    saves it) is all export needs for each kind of tokenizer: SentencePiece with and without a
+    dummy prefix, and byte-level BPE. The export tokenizes the mixed text as the original does."""
+    import transformers
+
+    from convert.evaluate import LogitsModel
+    from convert.export import export
+    from convert_helpers import MIXED_TEXT
+
+    _, _, original = tiny_builds.get(name)
+    checkpoint = gguf_base.checkpoint_from_gguf(str(original))
+    assert not (checkpoint / "tokenizer.model").exists()
+    again = export(checkpoint, tmp_path / "again.gguf", "f16").path
+    vocab = transformers.AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    text = MIXED_TEXT
+    for marker in ("<|im_start|>", "<|im_end|>"):  # a family without ChatML markers: leave them out
+        if marker not in vocab:
+            text = text.replace(marker, "")
+    with LogitsModel(original, n_ctx=256) as model:
+        expected = model.tokenize(text, add_special=True, parse_special=True)
+    with LogitsModel(again, n_ctx=256) as model:
+        assert model.tokenize(text, add_special=True, parse_special=True) == expected
+    kinds = (gguf_fields(original)["tokenizer.ggml.model"], gguf_fields(again)["tokenizer.ggml.model"])
+    # Gemma's SentencePiece comes back as llama.cpp's SentencePiece-style BPE, as its converter writes it.
+    assert kinds == (("llama", "gpt2") if name.startswith("gemma") else (kinds[0], kinds[0]))
