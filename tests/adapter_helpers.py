@@ -29,13 +29,18 @@ def random_pairs(layout: BaseLayout, names, *, rank: int = 8, std: float = 0.05,
 
 def write_adapter(path: Path, architecture: str, pairs: dict, *, alpha: float | None = None,
                   general_type: str = "adapter", adapter_type: str = "lora", dtype=np.float32,
-                  extra_tensors: dict | None = None) -> Path:
+                  extra_tensors: dict | None = None, extra_kv: dict | None = None) -> Path:
     """Write an adapter GGUF: `pairs` maps a base tensor name to (lora_a, lora_b) in numpy shapes."""
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_string(gguf.Keys.General.TYPE, general_type)
     writer.add_string(gguf.Keys.Adapter.TYPE, adapter_type)
     if alpha is not None:
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_string(key, value)
     for name, (a, b) in pairs.items():
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=dtype))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b, dtype=dtype))

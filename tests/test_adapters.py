@@ -5,6 +5,7 @@ place, keys the KV cache, and a bad one is one line before llama.cpp ever sees i
 import math
 import struct
 
+import gguf
 import numpy as np
 import pytest
 
@@ -121,6 +122,7 @@ def test_a_good_adapter_passes_with_its_rank_and_hash(lora_files, layout):
     ("tied", r"bad\.gguf: tensor 'token_embd\.weight': .* ties its output"),
     ("not lora", r"bad\.gguf: adapter\.type is 'control_vector'"),
     ("a model", r"bad\.gguf is a model, not a LoRA adapter"),
+    ("alora", r"bad\.gguf is an activated LoRA \(aLoRA\)"),
 ])
 def test_bad_adapters_are_one_line_naming_file_and_tensor(case, message, layout, tmp_path):
     path, arch, pairs, kwargs = tmp_path / "bad.gguf", layout.architecture, {}, {"alpha": ALPHA}
@@ -146,6 +148,9 @@ def test_bad_adapters_are_one_line_naming_file_and_tensor(case, message, layout,
                                        rng.normal(size=(576, 4)).astype(np.float32))}
     elif case == "not lora":
         pairs, kwargs["adapter_type"] = {q: _pair(layout, q)}, "control_vector"
+    elif case == "alora":
+        pairs = {q: _pair(layout, q)}
+        kwargs["extra_kv"] = {gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS: [1, 2, 3]}
     elif case == "a model":
         pairs, kwargs["general_type"] = {q: _pair(layout, q)}, "model"
     write_adapter(path, arch, pairs, **kwargs)

@@ -1,6 +1,7 @@
 """The only door to llama.cpp on the chat side: this package is the only one importing llama_cpp.
 
-- `core.Engine`: one model, one context; tokenize, generate, evaluate, KV state.
+- `core.Engine`: one model, one context; tokenize, generate, evaluate, KV state (`generation.Generation`:
+  a reply's iterator).
 - `step.SequenceStep`: what a generated token goes through, for single and parallel generation.
 - `context`: the one place that builds a llama.cpp context; `hardware`: cores and AMX;
   `llama_log`: llama.cpp's one log callback; `snapshot.StateSnapshot`: a KV state copied out.

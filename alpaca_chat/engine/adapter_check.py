@@ -5,7 +5,7 @@ checks only some shapes, and a NaN alpha or a half-copied file is applied withou
 past its end). `check_adapter` parses the header with our bounded parser (`gguf_parse`: file
 bounds, truncation, tensor layout) and checks what llama.cpp's llama-adapter.cpp relies on:
 
-- `general.type` = "adapter", `adapter.type` = "lora", `general.architecture` = the base's;
+- `general.type` = "adapter", `adapter.type` = "lora" (not an activated LoRA), `general.architecture` = the base's;
 - `adapter.lora.alpha` a finite number (absent: llama.cpp reads 0, "no alpha/rank scaling");
 - every tensor `<base tensor>.lora_a` / `.lora_b` (norm vectors `*_norm.weight` are ignored by
   llama.cpp, as here), in pairs, naming a tensor the base has, in float types;
@@ -95,6 +95,9 @@ def _check_metadata(display: str, parsed: Parsed, base: BaseLayout) -> float:
     if adapter_type != "lora":
         raise InvalidModelFileError(f"{display}: adapter.type is {printable(str(adapter_type))!r}; only 'lora' "
                                     "adapters can be applied")
+    if gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS in parsed.types:
+        # An activated LoRA applies only after its invocation tokens, which llama.cpp leaves to its server.
+        raise InvalidModelFileError(f"{display} is an activated LoRA (aLoRA), which alpaca-chat cannot apply")
     arch = md.get(gguf.Keys.General.ARCHITECTURE)
     if arch != base.architecture:
         raise InvalidModelFileError(f"{display} is an adapter for architecture {printable(str(arch))!r}, but "
