@@ -57,20 +57,22 @@ def _chunks(stdout: str) -> list[str]:
 
 
 def test_line_mode_toggles_an_adapter_mid_conversation(isolated_home, cli_adapters):
-    lines = [QUESTION, "/lora off first", "/new", QUESTION, f"/lora add {cli_adapters['bad']}", "/new", QUESTION,
-             "/lora on first", "/stats", "/new", QUESTION, "/lora"]
-    run = alpaca_chat("--plain", "--lora", str(cli_adapters["first"]), stdin="\n".join(lines) + "\n")
-    assert run.returncode == 0, run.stderr
+    lines = [QUESTION, "/lora off first", "Thanks.", "/new", QUESTION, f"/lora add {cli_adapters['bad']}", "/new",
+             QUESTION, "/lora on first", "/stats", "/new", QUESTION, "/lora"]
+    run = alpaca_chat("--plain", "--verbose", "--lora", str(cli_adapters["first"]), stdin="\n".join(lines) + "\n")
+    assert run.returncode == 0, run.stderr[-2000:]
     out = _chunks(run.stdout)
-    adapted, base, still_base, adapted_again = out[0], out[3], out[6], out[10]
-    assert out[1:3] == ["(LoRA first off)", "(new conversation)"]
+    adapted, base, still_base, adapted_again = out[0], out[4], out[7], out[11]
+    assert out[1] == "(LoRA first off)" and out[3] == "(new conversation)"
+    # The state saved after the first reply was computed with the adapter: not reused without it.
+    assert "saved KV state ignored" in run.stderr and "another set of LoRA adapters" in run.stderr
     assert adapted != base  # the adapter changes the greedy reply; off, it is the base model's
-    assert out[4].startswith("error: ") and "bad.gguf is an adapter for architecture 'qwen2'" in out[4]
+    assert out[5].startswith("error: ") and "bad.gguf is an adapter for architecture 'qwen2'" in out[5]
     assert still_base == base  # the bad adapter left the set as it was: the chat goes on
-    assert out[7] == "(LoRA first on)" and out[8].endswith("| LoRA: first")
+    assert out[8] == "(LoRA first on)" and out[9].endswith("| LoRA: first")
     assert adapted_again == adapted  # back on: the adapter's reply again, loaded once
-    assert out[11:] == ["LoRA adapters:", f"  on   {'first':<24} scale {1:<6g} {cli_adapters['first']}"]
-    assert "error" not in run.stderr
+    assert out[12:] == ["LoRA adapters:", f"  on   {'first':<24} scale {1:<6g} {cli_adapters['first']}"]
+    assert "Traceback" not in run.stderr
 
 
 def test_a_bad_adapter_at_startup_is_one_line_and_exit_1(isolated_home, cli_adapters, tmp_path):
