@@ -48,6 +48,11 @@ def cmd_export_adapter(args) -> int:
         f"wrote {result.path} ({result.architecture} LoRA, {result.n_pairs} pairs, rank {ranks}, "
         f"alpha {result.alpha:g}, {args.outtype.upper()}, {_size(result.n_bytes)}) in {result.seconds:.1f} s"
     )
-    print(f"chat with it: alpaca-chat BASE.gguf --lora {result.path}  (BASE.gguf: {result.base}'s GGUF, "
-          f"e.g. alpaca-convert {result.base} --quant Q4_K_M)")
+    from convert import gguf_base
+
+    if gguf_base.is_gguf_spec(result.base):  # fine-tuned from a GGUF: the adapter applies to that very file
+        print(f"chat with it: alpaca-chat --model {result.base} --lora {result.path}")
+    else:
+        print(f"chat with it: alpaca-chat --model BASE.gguf --lora {result.path}  (BASE.gguf: {result.base} "
+              f"exported, e.g. alpaca-convert {result.base} --quant Q4_K_M)")
     return 0

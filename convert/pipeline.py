@@ -139,8 +139,9 @@ class Summary:
 
     def format(self) -> str:
         lines = [f"pipeline in {self.options.out}:"]
+        width = max([18, *(len(s.name) for s in self.steps)])
         for s in self.steps:
-            lines.append(f"  {s.name:<18} {'up to date, skipped' if s.skipped else f'done in {s.seconds:.1f} s'}")
+            lines.append(f"  {s.name:<{width}} {'up to date, skipped' if s.skipped else f'done in {s.seconds:.1f} s'}")
         generated = self.step("generate")
         if generated is not None and generated.info:
             g = generated.info
