@@ -85,13 +85,14 @@ def _bpe_vocab(path: Path, config: dict[str, Any], pre_tokenizer: str | None) ->
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(
             f"{path / 'tokenizer.json'}: a {model.get('type') or 'unknown'} tokenizer; "
-            "only BPE (byte-level or SentencePiece-style) or a SentencePiece tokenizer.model can be converted"
+            "only byte-level BPE (or a SentencePiece tokenizer.model) can be converted"
         )
     try:
         style = spm_style(tokenizer)
     except UnsupportedSpmJson as exc:
         raise TokenizerError(
-            f"{path / 'tokenizer.json'} is a SentencePiece-style BPE tokenizer llama.cpp cannot reproduce: {exc}"
+            f"{path / 'tokenizer.json'} is a SentencePiece-style BPE tokenizer; tokenizer.model is needed "
+            f"to convert this one, as llama.cpp would not reproduce its text handling: {exc}"
         ) from None
     if style is not None and style.dummy_prefix:
         return _spm_json_vocab(path, config, tokenizer)
