@@ -37,7 +37,7 @@ pytest.importorskip("peft", reason="needs the convert extra")
 
 import torch  # noqa: E402
 
-from alpaca_chat.engine import AdapterSpec, Engine  # noqa: E402
+from alpaca_chat.engine import AdapterSpec, BaseLayout, Engine, check_adapter  # noqa: E402
 from convert.cli import main as convert_main  # noqa: E402
 from convert.export.adapter import export_adapter  # noqa: E402
 from convert.finetune_config import LORA_DEFAULTS  # noqa: E402
@@ -171,10 +171,12 @@ def test_tensors_match_llama_cpp_converter(request, tmp_path_factory, adapters, 
     script = lora_oracle(reference_converter_or_fail(request, tmp_path_factory))
     jobs, ours = [], {}
     for name, outtype in [(n, "f16") for n in ORACLE_CASES] + [(UNTIED, "q8_0")]:
-        checkpoint, _, adapter, *_ = adapters.get(name)
+        checkpoint, f32, adapter, *_ = adapters.get(name)
         theirs = tmp_path / f"{name}.{outtype}.oracle.gguf"
         jobs.append(f"{adapter}|{checkpoint}|{theirs}|{outtype}")
-        ours[(name, outtype)] = (export_adapter(adapter, tmp_path / f"{name}.{outtype}.gguf", outtype).path, theirs)
+        mine = export_adapter(adapter, tmp_path / f"{name}.{outtype}.gguf", outtype).path
+        check_adapter(mine, BaseLayout.of_model(f32))  # what alpaca-chat checks before llama.cpp loads it
+        ours[(name, outtype)] = (mine, theirs)
     done = subprocess.run([sys.executable, "-c", _RUN_ORACLE, str(script), *jobs], capture_output=True, text=True,
                           timeout=600, cwd=script.parent)
     assert done.returncode == 0, done.stderr[-3000:]
