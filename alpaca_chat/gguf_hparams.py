@@ -21,6 +21,7 @@ _MAX_CONTEXT = 1 << 26  # 64 Mi tokens; the longest published context is 10 Mi
 _MAX_WIDTH = 1 << 20  # embedding / feed-forward length
 _MAX_HEADS = 1 << 12
 _MAX_HEAD_DIM = 1 << 13
+_MAX_CONV_KERNEL = 1 << 10  # published short convolutions are 3 or 4 wide
 _ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 _INT_TYPES = {VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64}
 _FLOAT_TYPES = {VT.FLOAT32, VT.FLOAT64}
@@ -53,6 +54,15 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "leading_dense_block_count": (0, _MAX_LAYERS),
     "nextn_predict_layers": (0, _MAX_LAYERS),
     "interleave_moe_layer_step": (0, _MAX_LAYERS),
+    # Recurrent layers (Mamba, gated DeltaNet, LFM2's short convolutions): llama.cpp sizes every
+    # sequence's state from these, and Qwen3-Next's layer pattern divides by the interval.
+    "ssm.conv_kernel": (0, _MAX_CONV_KERNEL),
+    "ssm.inner_size": (0, _MAX_WIDTH),
+    "ssm.state_size": (0, _MAX_HEAD_DIM),
+    "ssm.time_step_rank": (0, _MAX_WIDTH),
+    "ssm.group_count": (0, _MAX_HEADS),
+    "shortconv.l_cache": (0, _MAX_CONV_KERNEL),
+    "full_attention_interval": (1, _MAX_LAYERS),
 }
 # Float keys: (lowest, highest, lowest allowed exclusive?) on top of being finite.
 _FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {
@@ -159,6 +169,7 @@ def check_hyperparameters(
     if n_layer is None:
         return
     _check_experts(fail, prefix, ints, n_layer, by_name)
+    _check_recurrent(fail, prefix, ints, n_layer, by_name)
     _check_widths(fail, prefix, arch, md, ints, n_layer, by_name, array_lengths)
 
 
@@ -215,6 +226,29 @@ def _check_experts(fail, prefix, ints, n_layer, by_name) -> None:
             if t is not None and (len(t.shape) < 3 or t.shape[2] != n_expert):
                 got = t.shape[2] if len(t.shape) >= 3 else 1
                 raise fail(prefix + "expert_count", f"is {n_expert}, but tensor '{t.name}' holds {got} experts")
+
+
+def _check_recurrent(fail, prefix, ints, n_layer, by_name) -> None:
+    """A recurrent layer's convolution window must be the one the hyperparameters size its state by:
+    llama.cpp allocates each sequence's state from them and copies the window into it (a zero inner
+    size measured a hang in the fuzz campaign, a wrong one writes out of the state)."""
+    l_cache = ints.get("shortconv.l_cache")
+    n_embd = ints.get("embedding_length")
+    d_conv, d_inner = ints.get("ssm.conv_kernel"), ints.get("ssm.inner_size")
+    d_state, n_group = ints.get("ssm.state_size", 0), ints.get("ssm.group_count", 0)
+    for il in range(n_layer):
+        short = by_name.get(f"blk.{il}.shortconv.conv.weight")
+        if short is not None:
+            key = prefix + "shortconv.l_cache"
+            if l_cache is None or short.shape[:2] != (l_cache, n_embd):
+                raise fail(key, f"is {l_cache} with {short.name} of shape {short.shape}, not ({l_cache}, {n_embd})")
+        conv = by_name.get(f"blk.{il}.ssm_conv1d.weight")
+        if conv is not None:
+            channels = (d_inner or 0) + 2 * n_group * d_state
+            if not d_conv or not d_inner or conv.shape[:2] != (d_conv, channels):
+                raise fail(prefix + "ssm.inner_size",
+                           f"is {d_inner} (conv_kernel {d_conv}, state_size {d_state}, group_count {n_group}),"
+                           f" which does not match {conv.name} of shape {conv.shape}")
 
 
 def _check_widths(fail, prefix, arch, md, ints, n_layer, by_name, array_lengths) -> None:

@@ -79,6 +79,8 @@ class Engine:
             llama_cpp.llama_model_free(self._model)  # e.g. a /model switch that failed: no leak
             raise
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        # llama.cpp caps a batch at the context it was asked for (before padding it): a larger chunk aborts.
+        self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self._ctx))
         self._eval_callback = eval_callback  # llama.cpp calls it as long as the context lives
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # Tokens whose keys/values are in the KV cache (sequence 0), in order: the shared prefix
