@@ -34,6 +34,7 @@ REFERENCE_CHARS = 300  # the data's answer is shown shortened: it is there to co
 class ModelSpec:
     label: str
     path: Path | str  # a checkpoint directory / hub id, or a .gguf file
+    adapter: Path | None = None  # a llama.cpp LoRA adapter GGUF applied to the .gguf at run time
 
     @property
     def is_gguf(self) -> bool:
@@ -63,8 +64,13 @@ def models_from(
     base: str | None = None,
     finetuned: str | None = None,
     ggufs: Sequence[Path] = (),
+    lora_pairs: Sequence[tuple[Path, Path]] = (),
 ) -> list[ModelSpec]:
-    """The models to ask: explicit ones first, else those of a pipeline directory."""
+    """The models to ask: explicit ones first, else those of a pipeline directory.
+
+    `lora_pairs` are (base GGUF, adapter GGUF): the base with the adapter applied at run time, one
+    model each. A pipeline run with --adapter-gguf adds its own pair: the base quantized alone with
+    NAME.lora.gguf."""
     if pipeline is not None:
         meta = read_training_meta(pipeline / "adapter")
         if meta is None:
@@ -73,7 +79,8 @@ def models_from(
         merged = pipeline / "merged"
         finetuned = finetuned or (str(merged) if merged.is_dir() else None)
         if not ggufs:
-            ggufs = [p for p in sorted((pipeline / "gguf").glob("*.gguf")) if _quant_label(p) not in EXPORT_TYPES]
+            ggufs, found_pairs = _pipeline_ggufs(pipeline / "gguf")
+            lora_pairs = [*lora_pairs, *found_pairs]
     models = []
     if base:
         models.append(ModelSpec("base", base))
@@ -83,6 +90,12 @@ def models_from(
         models.extend(ModelSpec(name, pipeline / name) for name in ("pruned", "distilled")
                       if (pipeline / name / "config.json").is_file())
     models.extend(ModelSpec(_quant_label(p), p) for p in ggufs)
+    for base_gguf, adapter in lora_pairs:
+        for path in (base_gguf, adapter):
+            if not Path(path).is_file():
+                raise UsageError(f"{path} does not exist")
+        models.append(ModelSpec(f"{_quant_label(Path(base_gguf))}+{_adapter_name(Path(adapter))}",
+                                Path(base_gguf), Path(adapter)))
     if not models:
         raise UsageError("nothing to compare: give --pipeline DIR, or --base / --finetuned / --gguf")
     return models
@@ -106,12 +119,35 @@ def _prompt(record: datamod.Record) -> Prompt:
     return Prompt(tuple(Message(m["role"], m["content"]) for m in messages[:last]), messages[last]["content"])
 
 
+def _pipeline_ggufs(gguf_dir: Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """A pipeline's quantized models, and (base alone, adapter) for each NAME.lora.gguf: the base is
+    the quantized file that is not one of NAME's own (NAME.TYPE.gguf are the merged model's)."""
+    files = sorted(gguf_dir.glob("*.gguf"))
+    adapters = [p for p in files if p.name.endswith(".lora.gguf")]
+    models = [p for p in files if p not in adapters and _quant_label(p) not in EXPORT_TYPES]
+    pairs = []
+    for adapter in adapters:
+        name = adapter.name[: -len(".lora.gguf")]
+        bases = [p for p in models if not p.name.startswith(f"{name}.")]
+        if bases:
+            pairs.append((bases[0], adapter))
+            models = [p for p in models if p != bases[0]]
+    return models, pairs
+
+
+def _adapter_name(adapter: Path) -> str:
+    name = adapter.name[: -len(".gguf")] if adapter.name.endswith(".gguf") else adapter.name
+    return "lora" if name.endswith(".lora") else name
+
+
 def compare(models: Sequence[ModelSpec], prompts: Sequence[Prompt], *, max_tokens: int = 96) -> list[Row]:
     """Greedy answers of every model to every prompt (one model in memory at a time)."""
     answers = []
     for model in models:
-        ask = _ask_gguf if model.is_gguf else _ask_checkpoint
-        answers.append(ask(model.path, prompts, max_tokens))
+        if model.is_gguf:
+            answers.append(_ask_gguf(model.path, prompts, max_tokens, adapter=model.adapter))
+        else:
+            answers.append(_ask_checkpoint(model.path, prompts, max_tokens))
     return [Row(prompt, tuple(a[i] for a in answers)) for i, prompt in enumerate(prompts)]
 
 
@@ -142,14 +178,17 @@ def _ask_checkpoint(path, prompts: Sequence[Prompt], max_tokens: int) -> list[st
     return replies
 
 
-def _ask_gguf(path, prompts: Sequence[Prompt], max_tokens: int) -> list[str]:
+def _ask_gguf(path, prompts: Sequence[Prompt], max_tokens: int, *, adapter: Path | None = None) -> list[str]:
     from alpaca_chat import gguf_check
     from alpaca_chat.engine import Engine
+    from alpaca_chat.lora_spec import AdapterSpec
     from alpaca_chat.templates import resolve_template
 
     gguf_check.check_gguf(path)  # a bad file gets a one-line error, not a crash in llama.cpp
     greedy = SamplingParams(temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, seed=0)  # as transformers' greedy
-    with Engine(path, n_ctx=2048) as engine:
+    # The engine checks the adapter against the base before llama.cpp loads it.
+    adapters = (AdapterSpec(Path(adapter).resolve(), 1.0),) if adapter is not None else ()
+    with Engine(path, n_ctx=2048, adapters=adapters) as engine:
         template = resolve_template("auto", engine.chat_template, engine.bos_token, engine.eos_token)
         replies = []
         for prompt in prompts:

@@ -279,7 +279,8 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
 
 def for_compare(args, models: Sequence, scores: Sequence) -> str:
     """The report for compare's models (compare.ModelSpec) and their ROUGE-L scores, as printed text."""
-    report_models = [ReportModel(m.label, Path(m.path)) for m in models]
+    # A base + run-time adapter is not a file of its own to size and time: the report leaves it out.
+    report_models = [ReportModel(m.label, Path(m.path)) for m in models if getattr(m, "adapter", None) is None]
     teacher = resolve_teacher(report_models, getattr(args, "teacher", None))
     if teacher not in {m.label for m in report_models}:
         report_models.insert(0, ReportModel("teacher", Path(teacher)))

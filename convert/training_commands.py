@@ -106,6 +106,9 @@ def _add_compare(sub, common) -> None:
     p.add_argument("--base", help="the base model (directory or hub id)")
     p.add_argument("--finetuned", metavar="DIR", help="the merged checkpoint (from merge)")
     p.add_argument("--gguf", nargs="+", default=[], metavar="FILE", help="quantized GGUF file(s)")
+    p.add_argument("--gguf-lora", nargs=2, action="append", default=[], metavar=("BASE", "ADAPTER"),
+                   help="a base GGUF with a LoRA adapter GGUF applied at run time, as one more model (repeatable; "
+                   "--pipeline adds a run's --adapter-gguf pair by itself)")
     p.add_argument("--prompts", metavar="FILE", help="Alpaca JSON/JSONL rows to ask (default: the held-out rows)")
     p.add_argument("-n", "--limit", type=int, default=3, help="how many prompts (default 3)")
     p.add_argument("--max-tokens", type=int, default=96, help="longest answer in tokens (default 96)")
@@ -273,6 +276,7 @@ def cmd_compare(args) -> int:
         base=args.base,
         finetuned=args.finetuned,
         ggufs=[Path(g) for g in args.gguf],
+        lora_pairs=[(Path(base), Path(adapter)) for base, adapter in args.gguf_lora],
     )
     prompts = compare.load_prompts(args.prompts, pipeline=Path(args.pipeline) if args.pipeline else None, limit=args.limit)
     rows = compare.compare(models, prompts, max_tokens=args.max_tokens)

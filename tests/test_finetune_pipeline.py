@@ -160,6 +160,17 @@ def test_adapter_gguf_adds_the_base_and_the_adapter_for_llama_cpp(first_run, tin
     assert np.abs(adapted - merged).max() < 0.05 * np.abs(alone - merged).max()
     assert np.abs(adapted - merged).max() <= 1e-2 * (merged.max() - merged.min())
 
+    # compare asks the base with the adapter as one more model (the adapter file is not a model).
+    from convert import compare
+
+    models = compare.models_from(pipeline=out)
+    paired = [m for m in models if m.adapter is not None]
+    assert [(m.label, m.path, m.adapter) for m in paired] == [("Q4_K_M+lora", base_q4, lora)]
+    assert all(not str(m.path).endswith(".lora.gguf") for m in models)
+    prompts = compare.load_prompts(None, pipeline=out, limit=1)
+    rows = compare.compare([m for m in models if m.is_gguf], prompts, max_tokens=8)
+    assert len(rows) == 1 and len(rows[0].answers) == len([m for m in models if m.is_gguf])
+
     again = run_pipeline(opts)  # and all of it is up to date on the next run
     assert all(s.skipped for s in again.steps)
 
@@ -241,3 +252,13 @@ def test_unknown_quant_type_fails_before_training(tiny_llama, rows_file, tmp_pat
     with pytest.raises(UnknownQuantTypeError):
         run_pipeline(options(tiny_llama, rows_file, tmp_path / "run", quants=("Q9_Z",)))
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_compare_refuses_a_missing_base_or_adapter(tmp_path):
+    from alpaca_chat.errors import UsageError
+    from convert import compare
+
+    base = tmp_path / "base.Q4_K_M.gguf"
+    base.write_bytes(b"GGUF")
+    with pytest.raises(UsageError, match="does not exist"):
+        compare.models_from(lora_pairs=[(base, tmp_path / "missing.lora.gguf")])
