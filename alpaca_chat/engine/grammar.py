@@ -7,7 +7,6 @@ in llama_cpp, so it is called from here (the only package that imports llama_cpp
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -33,12 +32,6 @@ def json_schema_grammar(schema: dict) -> str:
     except Exception as exc:  # noqa: BLE001 - the converter raises anything on a schema it cannot handle
         raise UsageError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from exc
     return grammar.replace(_LOOSE_CHAR, _JSON_CHAR)
-
-
-def tool_call_grammar(call_schema: dict) -> str:
-    """A reply that is one `<tool_call>` block (Hermes / Qwen2.5) whose JSON `call_schema` accepts."""
-    rules = re.sub(r"^root ::= ", "tool-call-json-0 ::= ", json_schema_grammar(call_schema), count=1, flags=re.M)
-    return 'root ::= "<tool_call>\\n" tool-call-json-0 "\\n</tool_call>"\n' + rules
 
 
 def numbered_records_grammar(labels: list[str], first: int, count: int, *, separator: str = "###",
