@@ -36,11 +36,11 @@ import numpy as np
 
 from alpaca_chat.errors import ConversionError, UsageError
 from convert import provenance
-from convert.atomic import atomic_output, check_writable
+from convert.atomic import atomic_output
 from convert.export.adapter_files import AdapterError, LoraPair, PeftAdapter, read_adapter
 from convert.export.base import ArchModel, CombinedTensor
 from convert.export.checkpoint import CheckpointError, open_checkpoint
-from convert.export.exporter import OUTTYPES, Progress
+from convert.export.exporter import Progress, output_settings
 from convert.export.registry import model_class_for
 
 Q = gguf.GGMLQuantizationType
@@ -91,11 +91,7 @@ def export_adapter(
 ) -> AdapterExportResult:
     """Write the peft adapter in `adapter_dir` as a llama.cpp LoRA adapter GGUF at `output`."""
     started = time.perf_counter()
-    if outtype.lower() not in OUTTYPES:
-        raise UsageError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    qtype, file_type = OUTTYPES[outtype.lower()]
-    output = Path(output)
-    check_writable(output)
+    qtype, file_type, output = output_settings(outtype, output)
     adapter = read_adapter(adapter_dir)
     base_spec = base or adapter.base
     if not base_spec:

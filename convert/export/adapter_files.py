@@ -10,7 +10,6 @@ refused here, in one line that says why and what to do instead (merge).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_chat.errors import ConversionError
-from convert.export.checkpoint import Checkpoint, CheckpointError, TensorEntry, index_safetensors
+from convert.export.checkpoint import Checkpoint, CheckpointError, TensorEntry, index_safetensors, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,14 +124,7 @@ def read_adapter(path: str | Path) -> PeftAdapter:
 
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / CONFIG_FILE
-    if not file.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {path}: not a peft adapter directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {file}: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} is not a JSON object")
+    config = read_json_object(file, f"no {CONFIG_FILE} in {path}: not a peft adapter directory")
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise AdapterError(f"{file} describes a {kind} adapter; llama.cpp applies only LoRA adapters")

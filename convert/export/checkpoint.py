@@ -243,16 +243,22 @@ def open_checkpoint(spec: str | os.PathLike[str], *, allow_pickle: bool = False)
     return Checkpoint(path, config, tensors, source)
 
 
+def read_json_object(file: Path, missing: str) -> dict[str, Any]:
+    """A JSON object file, or CheckpointError: `missing` when it is absent, else what is wrong."""
+    if not file.is_file():
+        raise CheckpointError(missing)
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return value
+
+
 def load_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"no config.json in {path}: not a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {config_file}: {exc}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} is not a JSON object")
+    config = read_json_object(config_file, f"no config.json in {path}: not a Hugging Face model directory")
     if "text_config" in config and isinstance(config["text_config"], dict):
         config = {**config, **config["text_config"]}
     _refuse_quantized(config, config_file)

@@ -74,6 +74,16 @@ class ExportResult:
     seconds: float
 
 
+def output_settings(outtype: str, output: str | os.PathLike[str]) -> tuple[Q, gguf.LlamaFileType, Path]:
+    """The tensor and file type of an `outtype` (UsageError if unknown), and `output` checked writable."""
+    if outtype.lower() not in OUTTYPES:
+        raise UsageError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    qtype, file_type = OUTTYPES[outtype.lower()]
+    output = Path(output)
+    check_writable(output)
+    return qtype, file_type, output
+
+
 def export(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -86,11 +96,7 @@ def export(
 ) -> ExportResult:
     """Convert a checkpoint directory (or hub id) to one GGUF file at `output`."""
     started = time.perf_counter()
-    if outtype.lower() not in OUTTYPES:
-        raise UsageError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    qtype, file_type = OUTTYPES[outtype.lower()]
-    output = Path(output)
-    check_writable(output)
+    qtype, file_type, output = output_settings(outtype, output)
     ckpt = open_checkpoint(checkpoint, allow_pickle=allow_pickle)
     model = model_class_for(ckpt.config)(ckpt, pre_tokenizer=pre_tokenizer)
     plan = plan_tensors(model, qtype)
