@@ -43,9 +43,9 @@ def _convert(capsys, tmp_path, architecture, model_type, command=("export",), op
 @pytest.mark.parametrize(
     ("architecture", "model_type", "closest"),
     [
-        ("Qwen3NextForCausalLM", "qwen3_next", "Qwen3ForCausalLM"),  # a family name that starts like one
-        ("Olmo3ForCausalLM", "olmo3", "Olmo2ForCausalLM"),  # a near spelling
-        (None, "qwen3_next", "Qwen3ForCausalLM"),  # no architectures in config.json: its model_type
+        ("Qwen3OmniMoeForConditionalGeneration", "qwen3_omni_moe", "Qwen3ForCausalLM"),  # a family name that starts like one
+        ("SmolLM4ForCausalLM", "smollm4", "SmolLM3ForCausalLM"),  # a near spelling
+        (None, "qwen3_omni_moe", "Qwen3ForCausalLM"),  # no architectures in config.json: its model_type
     ],
 )
 def test_unsupported_architecture_names_the_closest(capsys, tmp_path, architecture, model_type, closest):
@@ -69,6 +69,6 @@ def test_unsupported_architecture_without_a_close_one(capsys, tmp_path):
 
 def test_unsupported_architecture_in_the_default_command(capsys, tmp_path):
     """`alpaca-convert CHECKPOINT --quant ...` (export, quantize, eval) stops the same way."""
-    code, error = _convert(capsys, tmp_path, "Qwen3NextForCausalLM", "qwen3_next", (), ("--quant", "Q4_K_M"))
+    code, error = _convert(capsys, tmp_path, "Qwen3OmniMoeForConditionalGeneration", "qwen3_omni_moe", (), ("--quant", "Q4_K_M"))
     assert code == 1
-    assert "unsupported architecture: Qwen3NextForCausalLM" in error and "Qwen3ForCausalLM" in error
+    assert "unsupported architecture: Qwen3OmniMoeForConditionalGeneration" in error and "Qwen3ForCausalLM" in error

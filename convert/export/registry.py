@@ -57,7 +57,7 @@ _HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "Mod
 
 def closest_supported(names: Iterable[str]) -> str | None:
     """The supported architecture whose family name the given names suggest, e.g.
-    Qwen3NextForCausalLM -> Qwen3ForCausalLM: the longest family name one starts with,
+    Qwen3OmniMoeForConditionalGeneration -> Qwen3ForCausalLM: the longest family name one starts with,
     else a close spelling (Olmo3 -> Olmo2); None when nothing is near."""
 
     def family(name: str) -> str:
