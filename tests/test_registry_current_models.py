@@ -15,6 +15,12 @@ CURRENT = {
     "smollm3-3b": "bartowski/HuggingFaceTB_SmolLM3-3B-GGUF",
     "lfm2.5-1.2b": "LiquidAI/LFM2.5-1.2B-Instruct-GGUF",
     "phi4-mini-reasoning": "bartowski/microsoft_Phi-4-mini-reasoning-GGUF",
+    "qwen3.5-0.8b": "unsloth/Qwen3.5-0.8B-GGUF",
+    "qwen3.5-2b": "unsloth/Qwen3.5-2B-GGUF",
+    "gemma4-e2b": "unsloth/gemma-4-E2B-it-GGUF",
+    "granite4-h-1b": "ibm-granite/granite-4.0-h-1b-GGUF",
+    "lfm2-1.2b": "LiquidAI/LFM2-1.2B-GGUF",
+    "phi4-mini": "bartowski/microsoft_Phi-4-mini-instruct-GGUF",
 }
 
 
