@@ -1,5 +1,7 @@
-"""Chat on models whose memory is not only a KV cache: LFM2 (short convolutions + attention) and
-Mamba-2 (SSM layers only), tiny random checkpoints converted by llama.cpp's own converter.
+"""Chat on models whose memory is not only a KV cache: every hybrid family we export (tests/arch_cases:
+LFM2's short convolutions, Qwen3.5's and Qwen3-Next's gated DeltaNet, Granite 4's Mamba-2, each beside
+attention layers), exported by our exporter, and a pure Mamba-2 model converted by llama.cpp's own
+converter (an architecture we do not export).
 
 A recurrent state cannot be cut back to a shorter prefix (llama.cpp refuses a partial
 `llama_memory_seq_rm` on it), so every rewind here (regenerate, edit, a new prompt that shares only
@@ -11,6 +13,8 @@ old messages and evaluates the rest afresh: the cache is never shifted.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,7 @@ from alpaca_chat.engine import Engine, ParallelRequest
 from alpaca_chat.session import ChatSession
 from alpaca_chat.templates import resolve_template
 from convert_helpers import (
+    TINY_CASES,
     TinyCase,
     build_tiny_model,
     reference_converter_or_fail,
@@ -28,33 +33,51 @@ from convert_helpers import (
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, repeat_penalty=1.0)
 
-CASES = {
-    "lfm2": TinyCase(
-        "lfm2-hybrid", "Lfm2ForCausalLM", "gpt-2",
-        {"num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"],
-         "block_ff_dim": 128, "conv_L_cache": 3},
-    ),
+# Families whose layers carry a recurrent state; each of their tiny cases is exported by us and chatted with.
+HYBRID_ARCHITECTURES = {
+    "Lfm2ForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM",
+    "GraniteMoeHybridForCausalLM", "Qwen3_5ForConditionalGeneration",
+}
+OURS = sorted(case.name for case in TINY_CASES if case.architecture in HYBRID_ARCHITECTURES)
+# Converted by llama.cpp's converter: what we do not export (LFM2 only until its exporter has a case).
+CONVERTED = {
     "mamba2": TinyCase(
         "mamba2-ssm", "Mamba2ForCausalLM", "gpt-2",
         {"num_hidden_layers": 2, "num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1,
          "conv_kernel": 4, "expand": 2},
     ),
 }
-# Granite 4 (Mamba-2 + attention) is not here: transformers 5 saves its layer types as
-# "linear_attention" / "full_attention", which llama.cpp's converter takes for all-Mamba, and with the
-# released names ("mamba" / "attention") put back its file still fails to load (attn_q not found).
+if not any(case.architecture == "Lfm2ForCausalLM" for case in TINY_CASES):
+    CONVERTED["lfm2"] = TinyCase(
+        "lfm2-hybrid", "Lfm2ForCausalLM", "gpt-2",
+        {"num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+         "block_ff_dim": 128, "conv_L_cache": 3},
+    )
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def hybrid(request, tmp_path_factory):
-    case = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    checkpoint = build_tiny_model(root / "hf", case)
-    script = reference_converter_or_fail(request, tmp_path_factory)
-    out = root / f"{request.param}.F32.gguf"
-    done = run_reference_converter(script, checkpoint, out, "f32", pre_tokenizer=case.tokenizer)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return request.param, out
+@dataclass(frozen=True)
+class HybridModel:
+    name: str
+    path: Path  # the F32 GGUF
+    config: dict  # the checkpoint's config.json (a multimodal one's text_config on top)
+    architecture: str
+
+
+@pytest.fixture(scope="module", params=[*sorted(CONVERTED), *OURS])
+def hybrid(request, tmp_path_factory, tiny_builds) -> HybridModel:
+    if request.param in CONVERTED:
+        case = CONVERTED[request.param]
+        root = tmp_path_factory.mktemp(request.param)
+        checkpoint = build_tiny_model(root / "hf", case)
+        script = reference_converter_or_fail(request, tmp_path_factory)
+        path = root / f"{request.param}.F32.gguf"
+        done = run_reference_converter(script, checkpoint, path, "f32", pre_tokenizer=case.tokenizer)
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:
+        case = next(c for c in TINY_CASES if c.name == request.param)
+        checkpoint, path, _ = tiny_builds.get(request.param)
+    config = json.loads((checkpoint / "config.json").read_text())
+    return HybridModel(request.param, path, {**config, **config.get("text_config", {})}, case.architecture)
 
 
 def session_on(engine, **kwargs):
@@ -70,11 +93,11 @@ def reply_of(session, text):
 def test_the_model_really_is_recurrent(hybrid):
     """The fixture is what the tests claim: layers that carry a recurrent state llama.cpp cannot cut
     back to a shorter prefix (and, in LFM2, attention layers beside them)."""
-    name, path = hybrid
+    path = hybrid.path
     info = gguf_check.check_gguf(path)
     recurrent = gguf_memory.recurrent_layers(info)
     assert any(recurrent)
-    assert all(recurrent) == (name == "mamba2")
+    assert all(recurrent) == (hybrid.architecture == "Mamba2ForCausalLM")  # the others have attention too
     with Engine(path, n_ctx=128) as engine:
         tokens = engine.tokenize("one two three four five")
         "".join(engine.generate(tokens, GREEDY))
@@ -82,7 +105,7 @@ def test_the_model_really_is_recurrent(hybrid):
 
 
 def test_regenerate_and_edit_give_what_a_fresh_session_gives(hybrid):
-    _, path = hybrid
+    path = hybrid.path
     with Engine(path, n_ctx=256) as engine:
         session = session_on(engine)
         first = reply_of(session, "Tell me about llamas")
@@ -102,7 +125,7 @@ def test_resume_from_a_saved_state_continues_like_an_uninterrupted_session(hybri
     another process's engine continues exactly as the uninterrupted one. (A session-level resume on
     these random models would not get this far: their garbage replies do not re-tokenize to the same
     tokens, and a recurrent state that only partly matches the new prompt is ignored, never cut.)"""
-    _, path = hybrid
+    path = hybrid.path
     with Engine(path, n_ctx=256) as engine:
         session = session_on(engine)
         reply_of(session, "Tell me about llamas")
@@ -120,7 +143,7 @@ def test_resume_from_a_saved_state_continues_like_an_uninterrupted_session(hybri
 
 
 def test_context_overflow_drops_old_messages_and_keeps_answering(hybrid):
-    _, path = hybrid
+    path = hybrid.path
     with Engine(path, n_ctx=96) as engine:
         session = session_on(engine)
         for i in range(8):  # each turn takes ~20 tokens: the context overflows after a few
@@ -135,7 +158,7 @@ def test_context_overflow_drops_old_messages_and_keeps_answering(hybrid):
 
 
 def test_parallel_sequences_match_single_generation(hybrid):
-    _, path = hybrid
+    path = hybrid.path
     prompts = ["The capital of", "Once upon a time", "List three fruits", "1, 2, 3,"]
     with Engine(path, n_ctx=512, n_seq_max=4) as engine:
         tokens = [engine.tokenize(p) for p in prompts]
@@ -145,21 +168,44 @@ def test_parallel_sequences_match_single_generation(hybrid):
     assert [results[i] for i in range(len(prompts))] == single
 
 
-def test_memory_estimate_counts_the_recurrent_state(hybrid):
-    name, path = hybrid
-    info = gguf_check.check_gguf(path)
-    recurrent = gguf_memory.recurrent_state_bytes(info)
-    config = json.loads((path.parent / "hf" / "config.json").read_text())
-    if name == "lfm2":  # a convolution state of (L_cache - 1) x hidden per conv layer, f32
-        expected = config["layer_types"].count("conv") * (config["conv_L_cache"] - 1) * config["hidden_size"] * 4
-        head_dim = config["hidden_size"] // config["num_attention_heads"]
-        attention_layers = config["layer_types"].count("full_attention")
-        kv_per_token = attention_layers * config["num_key_value_heads"] * head_dim * 2 * 2  # K and V, f16
-    else:  # Mamba-2: conv (d_conv - 1) x (d_inner + 2 groups x d_state) and the state d_state x d_inner
+def expected_memory(hybrid: HybridModel) -> tuple[int, int]:
+    """(recurrent state bytes per sequence, KV cache bytes per token) from the checkpoint's config, the
+    way each family's layers keep state in transformers: independent of the GGUF's keys."""
+    config = hybrid.config
+    layer_types = config.get("layer_types") or []
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    f32, f16 = 4, 2
+
+    def kv(attention_layers):  # K and V, f16
+        return attention_layers * config["num_key_value_heads"] * head_dim * 2 * f16
+
+    def ssm(layers, d_conv, d_inner, n_group, d_state):  # the convolution window and the SSM state
+        return layers * ((d_conv - 1) * (d_inner + 2 * n_group * d_state) + d_state * d_inner) * f32
+
+    if hybrid.architecture == "Lfm2ForCausalLM":  # (L_cache - 1) x hidden per convolution layer
+        conv = layer_types.count("conv")
+        return conv * (config["conv_L_cache"] - 1) * config["hidden_size"] * f32, kv(len(layer_types) - conv)
+    if hybrid.architecture == "Mamba2ForCausalLM":
         d_inner = config["expand"] * config["hidden_size"]
-        conv = (config["conv_kernel"] - 1) * (d_inner + 2 * config["n_groups"] * config["state_size"])
-        expected = config["num_hidden_layers"] * (conv + config["state_size"] * d_inner) * 4
-        kv_per_token = 0
+        layers = config["num_hidden_layers"]
+        return ssm(layers, config["conv_kernel"], d_inner, config["n_groups"], config["state_size"]), 0
+    if hybrid.architecture == "GraniteMoeHybridForCausalLM":
+        mamba = sum(t in ("mamba", "linear_attention") for t in layer_types)
+        d_inner = int(config["mamba_expand"] * config["hidden_size"])
+        recurrent = ssm(mamba, config["mamba_d_conv"], d_inner, config["mamba_n_groups"], config["mamba_d_state"])
+        return recurrent, kv(len(layer_types) - mamba)
+    # Gated DeltaNet (Qwen3.5, Qwen3-Next): a convolution over q, k and v; a k_dim x v_dim state per value head.
+    linear = layer_types.count("linear_attention")
+    d_inner = config["linear_num_value_heads"] * config["linear_value_head_dim"]
+    recurrent = ssm(linear, config["linear_conv_kernel_dim"], d_inner, config["linear_num_key_heads"],
+                    config["linear_key_head_dim"])
+    return recurrent, kv(len(layer_types) - linear)
+
+
+def test_memory_estimate_counts_the_recurrent_state(hybrid):
+    info = gguf_check.check_gguf(hybrid.path)
+    expected, kv_per_token = expected_memory(hybrid)
+    recurrent = gguf_memory.recurrent_state_bytes(info)
     assert recurrent == expected
     assert gguf_memory.recurrent_state_bytes(info, n_seq=4) == 4 * expected
     assert gguf_memory.kv_cache_bytes(info, 100) == 100 * kv_per_token  # attention layers only
@@ -172,7 +218,7 @@ def test_fuzzed_hybrid_files_never_crash_hang_or_trace_back(hybrid, tmp_path):
     huge state size allocates per sequence), at extreme values, plus random header mutations."""
     from gguf_fuzzing import FAILURES, campaign_cases, run_campaign
 
-    name, path = hybrid
+    path = hybrid.path
     cases = campaign_cases(path, 100, 20261204)
     report = run_campaign(path, cases, workdir=tmp_path, batch=300, timeout=120)
     failures = {kind: report.counts[kind] for kind in FAILURES}
