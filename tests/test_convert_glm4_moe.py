@@ -1,0 +1,170 @@
+"""GLM-4.5 (glm4moe) beyond the shared architecture tests.
+
+- A checkpoint as the hub ships it, with its multi-token-prediction (MTP, "nextn") layer after
+  the last one: written as llama.cpp's converter writes it (an extra block with nextn tensors,
+  the same file byte for byte), loaded by llama.cpp, and left out of the normal forward pass
+  (the logits stay transformers').
+- Routing that the tiny case leaves at its defaults: a nonzero `e_score_correction_bias`
+  (it chooses the experts but does not weight them) and expert groups (`n_group` 2,
+  `topk_group` 1): llama.cpp's logits equal transformers'.
+- Bad input, one line and nothing written: dense/MoE layers that disagree with
+  `first_k_dense_replace`, MTP layers config.json does not announce, an activation llama.cpp's
+  glm4moe does not have.
+
+The tiny checkpoint is the case of tests/arch_cases/glm4_moe.py.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from convert_helpers import (
+    CASES,
+    build_tiny_model,
+    gguf_fields,
+    gguf_last_logits,
+    gguf_tensors,
+    hf_last_logits,
+    random_sequences,
+    reference_converter_or_fail,
+    run_reference_converter,
+    same_bytes,
+)
+
+from convert.cli import main
+from convert.export import export
+
+pytestmark = pytest.mark.slow
+
+CASE = "glm4.5-moe-bpe"
+OUR_EXTRA_KEYS = {
+    "general.converter", "general.source.checkpoint", "general.quant_type",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+}
+
+
+def _config(checkpoint):
+    return json.loads((checkpoint / "config.json").read_text())
+
+
+def _edit_config(checkpoint, **changes):
+    config = _config(checkpoint)
+    config.update(changes)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")]
+    assert len(errors) <= 1 and "Traceback" not in err
+    return code, (errors[0] if errors else "")
+
+
+def _with_mtp_layer(checkpoint, out):
+    """The checkpoint plus one MTP layer, as GLM-4.5 stores it: after the last layer, a whole MoE
+    decoder layer (here the last one's tensors, perturbed) with eh_proj, enorm, hnorm and
+    shared_head.norm."""
+    shutil.copytree(checkpoint, out)
+    config = _config(out)
+    last, mtp, hidden = config["num_hidden_layers"] - 1, config["num_hidden_layers"], config["hidden_size"]
+    assert config["num_nextn_predict_layers"] == 1
+    tensors = load_file(out / "model.safetensors")
+    rng = np.random.default_rng(7)
+    prefix = f"model.layers.{last}."
+    for name in [n for n in tensors if n.startswith(prefix)]:
+        data = tensors[name]
+        tensors[f"model.layers.{mtp}." + name[len(prefix):]] = (data + rng.normal(0, 0.05, data.shape)).astype(data.dtype)
+    tensors[f"model.layers.{mtp}.eh_proj.weight"] = rng.normal(0, 0.15, (hidden, 2 * hidden)).astype(np.float32)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"model.layers.{mtp}.{norm}.weight"] = (1 + rng.normal(0, 0.1, hidden)).astype(np.float32)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tiny_builds, tmp_path_factory):
+    return _with_mtp_layer(tiny_builds.get(CASE)[0], tmp_path_factory.mktemp("glm45-mtp") / "glm45-mtp")
+
+
+def test_mtp_layer_is_written_as_llama_cpp_does(mtp_checkpoint, request, tmp_path_factory, tmp_path):
+    ours = export(mtp_checkpoint, tmp_path / "ours.gguf", "f16").path
+    fields, tensors = gguf_fields(ours), gguf_tensors(ours)
+    assert fields["glm4moe.block_count"] == 4 and fields["glm4moe.nextn_predict_layers"] == 1
+    assert {"blk.3.nextn.eh_proj.weight", "blk.3.nextn.enorm.weight", "blk.3.ffn_gate_exps.weight"} <= set(tensors)
+
+    oracle = reference_converter_or_fail(request, tmp_path_factory)
+    theirs = tmp_path / "theirs.gguf"
+    done = run_reference_converter(oracle, mtp_checkpoint, theirs, pre_tokenizer=fields["tokenizer.ggml.pre"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    their_fields, their_tensors = gguf_fields(theirs), gguf_tensors(theirs)
+    assert set(fields) - set(their_fields) <= OUR_EXTRA_KEYS
+    assert {key: fields[key] for key in their_fields} == their_fields  # no difference left with the MTP layer
+    assert sorted(tensors) == sorted(their_tensors)
+    for name, (kind, shape, data) in their_tensors.items():
+        assert tensors[name][:2] == (kind, shape), name
+        assert same_bytes(tensors[name][2], data), f"{name}: bytes differ"
+
+
+def test_mtp_layer_is_not_in_the_forward_pass(mtp_checkpoint, tmp_path):
+    f32 = export(mtp_checkpoint, tmp_path / "m.F32.gguf", "f32").path
+    sequences = random_sequences(_config(mtp_checkpoint)["vocab_size"], count=2)
+    expected = hf_last_logits(mtp_checkpoint, sequences)  # transformers ignores the MTP layer
+    for want, have in zip(expected, gguf_last_logits(f32, sequences)):
+        assert np.abs(have - want).max() < CASES[CASE].f32_tolerance
+
+
+def test_correction_bias_and_expert_groups_route_as_transformers(tmp_path):
+    case = CASES[CASE]
+    grouped = type(case)(f"{case.name}-grouped", case.architecture, case.tokenizer,
+                         {**case.config, "n_group": 2, "topk_group": 1})
+    checkpoint = build_tiny_model(tmp_path / "grouped", grouped)
+    tensors = load_file(checkpoint / "model.safetensors")
+    rng = np.random.default_rng(5)
+    biases = [n for n in tensors if n.endswith("e_score_correction_bias")]
+    assert biases and all(not tensors[n].any() for n in biases)  # transformers starts it at zero
+    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=3)
+    unbiased = hf_last_logits(checkpoint, sequences)
+    for name in biases:
+        tensors[name] = rng.normal(0, 0.3, tensors[name].shape).astype(np.float32)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+    f32 = export(checkpoint, tmp_path / "grouped.F32.gguf", "f32").path
+    fields = gguf_fields(f32)
+    assert (fields["glm4moe.expert_group_count"], fields["glm4moe.expert_group_used_count"]) == (2, 1)
+    expected = hf_last_logits(checkpoint, sequences)
+    assert max(np.abs(a - b).max() for a, b in zip(expected, unbiased)) > 0.1, "the bias chooses no other expert"
+    for want, have in zip(expected, gguf_last_logits(f32, sequences)):
+        assert np.abs(have - want).max() < case.f32_tolerance
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"first_k_dense_replace": 2}, "layer 1 is incomplete: blk.1.ffn_gate.weight is missing"),
+        ({"first_k_dense_replace": 0}, "layer 0 is incomplete: blk.0.ffn_gate_inp.weight is missing"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' cannot be represented"),
+        ({"n_group": 3}, "n_group 3 / topk_group 1 do not fit 4 experts"),
+    ],
+)
+def test_config_the_weights_contradict_is_refused(tiny_builds, tmp_path, capsys, changes, message):
+    checkpoint = shutil.copytree(tiny_builds.get(CASE)[0], tmp_path / "ckpt")
+    _edit_config(checkpoint, **changes)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    assert code == 1 and message in error, error
+    assert list(out.iterdir()) == []
+
+
+def test_mtp_layers_config_does_not_announce_are_refused(mtp_checkpoint, tmp_path, capsys):
+    checkpoint = shutil.copytree(mtp_checkpoint, tmp_path / "ckpt")
+    _edit_config(checkpoint, num_nextn_predict_layers=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    assert code == 1 and "layers 3..3 after its 3 layers" in error and "num_nextn_predict_layers is 0" in error
+    assert list(out.iterdir()) == []
