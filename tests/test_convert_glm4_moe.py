@@ -7,6 +7,9 @@
 - Routing that the tiny case leaves at its defaults: a nonzero `e_score_correction_bias`
   (it chooses the experts but does not weight them) and expert groups (`n_group` 2,
   `topk_group` 1): llama.cpp's logits equal transformers'.
+- Special tokens as llama.cpp's converter sets them for GLM-4.5 (BOS [gMASK], which the
+  template writes itself): a reply ends at <|user|>, at <|observation|> (a tool call) and at
+  <|endoftext|>.
 - Bad input, one line and nothing written: dense/MoE layers that disagree with
   `first_k_dense_replace`, MTP layers config.json does not announce, an activation llama.cpp's
   glm4moe does not have.
@@ -24,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from convert_helpers import (
     CASES,
     build_tiny_model,
+    end_of_generation_tokens,
     gguf_fields,
     gguf_last_logits,
     gguf_tensors,
@@ -83,6 +87,15 @@ def _with_mtp_layer(checkpoint, out):
         tensors[f"model.layers.{mtp}.{norm}.weight"] = (1 + rng.normal(0, 0.1, hidden)).astype(np.float32)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def test_reply_ends_at_user_observation_and_endoftext(tiny_builds):
+    _, _, f16 = tiny_builds.get(CASE)
+    fields = gguf_fields(f16)
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert tokens[fields["tokenizer.ggml.bos_token_id"]] == "[gMASK]"
+    assert fields["tokenizer.ggml.add_bos_token"] is False  # the template starts with [gMASK]<sop>
+    assert end_of_generation_tokens(f16) == {"<|user|>", "<|observation|>", "<|endoftext|>"}
 
 
 @pytest.fixture(scope="module")
