@@ -57,7 +57,9 @@ class Lfm2Model(ArchModel):
         if self.l_cache < 2:
             raise ConversionError(f"config.json's conv_L_cache is {self.l_cache}; llama.cpp's lfm2 needs at least 2")
         if hp.get("conv_bias"):
-            raise ConversionError("this LFM2 checkpoint has convolution biases (conv_bias: true), which llama.cpp's lfm2 cannot run")
+            raise ConversionError(
+                "this LFM2 checkpoint has convolution biases (conv_bias: true), which llama.cpp's lfm2 cannot run"
+            )
         self.head_dim = int(hp.get("head_dim") or self.n_embd // self.n_head)
         if self.head_dim * self.n_head != self.n_embd:
             raise ConversionError(
@@ -94,7 +96,8 @@ class Lfm2Model(ArchModel):
             if tuple(entry.shape) != (self.n_embd, 1, self.l_cache):
                 raise ConversionError(
                     f"tensor {name} has shape {list(entry.shape)}, but config.json implies "
-                    f"{[self.n_embd, 1, self.l_cache]} (hidden_size, 1, conv_L_cache): the config and the weights disagree"
+                    f"{[self.n_embd, 1, self.l_cache]} (hidden_size, 1, conv_L_cache): "
+                    "the config and the weights disagree"
                 )
             kernels.append(ConvKernel(self.gguf_name(name), (name,), stack=False))
         return kernels
@@ -121,7 +124,9 @@ class Lfm2Model(ArchModel):
         if not self.tied_embeddings:
             required.append(_name(gguf.MODEL_TENSOR.OUTPUT))
         for bid, kind in enumerate(self.layer_types):
-            own, other = (_ATTENTION_TENSORS, _CONV_TENSORS) if kind == ATTENTION else (_CONV_TENSORS, _ATTENTION_TENSORS)
+            own, other = _ATTENTION_TENSORS, _CONV_TENSORS
+            if kind == CONV:
+                own, other = other, own
             required += [_name(t, bid) for t in (*_LAYER_TENSORS, *own)]
             stray = [_name(t, bid) for t in other if _name(t, bid) in names]
             if stray:
@@ -161,7 +166,8 @@ def layer_types(hp: dict, block_count: int) -> list[str]:
     unknown = sorted({k for k in kinds if k not in (CONV, ATTENTION)})
     if unknown:
         raise ConversionError(
-            f"config.json's layer_types has {unknown[0]!r}; llama.cpp's lfm2 runs only {CONV!r} and {ATTENTION!r} layers"
+            f"config.json's layer_types has {unknown[0]!r}; llama.cpp's lfm2 runs only "
+            f"{CONV!r} and {ATTENTION!r} layers"
         )
     return kinds
 

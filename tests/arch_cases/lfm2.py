@@ -37,9 +37,10 @@ def write_lfm2_tokenizer(out: Path) -> TokenizerInfo:
     }
     path.write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
     ids = {token: i for i, token in enumerate(SPECIALS)}
-    return TokenizerInfo(
-        n_vocab, {"bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"]}
-    )
+    special_ids = {
+        "bos_token_id": ids["<|startoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|pad|>"],
+    }
+    return TokenizerInfo(n_vocab, special_ids)
 
 
 CASES = [
