@@ -204,9 +204,12 @@ def _compiled(source: str) -> jinja2.Template:
 
 
 def _render(source: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
-    return _compiled(source).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
-    )
+    template = _compiled(source)
+    context = dict(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
+    try:  # tools=None, as transformers' apply_chat_template passes it: templates test `tools is not none`
+        return template.render(**context, tools=None)
+    except TypeError:  # a tool-use template iterates `tools` unguarded: a chat without tools
+        return template.render(**context, tools=[])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,7 +42,9 @@ OUTTYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
 Progress = Callable[[int, int, str], None]
 
 # Matrices llama.cpp's converter keeps in F32 whatever the output type: MoE routers.
-_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+# Kept F32 whatever the outtype, as llama.cpp's converter does: routers, and the small convolution
+# kernels of SSM / gated DeltaNet (ssm_conv1d) and LFM2 (shortconv.conv) layers.
+_ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight", "shortconv.conv.weight")
 
 
 @dataclass(frozen=True)

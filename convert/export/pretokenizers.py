@@ -27,6 +27,11 @@ QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5 / Qwen3.6: the Qwen2 regex with combining marks (\p{M}) kept inside words (llama.cpp's "qwen35").
+QWEN35_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # GPT-4o (tiktoken o200k; Phi-4-mini): case-aware words with an optional contraction, digits in threes.
 GPT4O_REGEX = (
@@ -50,6 +55,7 @@ PRE_TOKENIZERS: dict[tuple[Step, ...], str] = {
     (("digits",), ("regex", GPT2_REGEX), ("bytes",)): "smollm",  # SmolLM, StarCoder: single digits
     (("regex", LLAMA3_REGEX), ("bytes",)): "llama-bpe",
     (("regex", QWEN2_REGEX), ("bytes",)): "qwen2",
+    (("regex", QWEN35_REGEX), ("bytes",)): "qwen35",
     (("regex", TEKKEN_REGEX), ("bytes",)): "tekken",  # Mistral-Nemo
     (("regex", GPT4O_REGEX), ("bytes",)): "gpt-4o",  # Phi-4-mini
 }
