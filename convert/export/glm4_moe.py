@@ -73,15 +73,7 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
         if self.n_nextn:  # the MTP blocks come after the trunk, as llama.cpp numbers them
             self.block_count += self.n_nextn
             self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
-        act = self.hparams.get("hidden_act") or "silu"
-        if act != "silu":
-            raise ConversionError(f"hidden_act {act!r} cannot be represented: llama.cpp's glm4moe uses SiLU")
-        groups, n_expert = int(self._hp("n_group")), self.expert_count[1]
-        if groups > 1 and (n_expert % groups or n_expert // groups < 2 or int(self._hp("topk_group")) > groups):
-            raise ConversionError(
-                f"n_group {groups} / topk_group {self._hp('topk_group')} do not fit {n_expert} experts: "
-                "each group needs at least 2 of them, all groups the same number"
-            )
+        self._check_routing()
 
     def _hp(self, key: str):
         value = self.hparams.get(key)
@@ -100,6 +92,18 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
                 f"(num_hidden_layers), but config.json's num_nextn_predict_layers is {configured}"
             )
         return configured
+
+    def _check_routing(self) -> None:
+        """Refuse what llama.cpp's glm4moe computes differently from transformers."""
+        act = self.hparams.get("hidden_act") or "silu"
+        if act != "silu":
+            raise ConversionError(f"hidden_act {act!r} cannot be represented: llama.cpp's glm4moe uses SiLU")
+        groups, n_expert = int(self._hp("n_group")), self.expert_count[1]
+        if groups > 1 and (n_expert % groups or n_expert // groups < 2 or int(self._hp("topk_group")) > groups):
+            raise ConversionError(
+                f"n_group {groups} / topk_group {self._hp('topk_group')} do not fit {n_expert} experts: "
+                "each group needs at least 2 of them, all groups the same number"
+            )
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)
