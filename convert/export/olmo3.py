@@ -102,4 +102,5 @@ class Olmo3Model(Olmo2Model):
             return  # transformers attends fully in every layer; so does llama.cpp without a window
         writer.add_sliding_window(window)
         writer.add_sliding_window_pattern([t == _SLIDING for t in self.layer_types()])
-        writer.add_rope_freq_base_swa(float(self.layer_rope(_SLIDING)["rope_theta"]))
+        if _SLIDING in (self.hparams.get("rope_parameters") or {}):  # as llama.cpp's converter: only if given
+            writer.add_rope_freq_base_swa(float(self.layer_rope(_SLIDING)["rope_theta"]))
