@@ -70,8 +70,8 @@ def _run(capsys, *argv):
 
 def _with_mtp_layer(checkpoint, out):
     """The checkpoint plus one MTP layer, as GLM-4.5 stores it: after the last layer, a whole MoE
-    decoder layer (here the last one's tensors, perturbed) with eh_proj, enorm, hnorm and
-    shared_head.norm."""
+    decoder layer (here the last one's tensors, perturbed) with eh_proj, enorm, hnorm,
+    shared_head.norm and its own embed_tokens (GLM-4.5-Air's layer 46 holds these)."""
     shutil.copytree(checkpoint, out)
     config = _config(out)
     last, mtp, hidden = config["num_hidden_layers"] - 1, config["num_hidden_layers"], config["hidden_size"]
@@ -83,6 +83,8 @@ def _with_mtp_layer(checkpoint, out):
         data = tensors[name]
         tensors[f"model.layers.{mtp}." + name[len(prefix):]] = (data + rng.normal(0, 0.05, data.shape)).astype(data.dtype)
     tensors[f"model.layers.{mtp}.eh_proj.weight"] = rng.normal(0, 0.15, (hidden, 2 * hidden)).astype(np.float32)
+    embed = tensors["model.embed_tokens.weight"]
+    tensors[f"model.layers.{mtp}.embed_tokens.weight"] = (embed + rng.normal(0, 0.05, embed.shape)).astype(np.float32)
     for norm in ("enorm", "hnorm", "shared_head.norm"):
         tensors[f"model.layers.{mtp}.{norm}.weight"] = (1 + rng.normal(0, 0.1, hidden)).astype(np.float32)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -107,7 +109,8 @@ def test_mtp_layer_is_written_as_llama_cpp_does(mtp_checkpoint, request, tmp_pat
     ours = export(mtp_checkpoint, tmp_path / "ours.gguf", "f16").path
     fields, tensors = gguf_fields(ours), gguf_tensors(ours)
     assert fields["glm4moe.block_count"] == 4 and fields["glm4moe.nextn_predict_layers"] == 1
-    assert {"blk.3.nextn.eh_proj.weight", "blk.3.nextn.enorm.weight", "blk.3.ffn_gate_exps.weight"} <= set(tensors)
+    nextn = {"blk.3.nextn.eh_proj.weight", "blk.3.nextn.enorm.weight", "blk.3.nextn.embed_tokens.weight"}
+    assert {*nextn, "blk.3.ffn_gate_exps.weight", "blk.3.exp_probs_b.bias"} <= set(tensors)
 
     oracle = reference_converter_or_fail(request, tmp_path_factory)
     theirs = tmp_path / "theirs.gguf"
