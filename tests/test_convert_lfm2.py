@@ -1,10 +1,12 @@
-"""What is particular to LFM2 exports (short convolutions beside attention).
+"""What is particular to LFM2 and LFM2 MoE exports (short convolutions beside attention).
 
 The generic checks (logits, tokenization, byte parity with llama.cpp's converter, the
 adapter, the template) run for the case in the shared suites; here: how each layer's kind
 lands in the GGUF, the FFN width as transformers computes it (including a null multiplier,
 where llama.cpp's converter computes another one), configs as LiquidAI released them
 (transformers 4.x keys), and what llama.cpp cannot run, refused before anything is written.
+LFM2 MoE: the expert bias (which only chooses experts) with values that change the choice, and
+without use_expert_bias; router settings llama.cpp does not have, refused.
 """
 
 import json
@@ -15,7 +17,10 @@ import pytest
 from convert_helpers import (
     copy_checkpoint,
     gguf_fields,
+    gguf_last_logits,
     gguf_tensors,
+    hf_last_logits,
+    random_sequences,
     same_bytes,
 )
 
@@ -26,6 +31,7 @@ from convert.export.lfm2 import feed_forward_length
 
 pytestmark = pytest.mark.slow
 CASE = "lfm2-conv-attention"
+MOE_CASE = "lfm2-moe"
 
 
 def _config(checkpoint):
@@ -164,3 +170,81 @@ def test_refusal_is_one_line_from_the_cli(tiny_builds, tmp_path, capsys):
         "lfm2 cannot run"
     ]
     assert list(out.iterdir()) == []
+
+
+# -- LFM2 MoE --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def biased_moe(tiny_builds, tmp_path_factory):
+    """The MoE case with a random expert bias large enough to change which experts are chosen
+    (sigmoid scores lie in (0, 1)); the tiny builder leaves that buffer at zero."""
+    from safetensors.numpy import load_file, save_file
+
+    checkpoint, _, _ = tiny_builds.get(MOE_CASE)
+    copy = copy_checkpoint(checkpoint, tmp_path_factory.mktemp("biased") / checkpoint.name)
+    weights = load_file(copy / "model.safetensors")
+    rng = np.random.default_rng(7)
+    biases = [name for name in weights if name.endswith(".feed_forward.expert_bias")]
+    assert biases, "the MoE case has no expert bias"
+    for name in biases:
+        weights[name] = rng.normal(0.0, 0.5, weights[name].shape).astype(np.float32)
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return checkpoint, copy
+
+
+def _logits_agree(checkpoint, gguf):
+    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=3)
+    want = hf_last_logits(checkpoint, sequences)
+    for expected, got in zip(want, gguf_last_logits(gguf, sequences)):
+        assert np.abs(got - expected).max() < 1e-4
+    return sequences, want
+
+
+def test_moe_expert_bias_chooses_experts_as_in_transformers(biased_moe, tmp_path):
+    original, biased = biased_moe
+    gguf = export(biased, tmp_path / "biased.F32.gguf", "f32").path
+    fields, tensors = gguf_fields(gguf), gguf_tensors(gguf)
+    config = _config(biased)
+    assert fields["lfm2moe.leading_dense_block_count"] == config["num_dense_layers"]
+    assert fields["lfm2moe.expert_gating_func"] == 2  # sigmoid
+    for bid in range(config["num_dense_layers"], config["num_hidden_layers"]):
+        assert tensors[f"blk.{bid}.exp_probs_b.bias"][0] == "F32"
+        assert tensors[f"blk.{bid}.ffn_gate_exps.weight"][2].shape == (
+            config["num_experts"], config["moe_intermediate_size"], config["hidden_size"]
+        )
+    sequences, with_bias = _logits_agree(biased, gguf)
+    # The bias changed the model (else this test could not fail on a bias llama.cpp ignores).
+    without = hf_last_logits(original, sequences)
+    assert max(np.abs(a - b).max() for a, b in zip(with_bias, without)) > 1e-2
+
+
+def test_moe_without_expert_bias_chooses_by_score_alone(biased_moe, tmp_path):
+    """use_expert_bias: false: transformers ignores the stored bias; the GGUF gets zeros in its place."""
+    _, biased = biased_moe
+    unbiased = _with_config(biased, tmp_path, use_expert_bias=False)
+    gguf = export(unbiased, tmp_path / "unbiased.F32.gguf", "f32").path
+    tensors = gguf_tensors(gguf)
+    biases = [name for name in tensors if name.endswith("exp_probs_b.bias")]
+    assert len(biases) == 2 and all(not tensors[name][2].any() for name in biases)
+    _logits_agree(unbiased, gguf)
+
+
+MOE_REFUSED = {
+    "no-renormalization": ({"norm_topk_prob": False}, "norm_topk_prob is false"),
+    "scaled-weights": ({"routed_scaling_factor": 2.5}, "routed_scaling_factor is 2.5"),
+    "experts-in-a-dense-layer": ({"num_dense_layers": 3}, "layer 2 has experts .* makes it a dense layer"),
+    "expert-count": ({"num_experts": 3}, "4 experts' w\\d in the checkpoint, but config.json's num_experts is 3"),
+    "experts-used": ({"num_experts_per_tok": 5}, "num_experts_per_tok is 5, for 4 experts"),
+    "expert-width": ({"moe_intermediate_size": 16}, r"experts\.\d\.w\d\.weight has shape"),
+}
+
+
+@pytest.mark.parametrize("name", MOE_REFUSED)
+def test_moe_what_llama_cpp_cannot_run_is_refused(tiny_builds, tmp_path, name):
+    checkpoint, _, _ = tiny_builds.get(MOE_CASE)
+    changes, message = MOE_REFUSED[name]
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConversionError, match=message):
+        export(_with_config(checkpoint, tmp_path, **changes), out, "f16")
+    assert not out.exists()

@@ -49,10 +49,10 @@ class Lfm2Model(ArchModel):
     def __init__(self, checkpoint: Checkpoint, *, pre_tokenizer: str | None = None):
         super().__init__(checkpoint, pre_tokenizer=pre_tokenizer)
         hp = self.hparams
-        self.tied_embeddings = bool(_first(hp, ("tie_word_embeddings", "tie_embedding"), True))
+        self.tied_embeddings = bool(first_of(hp, ("tie_word_embeddings", "tie_embedding"), True))
         self.n_embd = int(self._param("hidden_size"))
         self.layer_types = layer_types(hp, self.block_count)
-        self.ff_length = feed_forward_length(hp)
+        self.ff_length = self.dense_ffn_width()
         self.l_cache = int(self._param("conv_L_cache"))
         if self.l_cache < 2:
             raise ConversionError(f"config.json's conv_L_cache is {self.l_cache}; llama.cpp's lfm2 needs at least 2")
@@ -66,6 +66,10 @@ class Lfm2Model(ArchModel):
                 f"config.json's head_dim × num_attention_heads is {self.head_dim} × {self.n_head}, not hidden_size "
                 f"{self.n_embd}: llama.cpp's lfm2 projects attention back from hidden_size"
             )
+
+    def dense_ffn_width(self) -> int:
+        """The width of the dense feed-forward blocks (feed_forward_length)."""
+        return feed_forward_length(self.hparams)
 
     # -- hyperparameters ---------------------------------------------------------
 
@@ -120,15 +124,15 @@ class Lfm2Model(ArchModel):
     def check_tensors(self, gguf_names: Iterable[str]) -> None:
         """Every layer has what llama.cpp's lfm2 loads for its kind; no attention tensor in a conv layer."""
         names = set(gguf_names)
-        required = [_name(gguf.MODEL_TENSOR.TOKEN_EMBD), _name(gguf.MODEL_TENSOR.TOKEN_EMBD_NORM)]
+        required = [tensor_name(gguf.MODEL_TENSOR.TOKEN_EMBD), tensor_name(gguf.MODEL_TENSOR.TOKEN_EMBD_NORM)]
         if not self.tied_embeddings:
-            required.append(_name(gguf.MODEL_TENSOR.OUTPUT))
+            required.append(tensor_name(gguf.MODEL_TENSOR.OUTPUT))
         for bid, kind in enumerate(self.layer_types):
             own, other = _ATTENTION_TENSORS, _CONV_TENSORS
             if kind == CONV:
                 own, other = other, own
-            required += [_name(t, bid) for t in (*_LAYER_TENSORS, *own)]
-            stray = [_name(t, bid) for t in other if _name(t, bid) in names]
+            required += [tensor_name(t, bid) for t in (*_LAYER_TENSORS, *own)] + self.ffn_tensors(bid)
+            stray = [tensor_name(t, bid) for t in other if tensor_name(t, bid) in names]
             if stray:
                 raise ConversionError(
                     f"layer {bid} is a {kind} layer in config.json's layer_types, but the checkpoint has {stray[0]}"
@@ -136,6 +140,10 @@ class Lfm2Model(ArchModel):
         missing = [n for n in required if n not in names]
         if missing:
             raise ConversionError(f"the checkpoint is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
+
+    def ffn_tensors(self, bid: int) -> list[str]:
+        """The GGUF tensors of layer `bid`'s feed-forward block (a dense SwiGLU here)."""
+        return [tensor_name(t, bid) for t in _DENSE_FFN_TENSORS]
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,7 @@ def layer_types(hp: dict, block_count: int) -> list[str]:
 
 def feed_forward_length(hp: dict) -> int:
     """The FFN width transformers' Lfm2MLP builds from config.json."""
-    width = _first(hp, ("block_ff_dim", "intermediate_size"), None)
+    width = first_of(hp, ("block_ff_dim", "intermediate_size"), None)
     if width is None:
         raise ConversionError("config.json has none of block_ff_dim, intermediate_size")
     width = int(width)
@@ -192,7 +200,7 @@ def feed_forward_length(hp: dict) -> int:
     return multiple * ((width + multiple - 1) // multiple)
 
 
-def _first(hp: dict, keys: tuple[str, ...], default):
+def first_of(hp: dict, keys: tuple[str, ...], default):
     for key in keys:
         if hp.get(key) is not None:
             return hp[key]
@@ -200,11 +208,12 @@ def _first(hp: dict, keys: tuple[str, ...], default):
 
 
 _T = gguf.MODEL_TENSOR
-_LAYER_TENSORS = (_T.ATTN_NORM, _T.FFN_NORM, _T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN)
+_LAYER_TENSORS = (_T.ATTN_NORM, _T.FFN_NORM)
+_DENSE_FFN_TENSORS = (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN)
 _ATTENTION_TENSORS = (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT, _T.ATTN_Q_NORM, _T.ATTN_K_NORM)
 _CONV_TENSORS = (_T.SHORTCONV_CONV, _T.SHORTCONV_INPROJ, _T.SHORTCONV_OUTPROJ)
 
 
-def _name(kind: gguf.MODEL_TENSOR, bid: int | None = None) -> str:
+def tensor_name(kind: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
     name = gguf.TENSOR_NAMES[kind]
-    return (name.format(bid=bid) if bid is not None else name) + ".weight"
+    return (name.format(bid=bid) if bid is not None else name) + suffix

@@ -3,7 +3,8 @@ as LFM2-1.2B's first four layers), GQA, per-head q/k norms and tied embeddings; 
 computed from block_ff_dim as transformers does (2/3, times the multiplier, rounded up to
 block_multiple_of: 192 -> 128 -> 166 -> 192, every step changing it). LFM2's tokenizer: Llama 3's
 split with whole-word tokens kept (ignore_merges), <|startoftext|> added in front, its special
-tokens at their real ids, and LFM2.5-Instruct's chat template.
+tokens at their real ids, and LFM2.5-Instruct's chat template. LFM2 MoE (LFM2-8B-A1B): the same
+layers with dense FFNs first, then mixtures of experts; LFM2-8B-A1B's chat template.
 """
 
 import json
@@ -19,11 +20,11 @@ SPECIALS = (
 )
 
 
-def write_lfm2_tokenizer(out: Path) -> TokenizerInfo:
+def write_lfm2_tokenizer(out: Path, chat_template: str | None = None) -> TokenizerInfo:
     """A byte-level BPE as LFM2 ships it: BOS <|startoftext|> added, <|im_end|> ends a turn."""
     roles = dict(bos_token="<|startoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>")
     n_vocab = write_bpe_tokenizer(
-        out, regex=LLAMA3_REGEX, specials=SPECIALS, roles=roles, chat_template=LFM2_CHAT_TEMPLATE
+        out, regex=LLAMA3_REGEX, specials=SPECIALS, roles=roles, chat_template=chat_template or LFM2_CHAT_TEMPLATE
     )
     path = out / "tokenizer.json"
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
@@ -43,6 +44,11 @@ def write_lfm2_tokenizer(out: Path) -> TokenizerInfo:
     return TokenizerInfo(n_vocab, special_ids)
 
 
+def write_lfm2_moe_tokenizer(out: Path) -> TokenizerInfo:
+    """LFM2's tokenizer with LFM2-8B-A1B's chat template."""
+    return write_lfm2_tokenizer(out, LFM2_MOE_CHAT_TEMPLATE)
+
+
 CASES = [
     TinyCase(
         "lfm2-conv-attention",
@@ -57,6 +63,31 @@ CASES = [
             "block_ffn_dim_multiplier": 1.3,
             "block_multiple_of": 48,
             "norm_eps": 1e-6,
+        },
+    ),
+    TinyCase(
+        # LFM2-8B-A1B: dense SwiGLUs in the first layers (one conv, one attention here), then
+        # mixtures of experts (sigmoid router, expert bias) after both kinds of layer.
+        "lfm2-moe",
+        "Lfm2MoeForCausalLM",
+        write_lfm2_moe_tokenizer,
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+            "num_dense_layers": 2,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "conv_L_cache": 3,
+            "norm_eps": 1e-6,
+        },
+        metadata_differences={
+            "lfm2moe.attention.layer_norm_rms_epsilon": (
+                "this config.json also has rms_norm_eps (1e-5, the tiny builder's default) beside LFM2's norm_eps "
+                "(1e-6), which transformers uses; llama.cpp's lfm2moe converter takes rms_norm_eps first (its "
+                "lfm2 converter rewrites it from norm_eps). Released LFM2 MoE configs have only norm_eps"
+            ),
         },
     ),
 ]
@@ -106,4 +137,43 @@ LFM2_CHAT_TEMPLATE = r"""{{- bos_token -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{- "<|im_start|>assistant\n" -}}
+{%- endif -%}"""
+
+# LiquidAI/LFM2-8B-A1B's chat template (as llama.cpp keeps it in models/templates/LFM2-8B-A1B.jinja).
+LFM2_MOE_CHAT_TEMPLATE = r"""{{- bos_token -}}
+{%- set system_prompt = "" -%}
+{%- set ns = namespace(system_prompt="") -%}
+{%- if messages[0]["role"] == "system" -%}
+	{%- set ns.system_prompt = messages[0]["content"] -%}
+	{%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- if tools -%}
+	{%- set ns.system_prompt = ns.system_prompt + ("\n" if ns.system_prompt else "") + "List of tools: <|tool_list_start|>[" -%}
+	{%- for tool in tools -%}
+		{%- if tool is not string -%}
+			{%- set tool = tool | tojson -%}
+		{%- endif -%}
+		{%- set ns.system_prompt = ns.system_prompt + tool -%}
+		{%- if not loop.last -%}
+			{%- set ns.system_prompt = ns.system_prompt + ", " -%}
+		{%- endif -%}
+	{%- endfor -%}
+	{%- set ns.system_prompt = ns.system_prompt + "]<|tool_list_end|>" -%}
+{%- endif -%}
+{%- if ns.system_prompt -%}
+	{{- "<|im_start|>system\n" + ns.system_prompt + "<|im_end|>\n" -}}
+{%- endif -%}
+{%- for message in messages -%}
+	{{- "<|im_start|>" + message["role"] + "\n" -}}
+	{%- set content = message["content"] -%}
+	{%- if content is not string -%}
+		{%- set content = content | tojson -%}
+	{%- endif -%}
+	{%- if message["role"] == "tool" -%}
+		{%- set content = "<|tool_response_start|>" + content + "<|tool_response_end|>" -%}
+	{%- endif -%}
+	{{- content + "<|im_end|>\n" -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+	{{- "<|im_start|>assistant\n" -}}
 {%- endif -%}"""
