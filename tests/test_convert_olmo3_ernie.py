@@ -148,3 +148,10 @@ def test_ernie_fused_projections_are_refused(tiny_builds, tmp_path):
     checkpoint = edited(tiny_builds, tmp_path, ERNIE)
     add_tensors(checkpoint, {"model.layers.0.self_attn.qkv_proj.weight": np.zeros((192, 64), dtype=np.float32)})
     refused(checkpoint, tmp_path, "fused")
+
+
+def test_ernie_tokenizer_json_alone_is_refused(tiny_builds, tmp_path):
+    """As transformers 5 saves it: llama.cpp would read it as a BPE that always adds a BOS token."""
+    checkpoint = edited(tiny_builds, tmp_path, ERNIE)
+    (checkpoint / "tokenizer.model").unlink()
+    refused(checkpoint, tmp_path, "needs its tokenizer.model")

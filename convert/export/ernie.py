@@ -17,10 +17,12 @@ renormalized, plus `moe_num_shared_experts` shared experts as one MLP of that ma
 and has no end index, so other layer layouts are refused. The multi-token-prediction
 layers some checkpoints carry are not part of llama.cpp's model and are left out.
 
-The tokenizer is SentencePiece (tokenizer.model). ERNIE's tokenizer adds no space before
-the text (tokenizer_config's `add_prefix_space: false`), which is written as llama.cpp's
-converter writes it, and its template ends each assistant turn with <|end_of_sentence|>,
-which we set as end of turn so that llama.cpp stops there.
+The tokenizer is SentencePiece (tokenizer.model; a tokenizer.json alone is refused: llama.cpp
+would tokenize it as a BPE that always starts with a BOS token, which ERNIE never sees).
+ERNIE's tokenizer adds no space before the text (tokenizer_config's `add_prefix_space:
+false`), which is written as llama.cpp's converter writes it, and its template ends each
+assistant turn with <|end_of_sentence|>, which we set as end of turn so that llama.cpp
+stops there.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
 from convert.export.moe import MixtureOfExperts
 from convert.export.registry import register
-from convert.export.vocab import Vocab
+from convert.export.vocab import TokenizerError, Vocab
 
 _END_OF_TURN = "<|end_of_sentence|>"
 # ERNIE's original (PaddlePaddle) layout fuses these; transformers' checkpoints split them.
@@ -69,6 +71,14 @@ class _ErnieFamily(ArchModel):
             writer.add_add_space_prefix(bool(prefix))
 
     def load_vocab(self) -> Vocab:
+        path = self.checkpoint.path
+        if not (path / "tokenizer.model").is_file() and (path / "tokenizer.json").is_file():
+            # Without a dummy prefix, such a tokenizer.json becomes llama.cpp's SentencePiece-style BPE
+            # ("gemma4"), for which llama.cpp always adds a BOS token: ERNIE's prompts have none.
+            raise TokenizerError(
+                f"{self.checkpoint.architecture} needs its tokenizer.model (ERNIE's SentencePiece model); "
+                "from tokenizer.json alone llama.cpp would put a BOS token before every prompt"
+            )
         vocab = super().load_vocab()
         ids = {token: i for i, token in enumerate(vocab.tokens)}
         end_of_turn = ids.get(_END_OF_TURN.encode("utf-8"))
