@@ -1,4 +1,4 @@
-"""Gemma 4 (text): llama.cpp's gemma4 architecture, for Gemma4ForCausalLM and Gemma4ForConditionalGeneration's language model.
+"""Gemma 4 (text): llama.cpp's gemma4, for Gemma4ForCausalLM and Gemma4ForConditionalGeneration's language model.
 
 What Gemma 4 does that Gemma 3 (convert/export/gemma.py) does not, read from transformers'
 modeling_gemma4.py and written as llama.cpp's converter writes it:
@@ -124,7 +124,7 @@ class Gemma4Model(ArchModel):
         hp = self.hparams
         per_layer = hp.get("per_layer_config")
         if per_layer is None:  # transformers derives it from the global_* settings
-            override: dict[str, Any] = {"head_dim": hp["global_head_dim"]}
+            override: dict[str, Any] = {"head_dim": hp.get("global_head_dim") or GEMMA4_DEFAULTS["global_head_dim"]}
             if hp.get("attention_k_eq_v") and hp.get("num_global_key_value_heads") is not None:
                 override["num_key_value_heads"] = hp["num_global_key_value_heads"]
             per_layer = {str(i): override for i, kind in enumerate(self.types) if kind == FULL}

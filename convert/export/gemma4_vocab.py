@@ -89,7 +89,9 @@ def _check_style(path: Path, tokenizer: dict[str, Any]) -> None:
     try:
         style = spm_style(tokenizer)
     except UnsupportedSpmJson as exc:
-        raise TokenizerError(f"{path / 'tokenizer.json'}: llama.cpp's gemma4 tokenizer would split differently: {exc}") from None
+        raise TokenizerError(
+            f"{path / 'tokenizer.json'}: llama.cpp's gemma4 tokenizer would split differently: {exc}"
+        ) from None
     if style is None or style.dummy_prefix:
         raise TokenizerError(
             f"{path / 'tokenizer.json'} is not Gemma 4's tokenizer (a byte-fallback BPE that writes spaces "
