@@ -10,6 +10,8 @@
 - Special tokens as llama.cpp's converter sets them for GLM-4.5 (BOS [gMASK], which the
   template writes itself): a reply ends at <|user|>, at <|observation|> (a tool call) and at
   <|endoftext|>.
+- A LoRA adapter on the routed experts (what peft makes of gate_proj/up_proj/down_proj targets
+  on this MoE) is refused by export-adapter in one line: llama.cpp's adapters are 2-D only.
 - Bad input, one line and nothing written: dense/MoE layers that disagree with
   `first_k_dense_replace`, MTP layers config.json does not announce, an activation llama.cpp's
   glm4moe does not have.
@@ -155,6 +157,28 @@ def test_correction_bias_and_expert_groups_route_as_transformers(tmp_path):
     assert max(np.abs(a - b).max() for a, b in zip(expected, unbiased)) > 0.1, "the bias chooses no other expert"
     for want, have in zip(expected, gguf_last_logits(f32, sequences)):
         assert np.abs(have - want).max() < case.f32_tolerance
+
+
+def test_adapter_on_the_routed_experts_is_refused(tiny_builds, tmp_path, capsys):
+    """peft 0.21 turns gate_proj/up_proj/down_proj targets on a transformers 5 MoE into LoRA on the
+    routed experts' fused 3-D parameters (target_parameters), and then adapts no Linear MLP at all;
+    llama.cpp's adapters hold 2-D pairs only, so export-adapter must refuse it, writing nothing."""
+    import peft
+    import torch
+    import transformers
+
+    checkpoint = tiny_builds.get(CASE)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    targets = ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert any(n.endswith(".mlp.experts") for n in adapted)
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, error = _run(capsys, "export-adapter", tmp_path / "adapter", "-o", out / "a.gguf", "--base", checkpoint)
+    assert code == 1 and "mlp.experts" in error, error
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(
