@@ -20,6 +20,10 @@ What llama.cpp needs beyond the tensors:
   model has no trained length: 2**20 is written as its context length, as llama.cpp's does;
 - Granite's four multipliers, written as Granite 3's exporter writes them.
 
+Granite 4 checkpoints with attention layers only (Granite 4.0 Micro, 1B, 350M) have the same class
+and tensors; they become llama.cpp's plain granite (or granitemoe, with experts), with rope, as
+llama.cpp's converter does.
+
 llama.cpp supports mamba_expand 2 only, SiLU, and no in_proj/out_proj biases: others are refused.
 Granite 4's tokenizer splits text like GPT-4's (the Llama 3 regex); llama.cpp names it "dbrx".
 """
@@ -61,23 +65,46 @@ class GraniteHybridModel(LlamaModel):
         super().__init__(checkpoint, pre_tokenizer=pre_tokenizer)
         hp = self.hparams
         self.mamba_layers = mamba_layers(hp, self.block_count)
-        if not any(self.mamba_layers):
-            raise ConversionError(
-                "every layer of this GraniteMoeHybrid checkpoint is an attention layer (a non-hybrid Granite 4): "
-                "it is not supported yet"
-            )
-        self.mamba = mamba2.granite_mamba2_dims(hp)
+        self._check_layer_kinds()
         self.n_expert = int(hp.get("num_local_experts") or 0)
         self.uses_rope = hp.get("position_embedding_type") == "rope"
+        self.hybrid = any(self.mamba_layers)
+        self.mamba = mamba2.granite_mamba2_dims(hp) if self.hybrid else None
+        if not self.hybrid:  # all attention (Granite 4.0 Micro, 1B, 350M): llama.cpp's plain Granite
+            self.gguf_arch = gguf.MODEL_ARCH.GRANITE_MOE if self.n_expert else gguf.MODEL_ARCH.GRANITE
+            self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
         self._check_supported()
+
+    def _check_layer_kinds(self) -> None:
+        """Each layer's tensors must be of the kind layer_types says (a mismatch would load as garbage)."""
+        kinds: dict[int, set[str]] = {}
+        for name in self.checkpoint.tensors:
+            if m := re.search(r"(?:^|\.)layers\.(\d+)\.(mamba|self_attn)\.", name):
+                kinds.setdefault(int(m[1]), set()).add(m[2])
+        for bid, mamba in enumerate(self.mamba_layers):
+            found = kinds.get(bid, set())
+            if found and found != {"mamba" if mamba else "self_attn"}:
+                said = "a Mamba" if mamba else "an attention"
+                raise ConversionError(
+                    f"layer {bid} is {said} layer in config.json's layer_types, but the checkpoint holds "
+                    f"{' and '.join(sorted(found))} tensors for it: the config and the weights disagree"
+                )
 
     def _check_supported(self) -> None:
         hp = self.hparams
-        if self.mamba.d_inner != 2 * int(self._param("hidden_size")):
-            raise ConversionError("llama.cpp's granitehybrid supports mamba_expand 2 only (inner size = 2 × hidden)")
         if (hp.get("hidden_act") or "silu") != "silu":
-            raise ConversionError(f"llama.cpp's granitehybrid uses SiLU; this checkpoint's hidden_act is {hp['hidden_act']}")
-        if hp.get("mamba_proj_bias"):
+            raise ConversionError(
+                f"llama.cpp's {self.arch_name} uses SiLU; this checkpoint's hidden_act is {hp['hidden_act']}"
+            )
+        if not self.hybrid:
+            if not self.uses_rope:
+                raise ConversionError(
+                    f"this Granite 4 checkpoint has attention layers only and no rope (position_embedding_type "
+                    f"{hp.get('position_embedding_type')!r}), but llama.cpp's {self.arch_name} always applies rope"
+                )
+        elif self.mamba.d_inner != 2 * int(self._param("hidden_size")):
+            raise ConversionError("llama.cpp's granitehybrid supports mamba_expand 2 only (inner size = 2 × hidden)")
+        elif hp.get("mamba_proj_bias"):
             raise ConversionError("mamba_proj_bias is true: llama.cpp's granitehybrid has no in_proj/out_proj bias")
         head_dim = hp.get("head_dim")
         if head_dim is not None and int(head_dim) != int(self._param("hidden_size")) // self.n_head:
@@ -85,7 +112,8 @@ class GraniteHybridModel(LlamaModel):
                 f"config.json's head_dim is {head_dim}, but Granite's attention uses hidden_size / "
                 f"num_attention_heads = {int(hp['hidden_size']) // self.n_head}"
             )
-        mamba2.check_time_step_limit(hp)
+        if self.hybrid:
+            mamba2.check_time_step_limit(hp)
 
     # -- hyperparameters -----------------------------------------------------------------
 
@@ -97,12 +125,15 @@ class GraniteHybridModel(LlamaModel):
         writer.add_embedding_length(int(self._param("hidden_size")))
         writer.add_feed_forward_length(self.ffn_length)
         writer.add_head_count(self.n_head)
-        writer.add_head_count_kv([0 if mamba else self.n_head_kv for mamba in self.mamba_layers])
+        if self.hybrid:
+            writer.add_head_count_kv([0 if mamba else self.n_head_kv for mamba in self.mamba_layers])
+            writer.add_rope_scaling_finetuned(self.uses_rope)  # granitehybrid's "use rope" switch
+        else:
+            writer.add_head_count_kv(self.n_head_kv)
         if self.uses_rope:
             self._set_rope(writer)
         elif self.rope.get("rope_theta") is not None:  # unused, but llama.cpp's converter writes it
             writer.add_rope_freq_base(float(self.rope["rope_theta"]))
-        writer.add_rope_scaling_finetuned(self.uses_rope)  # granitehybrid's "use rope" switch
         writer.add_layer_norm_rms_eps(float(self._param("rms_norm_eps")))
         writer.add_vocab_size(int(hp["vocab_size"]))
         writer.add_rope_dimension_count(self.head_dim)
@@ -114,7 +145,8 @@ class GraniteHybridModel(LlamaModel):
         writer.add_expert_used_count(self.n_expert_used)
         if hp.get("shared_intermediate_size"):
             writer.add_expert_shared_feed_forward_length(int(hp["shared_intermediate_size"]))
-        self.mamba.write(writer)
+        if self.mamba is not None:
+            self.mamba.write(writer)
 
     @property
     def n_expert_used(self) -> int:

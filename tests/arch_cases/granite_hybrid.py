@@ -97,8 +97,8 @@ CASES = [
         "GraniteMoeHybridForCausalLM",
         write_granite4_tokenizer,
         # As Granite 4.0 H Micro: no experts, intermediate_size = shared_intermediate_size.
-        {**HYBRID, "num_local_experts": 0, "num_experts_per_tok": 0, "intermediate_size": 96, "shared_intermediate_size": 96,
-         "position_embedding_type": "rope"},
+        {**HYBRID, "num_local_experts": 0, "num_experts_per_tok": 0, "intermediate_size": 96,
+         "shared_intermediate_size": 96, "position_embedding_type": "rope"},
         config_class=ReleasedSpellingConfig,
         metadata_differences=ROPE_DIFFERENCES,
     ),
