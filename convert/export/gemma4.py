@@ -271,7 +271,12 @@ class Gemma4Model(ArchModel):
         bid = _block_id(name)
         if bid is not None and not self.has_kv(bid) and any(part in name for part in _KV_TENSORS):
             return True  # a KV-shared layer's own k/v (transformers ignores them too)
+        if bid is not None and self._keys_are_values(bid) and "self_attn.v_proj." in name:
+            return True  # transformers has no v_proj there; llama.cpp would use a stored one
         return super().skip_tensor(name)
+
+    def _keys_are_values(self, bid: int) -> bool:
+        return bool(self.hparams.get("attention_k_eq_v")) and self.types[bid] == FULL
 
     def gguf_name(self, name: str) -> str:
         name = _language_model_name(name)
@@ -346,7 +351,7 @@ class Gemma4Model(ArchModel):
         for bid in range(self.block_count):
             if self.has_kv(bid):
                 needed.append(f"blk.{bid}.attn_k.weight")
-                if not (self.types[bid] == FULL and self.hparams.get("attention_k_eq_v")):
+                if not self._keys_are_values(bid):
                     needed.append(f"blk.{bid}.attn_v.weight")
             if self.n_per_layer_input:
                 needed.append(f"blk.{bid}.inp_gate.weight")
