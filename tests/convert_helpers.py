@@ -157,6 +157,9 @@ class TinyCase:
     # Largest F32 logit difference from transformers. Above 1e-4 only with a reason: llama.cpp's
     # CPU GELU reads an f16 table (GGML_GELU_FP16), so GELU families (Gemma) differ by ~1e-2 there.
     f32_tolerance: float = 1e-4
+    # Options llama.cpp's converter needs for this case, e.g. --no-mtp: it refuses a Qwen3.5 checkpoint
+    # without multi-token-prediction tensors (transformers never saves them), which our export leaves out.
+    oracle_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,15 +329,18 @@ ORACLE_WRAPPER = Path(__file__).with_name("oracle_convert.py")
 
 
 def run_reference_converter(
-    script: Path, checkpoint: Path, out: Path, outtype: str = "f16", *, pre_tokenizer: str | None = None
+    script: Path, checkpoint: Path, out: Path, outtype: str = "f16", *, pre_tokenizer: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """llama.cpp's converter on `checkpoint`. With `pre_tokenizer`, its hash lookup of the BPE
-    pre-tokenizer is answered with that name (see oracle_convert.py); nothing else changes."""
+    pre-tokenizer is answered with that name (see oracle_convert.py); nothing else changes.
+    `extra_args` go on its command line (a case's `oracle_args`)."""
     env = {**os.environ, "ORACLE_SCRIPT": str(script)}
     if pre_tokenizer is not None:
         env["ORACLE_PRE_TOKENIZER"] = pre_tokenizer
     return subprocess.run(
-        [sys.executable, str(ORACLE_WRAPPER), str(checkpoint), "--outtype", outtype, "--outfile", str(out)],
+        [sys.executable, str(ORACLE_WRAPPER), str(checkpoint), "--outtype", outtype, "--outfile", str(out),
+         *extra_args],
         capture_output=True, text=True, timeout=600, cwd=script.parent, env=env,
     )
 

@@ -76,8 +76,17 @@ def test_common_metadata(tiny_builds, name):
     arch = fields["general.architecture"]
     assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
     assert fields[f"{arch}.attention.head_count"] == config["num_attention_heads"]
-    kv_heads = fields[f"{arch}.attention.head_count_kv"]  # per layer in hybrids: 0 on recurrent layers
-    assert (set(kv_heads) - {0} if isinstance(kv_heads, list) else {kv_heads}) == {config["num_key_value_heads"]}
+    # Per layer in hybrids (0 on recurrent layers) and in Gemma 4, whose full-attention layers may have
+    # their own KV head count (transformers 5's per_layer_config).
+    kv_heads = fields[f"{arch}.attention.head_count_kv"]
+    per_layer = config.get("per_layer_config") or {}
+    allowed = {config["num_key_value_heads"], *(v["num_key_value_heads"] for v in per_layer.values()
+                                                 if "num_key_value_heads" in v)}
+    if isinstance(kv_heads, list):
+        assert len(kv_heads) == config["num_hidden_layers"]
+        assert config["num_key_value_heads"] in kv_heads and set(kv_heads) - {0} <= allowed
+    else:
+        assert kv_heads == config["num_key_value_heads"]
     assert fields["general.quant_type"] == "F16"
     assert fields["general.source.checkpoint"] == checkpoint.name
     assert fields["general.converter"].startswith("alpaca-convert ")
@@ -146,7 +155,7 @@ def test_same_file_as_llama_cpp_converter(tiny_builds, oracle, tmp_path, name):
     our_fields = gguf_fields(ours)
     pre = our_fields.get("tokenizer.ggml.pre") if our_fields.get("tokenizer.ggml.model") == "gpt2" else None
     theirs = tmp_path / "reference.gguf"
-    done = run_reference_converter(oracle, checkpoint, theirs, pre_tokenizer=pre)
+    done = run_reference_converter(oracle, checkpoint, theirs, pre_tokenizer=pre, extra_args=CASES[name].oracle_args)
     assert done.returncode == 0, done.stderr[-3000:]
 
     their_fields = gguf_fields(theirs)
