@@ -157,15 +157,34 @@ class GatedDeltaNetHybrid(ArchModel):
     def modify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
         if self.tiled_value_heads:
             data = self._tile_value_heads(name, data)
-        if name.endswith(".A_log"):  # in float64, then rounded once: as close as float32 gets to -exp
-            return self._in_source_precision(name, (-np.exp(data.astype(np.float64))).astype(np.float32))
+        if name.endswith(".A_log"):
+            return self._negative_exp(name, data)
         if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
             return self._in_source_precision(name, data + data.dtype.type(1))  # stored as an offset from 1
         return data
 
+    def transforms_columns(self, name: str, gguf_name: str) -> bool:
+        """Whether modify_tensor moves this weight's columns (not its rows): Qwen3.5's out_proj,
+        whose input is the value heads. A LoRA on it has its A's columns moved, not its B's rows."""
+        return self.tiled_value_heads and self.n_v != self.n_k and name.endswith(".linear_attn.out_proj.weight")
+
     def moves_values_only(self, name: str, gguf_name: str) -> bool:
         computed = name.endswith(".A_log") or (name.endswith("norm.weight") and "linear_attn.norm" not in name)
         return not computed
+
+    def _negative_exp(self, name: str, data: np.ndarray) -> np.ndarray:
+        """A = -exp(A_log), bit for bit as llama.cpp's converter computes it: torch's exp, in the
+        checkpoint's precision. Without torch (export does not need it), numpy's exp in float64,
+        rounded once: correctly rounded, which torch's float32 exp is not always (1 ulp apart in
+        about 1 % of values)."""
+        try:
+            import torch
+        except ImportError:
+            return self._in_source_precision(name, (-np.exp(data.astype(np.float64))).astype(np.float32))
+        values = torch.from_numpy(np.ascontiguousarray(data))
+        if self.checkpoint.tensors[name].dtype == "BF16":  # read widened to float32, exactly
+            values = values.to(torch.bfloat16)
+        return (-torch.exp(values)).float().numpy()
 
     def _in_source_precision(self, name: str, data: np.ndarray) -> np.ndarray:
         """`data` rounded to bf16 (nearest, ties to even) when the checkpoint stores `name` as bf16."""

@@ -60,16 +60,18 @@ CASES = [
         "qwen35-hybrid-tied",
         "Qwen3_5ForCausalLM",
         qwen35_tokenizer,
-        {**HYBRID, "tie_word_embeddings": True, "rope_parameters": QWEN35_ROPE},
+        {**HYBRID, "tie_word_embeddings": True, "intermediate_size": 96, "rope_parameters": QWEN35_ROPE},
         config_class="Qwen3_5TextConfig",
     ),
     TinyCase(
-        # 4 experts of width 32, 2 used, and a shared expert 48 wide behind its sigmoid gate.
+        # 4 experts of width 32, 2 used, and a shared expert 48 wide behind its sigmoid gate; one KV
+        # head for the four query heads. Untied head, as the released MoE sizes.
         "qwen35moe-hybrid",
         "Qwen3_5MoeForCausalLM",
         qwen35_tokenizer,
         {
             **HYBRID,
+            "num_key_value_heads": 1,
             "rope_parameters": QWEN35_ROPE,
             "num_experts": 4,
             "num_experts_per_tok": 2,

@@ -35,5 +35,9 @@ CASES = [
             "shared_expert_intermediate_size": 48,
             "norm_topk_prob": True,
         },
+        # With a random LoRA adapter applied (tests/test_export_adapter.py) this tiny model is ill-conditioned
+        # in float32: on the 24-token input, transformers' float32 logits lie 1.9e-4 from its own float64
+        # ones, llama.cpp's 2.0e-4 from them, on the other side (3.9e-4 apart). Without the adapter: 5.7e-5.
+        f32_tolerance=5e-4,
     ),
 ]
