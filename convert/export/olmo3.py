@@ -72,12 +72,10 @@ class Olmo3Model(Olmo2Model):
         return rope
 
     def _check_sliding_rope(self) -> None:
-        if _SLIDING not in self.layer_types() or not self._window():
-            if _SLIDING in self.layer_types() and (self.rope.get("rope_type") or "default") != "default":
-                raise ConversionError(
-                    "this OLMo 3 checkpoint has no sliding_window but scales rope on its full-attention "
-                    "layers only; llama.cpp's olmo2 then scales every layer: it would run a different model"
-                )
+        """Refuse rope settings llama.cpp's olmo2 would apply differently from transformers: it
+        rotates sliding-window layers with the model's base and no scaling, and without a window
+        it runs every layer as a full-attention one, scaling included."""
+        if _SLIDING not in self.layer_types():
             return
         local, full = self.layer_rope(_SLIDING), self.rope
         if (local.get("rope_type") or "default") != "default":
@@ -89,6 +87,11 @@ class Olmo3Model(Olmo2Model):
             raise ConversionError(
                 f"the sliding-window layers' rope_theta ({local['rope_theta']}) differs from the "
                 f"full-attention layers' ({full['rope_theta']}): llama.cpp's olmo2 uses one base for both"
+            )
+        if not self._window() and (full.get("rope_type") or "default") != "default":
+            raise ConversionError(
+                "this OLMo 3 checkpoint has no sliding_window but scales rope on its full-attention "
+                "layers only; llama.cpp's olmo2 then scales every layer: it would run a different model"
             )
 
     def _window(self) -> int | None:
