@@ -49,7 +49,8 @@ class Lfm2Model(ArchModel):
     def __init__(self, checkpoint: Checkpoint, *, pre_tokenizer: str | None = None):
         super().__init__(checkpoint, pre_tokenizer=pre_tokenizer)
         hp = self.hparams
-        self.tied_embeddings = bool(first_of(hp, ("tie_word_embeddings", "tie_embedding"), True))
+        # As transformers reads it: the older tie_embedding wins over tie_word_embeddings; LFM2's default is tied.
+        self.tied_embeddings = bool(first_of(hp, ("tie_embedding", "tie_word_embeddings"), True))
         self.n_embd = int(self._param("hidden_size"))
         self.layer_types = layer_types(hp, self.block_count)
         self.ff_length = self.dense_ffn_width()
