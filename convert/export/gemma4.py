@@ -100,7 +100,7 @@ class Gemma4Model(ArchModel):
         self.attention = self._layer_attention()
         self.swa = self._kind_attention(SLIDING)
         self.full = self._kind_attention(FULL)
-        self.first_shared = self.block_count - int(self.hparams["num_kv_shared_layers"])
+        self.first_shared = self.block_count - int(self.hparams.get("num_kv_shared_layers") or 0)
         self.n_per_layer_input = int(self.hparams.get("hidden_size_per_layer_input") or 0)
         self._check_supported()
 
