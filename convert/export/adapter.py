@@ -7,8 +7,10 @@ always write W as it is: the adapter must describe the update of the tensor the 
 GGUF holds, so each module goes through what the base's export does to its weight:
 - its GGUF name comes from the family's `gguf_name` (gguf's tensor-name map);
 - a family transform of W's rows (Llama's rope permutation of q/k) is the same
-  transform of B's rows, A unchanged. An overridden `modify_tensor` is trusted only
-  after a probe shows it is row-wise (f(B @ A) == f(B) @ A), else the module is refused;
+  transform of B's rows, A unchanged; a transform of W's columns (Qwen3.5's regrouped
+  value heads at out_proj's input) is the same transform of A's columns. An overridden
+  `modify_tensor` is trusted only after a probe shows it is one or the other
+  (f(B @ A) == f(B) @ A, or == B @ f(A)), else the module is refused;
 - a fused tensor the exporter cuts into row blocks (CombinedTensor parts) cuts B's rows;
   tensors it stacks (a mixture's experts) are refused; fused tensors it keeps whole
   (Phi-3's qkv_proj, gate_up_proj) are one pair, like any other;
@@ -57,7 +59,7 @@ class PlannedPair:
     pair: LoraPair
     factor: float  # folded into lora_b: the module's peft scale over the file's alpha / rank
     rows: CombinedTensor | None = None  # the block of B's rows this tensor takes, if the exporter cuts W
-    transform: bool = False  # B's rows go through the family's modify_tensor
+    transform: str = ""  # "rows": B goes through the family's modify_tensor; "columns": A does
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -190,8 +192,8 @@ def plan_adapter(model: ArchModel, adapter: PeftAdapter, alpha: float) -> list[P
             _check_embedding(model, pair, name, gguf_name)
             plan.append(PlannedPair(gguf_name, name, pair, factor))
             continue
-        transform = type(model).modify_tensor is not ArchModel.modify_tensor
-        if transform and not _is_row_wise(model, name, gguf_name, pair, probed):
+        transform = _transform_of(model, name, gguf_name, pair, probed)
+        if transform is None:
             raise AdapterError(
                 f"module {pair.module}: the {model.checkpoint.architecture} export transforms {name} in a way "
                 f"a LoRA pair cannot follow; {_MERGE_INSTEAD}"
@@ -305,24 +307,46 @@ def _combined_by_source(model: ArchModel) -> dict[str, list[CombinedTensor]]:
     return by_source
 
 
-def _is_row_wise(model: ArchModel, name: str, gguf_name: str, pair: LoraPair, probed: dict[tuple, bool]) -> bool:
-    """Whether the family's transform of this weight acts on its rows alone, so that B can take it.
+def _transform_of(
+    model: ArchModel, name: str, gguf_name: str, pair: LoraPair, probed: dict[tuple, str | None]
+) -> str | None:
+    """How the family's transform of this weight reaches the pair: "" (none), "rows" (B takes it),
+    "columns" (A takes it), or None (neither: the module cannot be exported).
 
-    Probed once per kind of tensor (layer numbers aside) on a random rank-2 update with a few
-    columns: a row-wise transform does not depend on the column count.
+    Probed once per kind of tensor (layer numbers aside) on random rank-2 updates: with all the
+    rows and a few columns (a row-wise transform does not depend on the column count), then with
+    a few rows and all the columns.
     """
-    rows, cols = pair.b.shape[0], min(pair.a.shape[1], 16)
+    if type(model).modify_tensor is ArchModel.modify_tensor:
+        return ""
+    rows, cols = pair.b.shape[0], pair.a.shape[1]
     key = (re.sub(r"\.\d+\.", ".#.", name), rows, cols)
     if key not in probed:
-        rng = np.random.default_rng(0)
-        b = rng.standard_normal((rows, 2)).astype(np.float32)
-        a = rng.standard_normal((2, cols)).astype(np.float32)
-        whole = model.modify_tensor(name, gguf_name, b @ a)
-        moved = model.modify_tensor(name, gguf_name, b)
-        probed[key] = (
-            whole.shape == (rows, cols) and moved.shape == b.shape and np.allclose(whole, moved @ a, rtol=1e-5, atol=1e-5)
-        )
+        if _follows(model, name, gguf_name, rows, min(cols, 16), "rows"):
+            probed[key] = "rows"
+        elif _follows(model, name, gguf_name, min(rows, 16), cols, "columns"):
+            probed[key] = "columns"
+        else:
+            probed[key] = None
     return probed[key]
+
+
+def _follows(model: ArchModel, name: str, gguf_name: str, rows: int, cols: int, side: str) -> bool:
+    """Whether f(B @ A) == f(B) @ A (side "rows") or == B @ f(A) (side "columns") on a random pair."""
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((rows, 2)).astype(np.float32)
+    a = rng.standard_normal((2, cols)).astype(np.float32)
+    try:
+        whole = model.modify_tensor(name, gguf_name, b @ a)
+        if side == "rows":
+            moved = model.modify_tensor(name, gguf_name, b)
+            ok_shape, product = moved.shape == b.shape, moved @ a
+        else:
+            moved = model.modify_tensor(name, gguf_name, a)
+            ok_shape, product = moved.shape == a.shape, b @ moved
+    except ConversionError:  # the transform refuses a matrix of that shape
+        return False
+    return whole.shape == (rows, cols) and ok_shape and np.allclose(whole, product, rtol=1e-5, atol=1e-5)
 
 
 def _factor(adapter: PeftAdapter, pair: LoraPair, alpha: float) -> float:
@@ -343,8 +367,10 @@ def pair_data(model: ArchModel, adapter: PeftAdapter, p: PlannedPair) -> tuple[n
         a, b = a.astype(np.float32), b.astype(np.float32)
     if p.rows is not None:
         b = p.rows._piece(b)
-    if p.transform:
+    if p.transform == "rows":
         b = model.modify_tensor(p.source, p.gguf_name, b)
+    elif p.transform == "columns":
+        a = model.modify_tensor(p.source, p.gguf_name, a)
     if p.factor != 1.0:
         b = b.astype(np.float32) * np.float32(p.factor)
     if p.pair.embedding:

@@ -131,6 +131,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key, what in _UNSUPPORTED_SETTINGS.items():
         if config.get(key):
             raise AdapterError(f"{path.name} is {what}, which llama.cpp cannot apply at run time; {_MERGE_INSTEAD}")
+    targets = config.get("target_parameters")
+    if targets:  # peft puts LoRA on 3-D parameters, e.g. a mixture's fused experts
+        shown = targets if isinstance(targets, str) else ", ".join(map(str, targets))
+        raise AdapterError(
+            f"{path.name} adapts parameters ({shown}) such as a mixture's "
+            "fused mlp.experts, not 2-D weights: llama.cpp's adapters apply to 2-D weights only; train with "
+            f"attention (and dense MLP) targets, or {_MERGE_INSTEAD}"
+        )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
