@@ -17,9 +17,7 @@ written as llama.cpp's converter writes them:
   (2 × heads × head_dim rows), kept as they are; RoPE turns only `partial_rotary_factor`
   of each head (rope.dimension_count);
 - multi-token-prediction layers (`mtp.*`) are left out, as llama.cpp's converter does with
-  --no-mtp: transformers neither loads nor saves them, and the chat does not use them;
-- a computed tensor of a bf16 checkpoint is rounded to bf16 before it is widened, as
-  llama.cpp's converter computes it in the checkpoint's own precision.
+  --no-mtp: transformers neither loads nor saves them, and the chat does not use them.
 """
 
 from __future__ import annotations
@@ -158,9 +156,9 @@ class GatedDeltaNetHybrid(ArchModel):
         if self.tiled_value_heads:
             data = self._tile_value_heads(name, data)
         if name.endswith(".A_log"):
-            return self._negative_exp(name, data)
+            return self._negative_exp(data)
         if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-            return self._in_source_precision(name, data + data.dtype.type(1))  # stored as an offset from 1
+            return data + data.dtype.type(1)  # stored as an offset from 1; in the dtype read, as llama.cpp's converter
         return data
 
     def transforms_columns(self, name: str, gguf_name: str) -> bool:
@@ -172,27 +170,17 @@ class GatedDeltaNetHybrid(ArchModel):
         computed = name.endswith(".A_log") or (name.endswith("norm.weight") and "linear_attn.norm" not in name)
         return not computed
 
-    def _negative_exp(self, name: str, data: np.ndarray) -> np.ndarray:
-        """A = -exp(A_log), bit for bit as llama.cpp's converter computes it: torch's exp, in the
-        checkpoint's precision. Without torch (export does not need it), numpy's exp in float64,
-        rounded once: correctly rounded, which torch's float32 exp is not always (1 ulp apart in
-        about 1 % of values)."""
+    @staticmethod
+    def _negative_exp(data: np.ndarray) -> np.ndarray:
+        """A = -exp(A_log), bit for bit as llama.cpp's converter computes it: torch's exp, in float32
+        (float16 for a float16 checkpoint). Without torch (export does not need it), numpy's exp in
+        float64, rounded once: correctly rounded, which torch's float32 exp is not always (one
+        float32 ulp apart in about 1 % of values)."""
         try:
             import torch
         except ImportError:
-            return self._in_source_precision(name, (-np.exp(data.astype(np.float64))).astype(np.float32))
-        values = torch.from_numpy(np.ascontiguousarray(data))
-        if self.checkpoint.tensors[name].dtype == "BF16":  # read widened to float32, exactly
-            values = values.to(torch.bfloat16)
-        return (-torch.exp(values)).float().numpy()
-
-    def _in_source_precision(self, name: str, data: np.ndarray) -> np.ndarray:
-        """`data` rounded to bf16 (nearest, ties to even) when the checkpoint stores `name` as bf16."""
-        if self.checkpoint.tensors[name].dtype != "BF16":
-            return data
-        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)
-        return rounded.view(np.float32)
+            return (-np.exp(data.astype(np.float64))).astype(data.dtype)
+        return (-torch.exp(torch.from_numpy(np.ascontiguousarray(data)))).numpy()
 
     def _tile_value_heads(self, name: str, data: np.ndarray) -> np.ndarray:
         """Qwen3.5's value-head tensors, from grouped (by key head) to tiled order; rows only,

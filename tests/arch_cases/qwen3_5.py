@@ -20,6 +20,9 @@ QWEN35_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 TEMPLATES = Path(__file__).with_name("templates")
+# llama.cpp's converter asserts on a checkpoint without multi-token-prediction layers (transformers saves
+# none) unless told to leave them out; our exporter always leaves them out.
+NO_MTP = ("--no-mtp",)
 
 # The linear attention's sizes and the rope of both families' tiny cases.
 HYBRID = {
@@ -62,6 +65,7 @@ CASES = [
         qwen35_tokenizer,
         {**HYBRID, "tie_word_embeddings": True, "intermediate_size": 96, "rope_parameters": QWEN35_ROPE},
         config_class="Qwen3_5TextConfig",
+        oracle_args=NO_MTP,
     ),
     TinyCase(
         # 4 experts of width 32, 2 used, and a shared expert 48 wide behind its sigmoid gate; one KV
@@ -79,5 +83,6 @@ CASES = [
             "shared_expert_intermediate_size": 48,
         },
         config_class="Qwen3_5MoeTextConfig",
+        oracle_args=NO_MTP,
     ),
 ]
