@@ -39,6 +39,7 @@ from convert.export.checkpoint import Checkpoint
 from convert.export.moe import MixtureOfExperts
 from convert.export.registry import register
 from convert.export.vocab import TokenizerError, Vocab
+from convert.export.vocab_spm_json import UnsupportedSpmJson, spm_style
 
 _END_OF_TURN = "<|end_of_sentence|>"
 # ERNIE's original (PaddlePaddle) layout fuses these; transformers' checkpoints split them.
@@ -71,8 +72,7 @@ class _ErnieFamily(ArchModel):
             writer.add_add_space_prefix(bool(prefix))
 
     def load_vocab(self) -> Vocab:
-        path = self.checkpoint.path
-        if not (path / "tokenizer.model").is_file() and (path / "tokenizer.json").is_file():
+        if self._sentencepiece_json_only():
             # Without a dummy prefix, such a tokenizer.json becomes llama.cpp's SentencePiece-style BPE
             # ("gemma4"), for which llama.cpp always adds a BOS token: ERNIE's prompts have none.
             raise TokenizerError(
@@ -85,6 +85,18 @@ class _ErnieFamily(ArchModel):
         if end_of_turn is not None:
             vocab.special._set_special_token("eot", end_of_turn)  # kept if the tokenizer files set one
         return vocab
+
+    def _sentencepiece_json_only(self) -> bool:
+        """A SentencePiece tokenizer without a dummy prefix (ERNIE's) saved as tokenizer.json only, as
+        transformers 5 saves it. Any other tokenizer.json is left to the base, which names its kind."""
+        path = self.checkpoint.path
+        if (path / "tokenizer.model").is_file() or not (path / "tokenizer.json").is_file():
+            return False
+        try:
+            style = spm_style(json.loads((path / "tokenizer.json").read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, UnsupportedSpmJson, AttributeError):
+            return False  # unreadable or unusual: the base's reader says what is wrong
+        return style is not None and not style.dummy_prefix  # with one, it is llama.cpp's SentencePiece
 
     def _tokenizer_config(self) -> dict:
         path = self.checkpoint.path / "tokenizer_config.json"
