@@ -59,6 +59,7 @@ class RewrittenTensor(CombinedTensor):
 class GatedDeltaNetHybrid(ArchModel):
     """What Qwen3-Next and Qwen3.5 share (see the module docstring)."""
 
+    expected_tokenizers = ("gpt2",)  # Qwen's byte-level BPE
     # Qwen3.5's value heads are regrouped from grouped-by-key-head to tiled order (llama.cpp
     # broadcasts the key heads over the value heads); Qwen3-Next's file keeps them grouped.
     tiled_value_heads: ClassVar[bool] = False
@@ -160,11 +161,6 @@ class GatedDeltaNetHybrid(ArchModel):
         if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
             return data + data.dtype.type(1)  # stored as an offset from 1; in the dtype read, as llama.cpp's converter
         return data
-
-    def transforms_columns(self, name: str, gguf_name: str) -> bool:
-        """Whether modify_tensor moves this weight's columns (not its rows): Qwen3.5's out_proj,
-        whose input is the value heads. A LoRA on it has its A's columns moved, not its B's rows."""
-        return self.tiled_value_heads and self.n_v != self.n_k and name.endswith(".linear_attn.out_proj.weight")
 
     def moves_values_only(self, name: str, gguf_name: str) -> bool:
         computed = name.endswith(".A_log") or (name.endswith("norm.weight") and "linear_attn.norm" not in name)
