@@ -7,6 +7,10 @@
 - The linear attention as llama.cpp's graph reads it: value heads reordered (Qwen3.5), the fused
   qkvz projection cut per key head (Qwen3-Next), A = -exp(A_log), norms' offsets, the per-layer
   recurrent flags and ssm sizes; checked against the checkpoint's own tensors.
+- A LoRA adapter on Qwen3.5's default targets (value heads reordered in rows of in_proj_qkv/z/a/b,
+  in the columns of out_proj) exports byte for byte as llama.cpp's convert_lora_to_gguf.py does.
+  (That script cannot convert a Qwen3-Next adapter on in_proj_qkvz: its LoRA tensors cannot be
+  reshaped per key head. Ours cuts B's rows; tests/test_export_adapter.py checks it against peft.)
 - Configurations llama.cpp cannot run are refused in one line before anything is written.
 """
 
@@ -35,6 +39,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from alpaca_chat.errors import ConversionError  # noqa: E402
 from convert.export import export  # noqa: E402
+from convert.export.adapter import export_adapter  # noqa: E402
+from test_export_adapter import lora_oracle, make_adapter, targets  # noqa: E402
 
 DENSE, MOE, NEXT = "qwen35-hybrid-tied", "qwen35moe-hybrid", "qwen3next-hybrid-moe"
 
@@ -100,6 +106,38 @@ def test_published_bf16_image_text_checkpoint_exports_its_language_model(request
     for name, (kind, shape, data) in reference.items():
         assert mine[name][:2] == (kind, shape), name
         assert same_bytes(mine[name][2], data), f"{name}: bytes differ from llama.cpp's converter (bf16 source)"
+
+
+# llama.cpp's LoRA converter has no --no-mtp flag; the model converter's class attribute behind it is set.
+_RUN_LORA_ORACLE = """
+import runpy, sys
+from pathlib import Path
+script, adapter, base, out = sys.argv[1:]
+sys.path.insert(0, str(Path(script).parent))
+from conversion import base as conversion_base
+conversion_base.ModelBase.no_mtp = True
+sys.argv = [script, adapter, "--base", base, "--outfile", out, "--outtype", "f16"]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_lora_adapter_matches_llama_cpp_lora_converter(request, tmp_path_factory, tiny_builds, tmp_path):
+    checkpoint, _, _ = tiny_builds.get(DENSE)
+    adapter = tmp_path / "adapter"
+    make_adapter(checkpoint, adapter, targets(checkpoint))
+    mine = gguf_tensors(export_adapter(adapter, tmp_path / "ours.gguf", "f16", base=str(checkpoint)).path)
+    assert "blk.0.ssm_out.weight.lora_a" in mine and "blk.0.attn_qkv.weight.lora_b" in mine
+    script = lora_oracle(reference_converter_or_fail(request, tmp_path_factory))
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_LORA_ORACLE, str(script), str(adapter), str(checkpoint), str(tmp_path / "ref.gguf")],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = gguf_tensors(tmp_path / "ref.gguf")
+    assert sorted(mine) == sorted(theirs)
+    for name, (kind, shape, data) in theirs.items():
+        assert mine[name][:2] == (kind, shape), name
+        assert same_bytes(mine[name][2], data), f"{name}: bytes differ from llama.cpp's LoRA converter"
 
 
 def test_linear_attention_tensors_as_llama_cpp_reads_them(tiny_builds):
