@@ -68,6 +68,29 @@ def test_transformers5_layer_type_names_give_the_same_file(tiny_builds, tmp_path
     assert ours.read_bytes() == f16.read_bytes()
 
 
+def test_transformers5_in_memory_expert_names_give_the_same_file(tiny_builds, tmp_path):
+    """A state dict saved as transformers 5 holds it in memory (experts.gate_up_proj, experts.down_proj,
+    router.weight, not the checkpoint's input_linear, output_linear, router.layer) exports the same."""
+    from safetensors.numpy import load_file, save_file
+
+    checkpoint, _, f16 = tiny_builds.get(MOE)
+    copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
+    renames = {"input_linear.weight": "experts.gate_up_proj", "output_linear.weight": "experts.down_proj",
+               "router.layer.weight": "router.weight"}
+    renamed = {}
+    for name, data in load_file(copy / "model.safetensors").items():
+        for old, new in renames.items():
+            if name.endswith(f"block_sparse_moe.{old}"):
+                name = name.replace(old, new)
+        renamed[name] = data
+    assert any(name.endswith("experts.gate_up_proj") for name in renamed)
+    save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
+    ours = export(copy, tmp_path / "renamed.gguf", "f16").path
+    assert gguf_fields(ours) == gguf_fields(f16)
+    want, have = gguf_tensors(f16), gguf_tensors(ours)
+    assert sorted(have) == sorted(want) and all(same_bytes(have[n][2], want[n][2]) for n in want)
+
+
 def test_each_layer_is_written_as_its_kind(tiny_builds):
     """Mamba layers: no KV heads and the seven ssm tensors, each from the checkpoint's values
     (A = -exp(A_log), per-head columns, the gated norm per group, the conv kernel without its
