@@ -142,15 +142,23 @@ def test_dense_rope_checkpoint_keeps_rope(tiny_builds):
     assert "blk.0.ffn_gate.weight" in tensors and not [n for n in tensors if "shexp" in n or "exps" in n]
 
 
-ATTENTION_ONLY = TinyCase(
-    "granite4-attention-only",
-    "GraniteMoeHybridForCausalLM",
-    write_granite4_tokenizer,
-    {**HYBRID, "num_hidden_layers": 2, "layer_types": ["attention", "attention"], "num_local_experts": 0,
-     "num_experts_per_tok": 0, "intermediate_size": 96, "shared_intermediate_size": 96,
-     "position_embedding_type": "rope"},
-    config_class=ReleasedSpellingConfig,
-)
+_ATTENTION_ONLY = {**HYBRID, "num_hidden_layers": 2, "layer_types": ["attention", "attention"],
+                   "position_embedding_type": "rope"}
+# Granite 4.0 Micro's layout (a dense MLP), and the same with experts beside the shared one.
+ATTENTION_ONLY = {
+    "granite": TinyCase(
+        "granite4-attention-only", "GraniteMoeHybridForCausalLM", write_granite4_tokenizer,
+        {**_ATTENTION_ONLY, "num_local_experts": 0, "num_experts_per_tok": 0, "intermediate_size": 96,
+         "shared_intermediate_size": 96},
+        config_class=ReleasedSpellingConfig,
+    ),
+    "granitemoe": TinyCase(
+        "granite4-attention-only-moe", "GraniteMoeHybridForCausalLM", write_granite4_tokenizer,
+        {**_ATTENTION_ONLY, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+         "shared_intermediate_size": 48},
+        config_class=ReleasedSpellingConfig,
+    ),
+}
 # Keys llama.cpp's converter writes for an attention-only Granite 4 that plain granite never reads:
 # the Mamba sizes, the hybrid's per-layer KV heads and its rope switch. Ours writes none of them.
 ATTENTION_ONLY_EXTRA_KEYS = {
@@ -164,14 +172,16 @@ def oracle(request, tmp_path_factory):
     return reference_converter_or_fail(request, tmp_path_factory)
 
 
-def test_attention_only_granite4_is_plain_granite(tmp_path, oracle):
-    """Granite 4.0 Micro's layout (attention layers only, a dense MLP, rope): llama.cpp's granite,
-    the same logits as transformers at F32, and the same tensors as llama.cpp's converter writes."""
-    checkpoint = build_tiny_model(tmp_path / ATTENTION_ONLY.name, ATTENTION_ONLY)
+@pytest.mark.parametrize("arch", ATTENTION_ONLY)
+def test_attention_only_granite4_is_plain_granite(tmp_path, oracle, arch):
+    """Attention layers only, with rope: llama.cpp's granite (granitemoe with experts), the same
+    logits as transformers at F32, and the same tensors as llama.cpp's converter writes."""
+    case = ATTENTION_ONLY[arch]
+    checkpoint = build_tiny_model(tmp_path / case.name, case)
     ours = export(checkpoint, tmp_path / "ours.gguf", "f32").path
     fields = gguf_fields(ours)
-    assert fields["general.architecture"] == "granite"
-    assert fields["granite.attention.head_count_kv"] == _config(checkpoint)["num_key_value_heads"]
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.attention.head_count_kv"] == _config(checkpoint)["num_key_value_heads"]
     sequences = random_sequences(_config(checkpoint)["vocab_size"], count=2)
     for want, have in zip(hf_last_logits(checkpoint, sequences), gguf_last_logits(ours, sequences)):
         assert np.abs(have - want).max() < 1e-4
@@ -180,11 +190,12 @@ def test_attention_only_granite4_is_plain_granite(tmp_path, oracle):
     done = run_reference_converter(oracle, checkpoint, theirs, "f32", pre_tokenizer=fields["tokenizer.ggml.pre"])
     assert done.returncode == 0, done.stderr[-3000:]
     their_fields = gguf_fields(theirs)
-    assert their_fields["general.architecture"] == "granite"
-    assert set(their_fields) - set(fields) == ATTENTION_ONLY_EXTRA_KEYS
-    head_count_kv = "granite.attention.head_count_kv"  # theirs per layer, all equal; ours one number
+    assert their_fields["general.architecture"] == arch
+    extra = {key.replace("granite.", f"{arch}.") for key in ATTENTION_ONLY_EXTRA_KEYS}
+    assert set(their_fields) - set(fields) == extra
+    head_count_kv = f"{arch}.attention.head_count_kv"  # theirs per layer, all equal; ours one number
     assert their_fields[head_count_kv] == [fields[head_count_kv]] * 2
-    for key in set(their_fields) - ATTENTION_ONLY_EXTRA_KEYS - {head_count_kv}:
+    for key in set(their_fields) - extra - {head_count_kv}:
         assert fields[key] == their_fields[key], key
     our_tensors, their_tensors = gguf_tensors(ours), gguf_tensors(theirs)
     assert sorted(our_tensors) == sorted(their_tensors)

@@ -135,7 +135,7 @@ class GraniteHybridModel(LlamaModel):
         elif self.rope.get("rope_theta") is not None:  # unused, but llama.cpp's converter writes it
             writer.add_rope_freq_base(float(self.rope["rope_theta"]))
         writer.add_layer_norm_rms_eps(float(self._param("rms_norm_eps")))
-        writer.add_vocab_size(int(hp["vocab_size"]))
+        writer.add_vocab_size(int(self._param("vocab_size")))
         writer.add_rope_dimension_count(self.head_dim)
         for key, add in MULTIPLIERS.items():
             value = hp.get(key)
