@@ -20,7 +20,7 @@ What llama.cpp needs beyond the tensors:
   model has no trained length: 2**20 is written as its context length, as llama.cpp's does;
 - Granite's four multipliers, written as Granite 3's exporter writes them.
 
-Granite 4 checkpoints with attention layers only (Granite 4.0 Micro, 1B, 350M) have the same class
+Granite 4 checkpoints with attention layers only (the non-"H" models, e.g. Granite 4.0 Micro) have the same class
 and tensors; they become llama.cpp's plain granite (or granitemoe, with experts), with rope, as
 llama.cpp's converter does.
 
@@ -70,7 +70,7 @@ class GraniteHybridModel(LlamaModel):
         self.uses_rope = hp.get("position_embedding_type") == "rope"
         self.hybrid = any(self.mamba_layers)
         self.mamba = mamba2.granite_mamba2_dims(hp) if self.hybrid else None
-        if not self.hybrid:  # all attention (Granite 4.0 Micro, 1B, 350M): llama.cpp's plain Granite
+        if not self.hybrid:  # all attention (non-"H" Granite 4, e.g. Micro): plain granite
             self.gguf_arch = gguf.MODEL_ARCH.GRANITE_MOE if self.n_expert else gguf.MODEL_ARCH.GRANITE
             self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
         self._check_supported()
