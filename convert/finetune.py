@@ -7,7 +7,9 @@ heldout.jsonl and checkpoints/ (convert/run_files.py names them).
 
 No compute goes to padding: each batch is packed into one row, positions
 restart at every example and the attention mask keeps examples apart
-(transformers derives it from the position ids). Logits, the largest activation
+(transformers derives it from the position ids). A hybrid whose layers carry a
+convolution or recurrent state (LFM2, Granite 4, Qwen3.5, Qwen3-Next) gets one
+example per row, right-padded, so that no state crosses from one to the next. Logits, the largest activation
 of a small model, are computed only where a token is trained on. That is
 convert/packing.py; the Trainer around it, Ctrl+C and the metrics are
 convert/trainer.py; the base is loaded by convert/model_loading.py; this module
@@ -42,7 +44,7 @@ from convert.data import PreparedData, prepare_data
 from convert.finetune_config import LORA_DEFAULTS, LORA_FALLBACK, FinetuneConfig, LoraSettings, lora_settings
 from convert.gguf_base import read_provenance
 from convert.model_loading import FROZEN_DTYPES, base_shape, load_model, load_model_config, load_tokenizer, resolve_base
-from convert.packing import PACKED_ROW_TOKENS, PackedCollator, chunk_bounds, packed_loss
+from convert.packing import PACKED_ROW_TOKENS, PackedCollator, carried_state, chunk_bounds, packed_loss
 from convert.run_files import CHECKPOINTS_DIR, HELDOUT_FILE, METRICS_FILE, PLOT_FILE, TRAINING_FILE
 from convert.trainer import (
     InterruptToCheckpoint,
@@ -112,6 +114,10 @@ def finetune(
     _print(f"settings: device {device}, precision {precision} (LoRA weights and optimizer fp32), "
            f"LoRA r={lora.r} alpha={lora.alpha} on {_as_json(lora.target_modules)}")
     _print(prepared.describe(max_length))
+    not_packed = carried_state(model_config)
+    if not_packed:
+        _print(f"packing: off, one example per row, right-padded ({not_packed}, which a packed row "
+               f"would carry from one example into the next)")
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         meta = _training_meta(config, base_path, model_config, prepared, lora, max_length) | {"precision": precision}

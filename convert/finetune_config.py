@@ -33,12 +33,39 @@ class LoraSettings:
 #   every expert its own adapter; the router is a plain parameter too.
 # - Gemma 3 4B and up (`gemma3`, image-text) adapts the language model only: the
 #   vision tower has its own q/k/v projections, and the GGUF holds the text tower.
+# - Hybrids adapt their token mixers too, not only attention: most of their layers
+#   are not attention, and a default that names only q/k/v/o would leave them
+#   untouched (peft adapts what matches and says nothing). Qwen3.5's gated
+#   DeltaNet (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, `out_proj`) and
+#   Qwen3-Next's (`in_proj_qkvz`, `in_proj_ba`, `out_proj`); Granite 4's Mamba-2
+#   (`in_proj`, `out_proj`) and its `shared_mlp` (the MLP of the dense Granite 4 H
+#   models, the shared expert of the MoE ones); LFM2's short convolutions
+#   (`conv.in_proj`, `conv.out_proj`) and its `w1`/`w2`/`w3` MLP. The convolution
+#   kernels, A_log, dt_bias and D are small parameters, not Linear layers: frozen.
+# - The newer MoE families (Qwen3.5 MoE, Qwen3-Next, GLM-4.5, ERNIE 4.5 MoE) adapt
+#   attention and their token mixers, as Qwen3 MoE does: their shared experts and
+#   first dense MLPs stay frozen too. Naming `gate_proj`/`up_proj`/`down_proj` there
+#   would not reach those Linear layers: for the families transformers 5 converts
+#   from a v4 MoE layout (Qwen3-Next, GLM-4.5, ERNIE 4.5 MoE; peft's
+#   transformers_weight_conversion) peft rewrites any target ending in those names
+#   into the fused routed experts (one adapter per expert, which the GGUF adapter
+#   export refuses) and drops the shared ones. Routers (`mlp.gate`,
+#   `shared_expert_gate`, Gemma 4's `router.proj`) are never named.
+# - Gemma 4's per-layer-input projections (`per_layer_input_gate`,
+#   `per_layer_projection`) stay frozen, as in unsloth's Gemma 4 recipe.
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 # A regular expression (peft matches a string target in full against module names).
 _GEMMA3_LANGUAGE_MODEL = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _NEOX_LIKE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_GEMMA4_LANGUAGE_MODEL = _GEMMA3_LANGUAGE_MODEL  # Gemma4ForConditionalGeneration's text tower, same names
+_GATED_DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")  # Qwen3.5's
+_QWEN35 = (*_LLAMA_LIKE, *_GATED_DELTANET)
+_QWEN35_MOE = (*_ATTENTION, *_GATED_DELTANET)
+_QWEN3_NEXT = (*_ATTENTION, "in_proj_qkvz", "in_proj_ba", "out_proj")
+_GRANITE_HYBRID = (*_ATTENTION, "in_proj", "out_proj", "shared_mlp.input_linear", "shared_mlp.output_linear")
+_LFM2 = ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")
 
 
 def _lora(target_modules: tuple[str, ...] | str) -> LoraSettings:
@@ -66,6 +93,21 @@ LORA_DEFAULTS: dict[str, LoraSettings] = {
     "gpt2": _lora(("c_attn", "c_proj", "c_fc")),
     "gpt_neox": _lora(_NEOX_LIKE),
     "falcon": _lora(_NEOX_LIKE),
+    # the 2026 families (issue 22); `qwen3_5` and `qwen3_5_moe` load as their text-only causal LM
+    "qwen3_5": _lora(_QWEN35),
+    "qwen3_5_text": _lora(_QWEN35),
+    "qwen3_5_moe": _lora(_QWEN35_MOE),
+    "qwen3_5_moe_text": _lora(_QWEN35_MOE),
+    "qwen3_next": _lora(_QWEN3_NEXT),
+    "gemma4_text": _lora(_LLAMA_LIKE),
+    "gemma4": _lora(_GEMMA4_LANGUAGE_MODEL),
+    "granitemoehybrid": _lora(_GRANITE_HYBRID),
+    "lfm2": _lora(_LFM2),
+    "lfm2_moe": _lora(_LFM2),
+    "olmo3": _lora(_LLAMA_LIKE),
+    "ernie4_5": _lora(_LLAMA_LIKE),
+    "ernie4_5_moe": _lora(_ATTENTION),
+    "glm4_moe": _lora(_ATTENTION),
 }
 LORA_FALLBACK = _lora("all-linear")
 
