@@ -29,7 +29,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -109,7 +109,8 @@ def finetune(
         _check_same_data(out, prepared)
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
-    lora = lora_settings(model_config.model_type, config)
+    lora = without_bypassed_targets(lora_settings(model_config.model_type, config), model_config.model_type,
+                                    device, chosen=config.target_modules is not None)
     log.info("fine-tuning %s on %s: %s, LoRA %s, device %s", config.base, config.data, config, lora, device)
     _print(f"settings: device {device}, precision {precision} (LoRA weights and optimizer fp32), "
            f"LoRA r={lora.r} alpha={lora.alpha} on {_as_json(lora.target_modules)}")
@@ -177,6 +178,28 @@ def add_lora(model, lora: LoraSettings):
         return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise TrainingError(f"cannot add LoRA to this model: {exc}") from None
+
+
+# transformers' Mamba-2 layers train through mamba_ssm's fused kernel on a CUDA GPU where it is
+# installed, and that kernel multiplies by `out_proj.weight` itself: a LoRA on out_proj would get no
+# gradient and change nothing. (On the CPU, and without mamba_ssm, out_proj is called as a module.)
+_FUSED_MAMBA_OUT_PROJ = ("granitemoehybrid", "bamba", "falcon_h1", "nemotron_h", "zamba2", "mamba2")
+
+
+def without_bypassed_targets(lora: LoraSettings, model_type: str, device: str, *, chosen: bool) -> LoraSettings:
+    """The LoRA settings less the modules a fused GPU kernel would run without their adapter."""
+    import importlib.util
+
+    targets = lora.target_modules
+    if device != "cuda" or model_type not in _FUSED_MAMBA_OUT_PROJ or not isinstance(targets, tuple):
+        return lora
+    if "out_proj" not in targets or importlib.util.find_spec("mamba_ssm") is None:
+        return lora
+    reason = "mamba_ssm's fused Mamba-2 training kernel applies out_proj's weight directly, so its LoRA would not train"
+    if chosen:
+        raise UsageError(f"--target-modules out_proj: {reason}; leave it out, or train on the CPU (--device cpu)")
+    _print(f"LoRA: out_proj left out on this GPU ({reason})")
+    return replace(lora, target_modules=tuple(t for t in targets if t != "out_proj"))
 
 
 def pick_precision(choice: str, device: str) -> str:

@@ -172,15 +172,6 @@ def chunk_bounds(
     return bounds
 
 
-def examples_alone_above(config) -> int | None:
-    """The example length past which an example must go through the model alone: 0 (every
-    example) when the model's layers carry a state across tokens, the rope limit when its rope
-    frequencies change with the length, else None (examples share forward passes)."""
-    if carried_state(config) is not None:
-        return 0
-    return length_sensitive_rope(config)
-
-
 # Words of the `layer_types` of layers whose output at a token depends on a state carried from
 # the tokens before it, other than through attention: LFM2's "conv", Granite 4's "mamba" (which
 # its transformers config renames "linear_attention"), Qwen3.5's and Qwen3-Next's

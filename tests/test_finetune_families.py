@@ -13,6 +13,7 @@ import pytest
 
 from convert_helpers import CASES, TINY_CASES, build_tiny_model, gguf_fields
 from finetune_helpers import seed_rows, write_json
+from test_finetune_hybrids import assert_experts_routers_and_vision_frozen
 
 pytest.importorskip("peft", reason="needs the convert extra")
 
@@ -105,16 +106,6 @@ def test_lora_defaults_name_real_linear_layers(name, checkpoints):
     assert trainable and all("lora_" in n for n in trainable)
     assert_experts_routers_and_vision_frozen(peft_model)
 
-
-def assert_experts_routers_and_vision_frozen(peft_model):
-    """No LoRA on a routed expert (peft can wrap fused expert parameters), a router or a vision tower."""
-    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
-    assert not peft_model.peft_config["default"].target_parameters, "LoRA on fused expert parameters"
-    frozen = [
-        n for n in wrapped
-        if ".experts" in n or "router" in n or n.endswith((".gate", "_gate")) or "vision" in n or "audio" in n
-    ]
-    assert not frozen, f"experts, routers and vision towers stay frozen, but these are adapted: {frozen}"
 
 
 # -- packing -------------------------------------------------------------------------------
@@ -254,7 +245,7 @@ def trains_on_chat_rows(checkpoint, max_length: int) -> bool:
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_pipeline_finetunes_merges_exports_quantizes_and_chats(name, checkpoints, tmp_path):
+def test_pipeline_finetunes_merges_exports_quantizes_and_chats(name, checkpoints, tmp_path, capsys):
     """Chat rows with the family's own template where it can train on them, Alpaca rows otherwise:
     the merged model, its GGUF and alpaca-chat all use the template the adapter was trained with."""
     checkpoint = checkpoints.get(name)
@@ -267,6 +258,10 @@ def test_pipeline_finetunes_merges_exports_quantizes_and_chats(name, checkpoints
     )
     summary = run_pipeline(PipelineOptions(config, quants=("Q4_K_M",), evaluate=False))
     options = summary.options
+    packing_off = [line for line in capsys.readouterr().err.splitlines() if line.startswith("packing: off")]
+    stateful = carried_state(model_loading.load_model_config(checkpoint))
+    assert len(packing_off) == (1 if stateful else 0), packing_off  # the log says why, once
+    assert not stateful or stateful in packing_off[0]
     assert [s.name for s in summary.steps] == ["finetune", "merge", "export", "quantize Q4_K_M"]
 
     meta = json.loads((options.adapter_dir / "training.json").read_text(encoding="utf-8"))
