@@ -15,7 +15,6 @@
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 
 from convert_helpers import (
-    ORACLE_WRAPPER,
     gguf_fields,
     gguf_tensors,
     reference_converter_or_fail,
@@ -80,64 +78,65 @@ def published_layout(plain, out):
     return out
 
 
-def run_oracle(script, checkpoint, out, pre):
-    env = {**os.environ, "ORACLE_SCRIPT": str(script), "ORACLE_PRE_TOKENIZER": pre}
-    return subprocess.run(
-        [sys.executable, str(ORACLE_WRAPPER), str(checkpoint), "--outtype", "f16", "--outfile", str(out), "--no-mtp"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent, env=env,
-    )
-
-
-def test_published_bf16_image_text_checkpoint_exports_its_language_model(request, tmp_path_factory, tiny_builds,
-                                                                         tmp_path):
-    plain, _, plain_f16 = tiny_builds.get(DENSE)
-    published = published_layout(plain, tmp_path / "published")
-    ours = export(published, tmp_path / "published.gguf", "f16").path
-    mine = gguf_tensors(ours)
-    assert sorted(mine) == sorted(gguf_tensors(plain_f16))  # no mtp, no vision tensor, no extra layer
-    fields = gguf_fields(ours)
-    assert fields["qwen35.block_count"] == 4 and "qwen35.nextn_predict_layers" not in fields
-
-    script = reference_converter_or_fail(request, tmp_path_factory)
-    done = run_oracle(script, published, tmp_path / "reference.gguf", fields["tokenizer.ggml.pre"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    reference = gguf_tensors(tmp_path / "reference.gguf")
-    assert sorted(reference) == sorted(mine)
-    for name, (kind, shape, data) in reference.items():
-        assert mine[name][:2] == (kind, shape), name
-        assert same_bytes(mine[name][2], data), f"{name}: bytes differ from llama.cpp's converter (bf16 source)"
-
-
-# llama.cpp's LoRA converter has no --no-mtp flag; the model converter's class attribute behind it is set.
-_RUN_LORA_ORACLE = """
+# Both of llama.cpp's converters in one process (torch loads once): the model's, as tests/oracle_convert.py runs
+# it (the pre-tokenizer lookup answered with our name), then the LoRA adapter's. Neither may look for MTP
+# tensors (the model converter's --no-mtp; the LoRA converter has no flag, so the class attribute is set).
+_RUN_ORACLES = """
 import runpy, sys
 from pathlib import Path
-script, adapter, base, out = sys.argv[1:]
-sys.path.insert(0, str(Path(script).parent))
-from conversion import base as conversion_base
-conversion_base.ModelBase.no_mtp = True
-sys.argv = [script, adapter, "--base", base, "--outfile", out, "--outtype", "f16"]
-runpy.run_path(script, run_name="__main__")
+model_script, lora_script, pre, checkpoint, model_out, adapter, base_dir, lora_out = sys.argv[1:]
+sys.path.insert(0, str(Path(model_script).parent))
+sys.path.insert(1, str(Path(model_script).parent / "gguf-py"))
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+base.ModelBase.no_mtp = True
+sys.argv = [model_script, checkpoint, "--outtype", "f16", "--outfile", model_out, "--no-mtp"]
+runpy.run_path(model_script, run_name="__main__")
+sys.argv = [lora_script, adapter, "--base", base_dir, "--outfile", lora_out, "--outtype", "f16"]
+runpy.run_path(lora_script, run_name="__main__")
 """
 
 
-def test_lora_adapter_matches_llama_cpp_lora_converter(request, tmp_path_factory, tiny_builds, tmp_path):
-    checkpoint, _, _ = tiny_builds.get(DENSE)
-    adapter = tmp_path / "adapter"
-    make_adapter(checkpoint, adapter, targets(checkpoint))
-    mine = gguf_tensors(export_adapter(adapter, tmp_path / "ours.gguf", "f16", base=str(checkpoint)).path)
-    assert "blk.0.ssm_out.weight.lora_a" in mine and "blk.0.attn_qkv.weight.lora_b" in mine
-    script = lora_oracle(reference_converter_or_fail(request, tmp_path_factory))
-    done = subprocess.run(
-        [sys.executable, "-c", _RUN_LORA_ORACLE, str(script), str(adapter), str(checkpoint), str(tmp_path / "ref.gguf")],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
-    )
+@pytest.fixture(scope="module")
+def against_llama_cpp(request, tmp_path_factory, tiny_builds):
+    """Ours and llama.cpp's files for (1) the published layout of the Qwen3.5 case, (2) a LoRA adapter on
+    that case's default targets: {"model": (ours, theirs), "lora": (ours, theirs)}."""
+    root = tmp_path_factory.mktemp("qwen35-oracle")
+    plain = tiny_builds.get(DENSE)[0]
+    published = published_layout(plain, root / "published")
+    model = export(published, root / "published.gguf", "f16").path
+    adapter = root / "adapter"
+    make_adapter(plain, adapter, targets(plain))
+    lora = export_adapter(adapter, root / "adapter.gguf", "f16", base=str(plain)).path
+    script = reference_converter_or_fail(request, tmp_path_factory)
+    args = [script, lora_oracle(script), gguf_fields(model)["tokenizer.ggml.pre"], published, root / "ref.gguf",
+            adapter, plain, root / "ref-lora.gguf"]
+    done = subprocess.run([sys.executable, "-c", _RUN_ORACLES, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=script.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    theirs = gguf_tensors(tmp_path / "ref.gguf")
-    assert sorted(mine) == sorted(theirs)
-    for name, (kind, shape, data) in theirs.items():
+    return {"model": (model, root / "ref.gguf"), "lora": (lora, root / "ref-lora.gguf")}
+
+
+def assert_same_tensors(ours, theirs, what):
+    mine, reference = gguf_tensors(ours), gguf_tensors(theirs)
+    assert sorted(mine) == sorted(reference)
+    for name, (kind, shape, data) in reference.items():
         assert mine[name][:2] == (kind, shape), name
-        assert same_bytes(mine[name][2], data), f"{name}: bytes differ from llama.cpp's LoRA converter"
+        assert same_bytes(mine[name][2], data), f"{name}: bytes differ from llama.cpp's {what}"
+
+
+def test_published_bf16_image_text_checkpoint_exports_its_language_model(against_llama_cpp, tiny_builds):
+    ours, theirs = against_llama_cpp["model"]
+    assert sorted(gguf_tensors(ours)) == sorted(gguf_tensors(tiny_builds.get(DENSE)[2]))  # no mtp, no vision
+    fields = gguf_fields(ours)
+    assert fields["qwen35.block_count"] == 4 and "qwen35.nextn_predict_layers" not in fields
+    assert_same_tensors(ours, theirs, "converter (bf16 source)")
+
+
+def test_lora_adapter_matches_llama_cpp_lora_converter(against_llama_cpp):
+    ours, theirs = against_llama_cpp["lora"]
+    assert {"blk.0.ssm_out.weight.lora_a", "blk.0.attn_qkv.weight.lora_b"} <= set(gguf_tensors(ours))
+    assert_same_tensors(ours, theirs, "LoRA converter")
 
 
 def test_linear_attention_tensors_as_llama_cpp_reads_them(tiny_builds):
