@@ -58,6 +58,23 @@ def qwen35_tokenizer(out: Path) -> TokenizerInfo:
     return TokenizerInfo(n_vocab, {"eos_token_id": 2, "pad_token_id": 0})
 
 
+def qwen35_image_text_config(**text_settings):
+    """A Qwen3_5Config whose text_config takes the tiny settings, with a one-block vision tower (left out
+    of the GGUF, as llama.cpp writes it to a separate mmproj file)."""
+    import transformers
+
+    vision = transformers.Qwen3_5VisionConfig(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_settings["hidden_size"],
+        num_position_embeddings=16, patch_size=4,
+    )
+    text = transformers.Qwen3_5TextConfig(**text_settings)
+    return transformers.Qwen3_5Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), tie_word_embeddings=text.tie_word_embeddings,
+        image_token_id=text.vocab_size, video_token_id=text.vocab_size + 1,
+        vision_start_token_id=text.vocab_size + 2, vision_end_token_id=text.vocab_size + 3,
+    )
+
+
 CASES = [
     TinyCase(
         "qwen35-hybrid-tied",
@@ -83,6 +100,15 @@ CASES = [
             "shared_expert_intermediate_size": 48,
         },
         config_class="Qwen3_5MoeTextConfig",
+        oracle_args=NO_MTP,
+    ),
+    TinyCase(
+        # Qwen3.5 as released (Qwen/Qwen3.5-*): the image-text class; only its language model is written.
+        "qwen35-image-text-tower",
+        "Qwen3_5ForConditionalGeneration",
+        qwen35_tokenizer,
+        {**HYBRID, "tie_word_embeddings": True, "intermediate_size": 96, "rope_parameters": QWEN35_ROPE},
+        config_class=qwen35_image_text_config,
         oracle_args=NO_MTP,
     ),
 ]
