@@ -42,7 +42,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "attention.key_length_swa": (1, _MAX_HEAD_DIM),
     "attention.value_length_swa": (1, _MAX_HEAD_DIM),
     "attention.sliding_window": (0, _MAX_CONTEXT),
-    "rope.dimension_count": (0, _MAX_HEAD_DIM),
+    "rope.dimension_count": (1, _MAX_HEAD_DIM),  # 0: llama.cpp hangs building the rope of a rope model
     "rope.dimension_count_swa": (0, _MAX_HEAD_DIM),
     "rope.scaling.original_context_length": (0, _MAX_CONTEXT),
     "vocab_size": (1, ABSURD_COUNT),
@@ -54,6 +54,9 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "leading_dense_block_count": (0, _MAX_LAYERS),
     "nextn_predict_layers": (0, _MAX_LAYERS),
     "interleave_moe_layer_step": (0, _MAX_LAYERS),
+    # llama.cpp's llama_expert_gating_func_type: softmax, sigmoid, softmax on the weights, sqrt-softplus.
+    # 0 ("none") or an unknown value leaves MoE routing undefined (the fuzz campaign hung llama.cpp).
+    "expert_gating_func": (1, 4),
     # Recurrent layers (Mamba, gated DeltaNet, LFM2's short convolutions): llama.cpp sizes every
     # sequence's state from these, and Qwen3-Next's layer pattern divides by the interval.
     "ssm.conv_kernel": (0, _MAX_CONV_KERNEL),

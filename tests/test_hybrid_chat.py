@@ -35,7 +35,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, repeat_penalty=1.0)
 
 # Families whose layers carry a recurrent state; each of their tiny cases is exported by us and chatted with.
 HYBRID_ARCHITECTURES = {
-    "Lfm2ForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM",
+    "Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM",
     "GraniteMoeHybridForCausalLM", "Qwen3_5ForConditionalGeneration",
 }
 OURS = sorted(case.name for case in TINY_CASES if case.architecture in HYBRID_ARCHITECTURES)
@@ -182,7 +182,7 @@ def expected_memory(hybrid: HybridModel) -> tuple[int, int]:
     def ssm(layers, d_conv, d_inner, n_group, d_state):  # the convolution window and the SSM state
         return layers * ((d_conv - 1) * (d_inner + 2 * n_group * d_state) + d_state * d_inner) * f32
 
-    if hybrid.architecture == "Lfm2ForCausalLM":  # (L_cache - 1) x hidden per convolution layer
+    if hybrid.architecture in ("Lfm2ForCausalLM", "Lfm2MoeForCausalLM"):  # (L_cache - 1) x hidden per conv layer
         conv = layer_types.count("conv")
         return conv * (config["conv_L_cache"] - 1) * config["hidden_size"] * f32, kv(len(layer_types) - conv)
     if hybrid.architecture == "Mamba2ForCausalLM":
