@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 
 from alpaca_chat.errors import TrainingError
 from convert import gguf_base
@@ -98,7 +99,8 @@ def load_gguf(gguf: Path):
     try:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, NotImplementedError, OSError, StrictDataclassError) as exc:
+        # e.g. a GGUF whose settings transformers' config cannot hold (Gemma 4's per-layer FFN widths)
         raise TrainingError(
             f"base model: transformers cannot dequantize {gguf.name} ({_first_line(exc)}); "
             "give a Hugging Face checkpoint directory instead"
