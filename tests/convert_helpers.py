@@ -396,6 +396,23 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def read_config(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "config.json").read_text())
+
+
+def with_config(checkpoint: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of `checkpoint` in `tmp_path` whose config.json has `changes` (None removes a key)."""
+    copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
+    config = read_config(copy)
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return copy
+
+
 def end_of_generation_tokens(gguf_path: Path) -> set[str]:
     """The texts of the tokens llama.cpp stops generating at (its end-of-generation set)."""
     import llama_cpp

@@ -6,19 +6,19 @@ each family's quirks land in the GGUF, and the checkpoints llama.cpp could not
 run faithfully, which are refused before anything is written.
 """
 
-import json
 
 import numpy as np
 import pytest
 
 from convert_helpers import (
-    copy_checkpoint,
     end_of_generation_tokens,
     gguf_fields,
     gguf_last_logits,
     gguf_tensors,
     hf_last_logits,
     random_sequences,
+    read_config,
+    with_config,
 )
 
 from alpaca_chat.errors import ConversionError
@@ -27,30 +27,13 @@ from convert.export import export
 pytestmark = pytest.mark.slow
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
-def _with_config(checkpoint, tmp_path, **changes):
-    """A copy of `checkpoint` whose config.json has `changes` (None removes a key)."""
-    copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
-    config = _config(copy)
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return copy
-
-
 # -- SmolLM3 ---------------------------------------------------------------------------
 
 
 def test_smollm3_case_has_a_layer_without_rope(tiny_builds):
     """Otherwise the logits tests would not see where llama.cpp skips RoPE."""
     checkpoint, _, _ = tiny_builds.get("smollm3-nope")
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     assert 0 in config["no_rope_layers"][: config["num_hidden_layers"]]
 
 
@@ -66,8 +49,8 @@ def test_smollm3_no_rope_layers_are_implied_by_the_architecture(tiny_builds):
 
 def test_smollm3_other_no_rope_pattern_is_refused(tiny_builds, tmp_path):
     checkpoint, _, _ = tiny_builds.get("smollm3-nope")
-    n_layer = _config(checkpoint)["num_hidden_layers"]
-    broken = _with_config(checkpoint, tmp_path, no_rope_layers=[1] * n_layer)  # RoPE everywhere
+    n_layer = read_config(checkpoint)["num_hidden_layers"]
+    broken = with_config(checkpoint, tmp_path, no_rope_layers=[1] * n_layer)  # RoPE everywhere
     out = tmp_path / "out.gguf"
     with pytest.raises(ConversionError, match=r"layer 3 uses RoPE .*no_rope_layers"):
         export(broken, out, "f16")
@@ -86,7 +69,7 @@ GRANITE_KEYS = {
 
 def test_granite_multipliers_in_metadata(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("granite-multipliers")
-    config, fields = _config(checkpoint), gguf_fields(f16)
+    config, fields = read_config(checkpoint), gguf_fields(f16)
     for hf_key, gguf_key in GRANITE_KEYS.items():
         assert config[hf_key] != 1.0, f"the case should set {hf_key} away from the default"
         assert fields[gguf_key] == pytest.approx(config[hf_key]), gguf_key
@@ -97,30 +80,30 @@ def test_granite_missing_multiplier_gets_transformers_default(tiny_builds, tmp_p
     """transformers runs a config without attention_multiplier at scale 1.0; llama.cpp would use
     1/sqrt(head size) if the key were left out."""
     checkpoint, _, _ = tiny_builds.get("granite-multipliers")
-    without = _with_config(checkpoint, tmp_path, attention_multiplier=None)
+    without = with_config(checkpoint, tmp_path, attention_multiplier=None)
     f32 = export(without, tmp_path / "g.gguf", "f32").path
     assert gguf_fields(f32)["granite.attention.scale"] == 1.0
-    sequences = random_sequences(_config(without)["vocab_size"], count=2)
+    sequences = random_sequences(read_config(without)["vocab_size"], count=2)
     for want, have in zip(hf_last_logits(without, sequences), gguf_last_logits(f32, sequences)):
         assert np.abs(have - want).max() < 1e-4
 
 
 def test_granite_head_dim_that_agrees_is_dropped(tiny_builds, tmp_path):
     checkpoint, _, _ = tiny_builds.get("granite-multipliers")
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    fields = gguf_fields(export(_with_config(checkpoint, tmp_path, head_dim=head_dim), tmp_path / "g.gguf").path)
+    fields = gguf_fields(export(with_config(checkpoint, tmp_path, head_dim=head_dim), tmp_path / "g.gguf").path)
     assert "granite.attention.key_length" not in fields
     assert fields["granite.rope.dimension_count"] == head_dim
 
 
 def test_granite_head_dim_that_disagrees_is_refused(tiny_builds, tmp_path):
     checkpoint, _, _ = tiny_builds.get("granite-multipliers")
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     head_dim = 2 * config["hidden_size"] // config["num_attention_heads"]
     out = tmp_path / "g.gguf"
     with pytest.raises(ConversionError, match="head_dim"):
-        export(_with_config(checkpoint, tmp_path, head_dim=head_dim), out)
+        export(with_config(checkpoint, tmp_path, head_dim=head_dim), out)
     assert not out.exists()
 
 
@@ -136,7 +119,7 @@ def test_granite_pre_tokenizer_given_is_kept(tiny_builds, tmp_path):
 
 def test_olmo2_norms_after_attention_and_mlp(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("olmo2-postnorm")
-    config, tensors = _config(checkpoint), gguf_tensors(f16)
+    config, tensors = read_config(checkpoint), gguf_tensors(f16)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     for bid in range(config["num_hidden_layers"]):
         block = {name.split(".", 2)[2]: value for name, value in tensors.items() if name.startswith(f"blk.{bid}.")}
@@ -153,7 +136,7 @@ def test_olmo2_tied_embeddings_are_refused(tiny_builds, tmp_path):
     checkpoint, _, _ = tiny_builds.get("olmo2-postnorm")
     out = tmp_path / "o.gguf"
     with pytest.raises(ConversionError, match="separate output matrix"):
-        export(_with_config(checkpoint, tmp_path, tie_word_embeddings=True), out)
+        export(with_config(checkpoint, tmp_path, tie_word_embeddings=True), out)
     assert not out.exists()
 
 
@@ -162,7 +145,7 @@ def test_olmo2_tied_embeddings_are_refused(tiny_builds, tmp_path):
 
 def test_tekken_tokenizer_and_explicit_head_dim(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("mistral-nemo-tekken")
-    config, fields = _config(checkpoint), gguf_fields(f16)
+    config, fields = read_config(checkpoint), gguf_fields(f16)
     assert config["head_dim"] != config["hidden_size"] // config["num_attention_heads"]
     assert fields["llama.attention.key_length"] == config["head_dim"]
     assert fields["llama.rope.dimension_count"] == config["head_dim"]

@@ -7,7 +7,6 @@ kind and each Mamba-2 tensor land in the GGUF, a Granite 4 with attention layers
 granite in llama.cpp), and what llama.cpp cannot run, refused before anything is written.
 """
 
-import json
 import math
 
 import numpy as np
@@ -22,9 +21,11 @@ from convert_helpers import (
     gguf_tensors,
     hf_last_logits,
     random_sequences,
+    read_config,
     reference_converter_or_fail,
     run_reference_converter,
     same_bytes,
+    with_config,
 )
 
 from alpaca_chat.errors import ConversionError
@@ -36,23 +37,6 @@ pytestmark = pytest.mark.slow
 MOE, DENSE = "granite-hybrid-moe", "granite-hybrid-dense-rope"
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
-def _with_config(checkpoint, tmp_path, **changes):
-    """A copy of `checkpoint` (same directory name) whose config.json has `changes` (None removes a key)."""
-    copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
-    config = _config(copy)
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return copy
-
-
 @pytest.mark.parametrize("name", [MOE, DENSE])
 def test_transformers5_layer_type_names_give_the_same_file(tiny_builds, tmp_path, name):
     """transformers 5 loads the released names ("mamba", "attention") and saves its own
@@ -60,10 +44,10 @@ def test_transformers5_layer_type_names_give_the_same_file(tiny_builds, tmp_path
     import transformers
 
     checkpoint, _, f16 = tiny_builds.get(name)
-    assert set(_config(checkpoint)["layer_types"]) == {"mamba", "attention"}
+    assert set(read_config(checkpoint)["layer_types"]) == {"mamba", "attention"}
     resaved = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
     transformers.AutoConfig.from_pretrained(checkpoint).save_pretrained(resaved)  # transformers' own config.json
-    assert set(_config(resaved)["layer_types"]) == {"linear_attention", "full_attention"}
+    assert set(read_config(resaved)["layer_types"]) == {"linear_attention", "full_attention"}
     ours = export(resaved, tmp_path / "resaved.gguf", "f16").path
     assert ours.read_bytes() == f16.read_bytes()
 
@@ -98,7 +82,7 @@ def test_each_layer_is_written_as_its_kind(tiny_builds):
     from safetensors.numpy import load_file
 
     checkpoint, f32, _ = tiny_builds.get(MOE)
-    config, fields, tensors = _config(checkpoint), gguf_fields(f32), gguf_tensors(f32)
+    config, fields, tensors = read_config(checkpoint), gguf_fields(f32), gguf_tensors(f32)
     weights = load_file(checkpoint / "model.safetensors")
     groups, heads, d_state = config["mamba_n_groups"], config["mamba_n_heads"], config["mamba_d_state"]
     inner = heads * config["mamba_d_head"]
@@ -137,7 +121,7 @@ def test_dense_rope_checkpoint_keeps_rope(tiny_builds):
     checkpoint, f32, _ = tiny_builds.get(DENSE)
     fields, tensors = gguf_fields(f32), gguf_tensors(f32)
     assert fields["granitehybrid.rope.scaling.finetuned"] is True
-    assert fields["granitehybrid.context_length"] == _config(checkpoint)["max_position_embeddings"]
+    assert fields["granitehybrid.context_length"] == read_config(checkpoint)["max_position_embeddings"]
     assert fields["granitehybrid.expert_count"] == 0 and fields["granitehybrid.expert_used_count"] == 0
     assert "blk.0.ffn_gate.weight" in tensors and not [n for n in tensors if "shexp" in n or "exps" in n]
 
@@ -181,8 +165,8 @@ def test_attention_only_granite4_is_plain_granite(tmp_path, oracle, arch):
     ours = export(checkpoint, tmp_path / "ours.gguf", "f32").path
     fields = gguf_fields(ours)
     assert fields["general.architecture"] == arch
-    assert fields[f"{arch}.attention.head_count_kv"] == _config(checkpoint)["num_key_value_heads"]
-    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=2)
+    assert fields[f"{arch}.attention.head_count_kv"] == read_config(checkpoint)["num_key_value_heads"]
+    sequences = random_sequences(read_config(checkpoint)["vocab_size"], count=2)
     for want, have in zip(hf_last_logits(checkpoint, sequences), gguf_last_logits(ours, sequences)):
         assert np.abs(have - want).max() < 1e-4
 
@@ -227,7 +211,7 @@ REFUSED = {
 def test_what_llama_cpp_cannot_run_is_refused(tiny_builds, tmp_path, name):
     checkpoint, _, _ = tiny_builds.get(MOE)
     change, message = REFUSED[name]
-    broken = _with_config(checkpoint, tmp_path, **change(_config(checkpoint)))
+    broken = with_config(checkpoint, tmp_path, **change(read_config(checkpoint)))
     out = tmp_path / "out.gguf"
     with pytest.raises(ConversionError, match=message):
         export(broken, out, "f16")
@@ -239,13 +223,13 @@ def test_infinite_time_step_limit_as_transformers_writes_it(tiny_builds, tmp_pat
     configs as a bare Infinity: both are the default (no clamp) and convert."""
     checkpoint, _, f16 = tiny_builds.get(MOE)
     for i, limit in enumerate(([0.0, {"__float__": "Infinity"}], [0.0, math.inf])):
-        copy = _with_config(checkpoint, tmp_path / str(i), time_step_limit=limit)
+        copy = with_config(checkpoint, tmp_path / str(i), time_step_limit=limit)
         assert export(copy, tmp_path / f"{i}.gguf", "f16").path.read_bytes() == f16.read_bytes()
 
 
 def test_refusal_is_one_line_from_the_cli(tiny_builds, tmp_path, capsys):
     checkpoint, _, _ = tiny_builds.get(MOE)
-    broken = _with_config(checkpoint, tmp_path, mamba_proj_bias=True)
+    broken = with_config(checkpoint, tmp_path, mamba_proj_bias=True)
     out = tmp_path / "out"
     out.mkdir()
     code = convert_main(["export", str(broken), "-o", str(out / "m.gguf")])

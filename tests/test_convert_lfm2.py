@@ -9,7 +9,6 @@ LFM2 MoE: the expert bias (which only chooses experts) with values that change t
 without use_expert_bias; router settings llama.cpp does not have, refused.
 """
 
-import json
 
 import numpy as np
 import pytest
@@ -21,7 +20,9 @@ from convert_helpers import (
     gguf_tensors,
     hf_last_logits,
     random_sequences,
+    read_config,
     same_bytes,
+    with_config,
 )
 
 from alpaca_chat.errors import ConversionError
@@ -34,23 +35,6 @@ CASE = "lfm2-conv-attention"
 MOE_CASE = "lfm2-moe"
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
-def _with_config(checkpoint, tmp_path, **changes):
-    """A copy of `checkpoint` whose config.json has `changes` (None removes a key)."""
-    copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)
-    config = _config(copy)
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return copy
-
-
 def test_each_layer_is_written_as_its_kind(tiny_builds):
     """Convolution layers: no KV heads, the three shortconv tensors, the kernel as (hidden, L) with
     the checkpoint's values; attention layers: q/k/v/output and per-head q/k norms. The final norm
@@ -58,7 +42,7 @@ def test_each_layer_is_written_as_its_kind(tiny_builds):
     from safetensors.numpy import load_file
 
     checkpoint, f32, _ = tiny_builds.get(CASE)
-    config, fields, tensors = _config(checkpoint), gguf_fields(f32), gguf_tensors(f32)
+    config, fields, tensors = read_config(checkpoint), gguf_fields(f32), gguf_tensors(f32)
     weights = load_file(checkpoint / "model.safetensors")
     hidden, l_cache = config["hidden_size"], config["conv_L_cache"]
     head_dim = hidden // config["num_attention_heads"]
@@ -113,9 +97,9 @@ def test_released_config_keys_give_the_same_file(tiny_builds, tmp_path):
     """LiquidAI's config.json (transformers 4.x) says block_ff_dim, full_attn_idxs and tie_embedding
     where transformers 5 writes intermediate_size, layer_types and tie_word_embeddings."""
     checkpoint, _, f16 = tiny_builds.get(CASE)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     attention = [i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention"]
-    released = _with_config(
+    released = with_config(
         checkpoint, tmp_path, layer_types=None, full_attn_idxs=attention, intermediate_size=None,
         block_ff_dim=config["intermediate_size"], tie_word_embeddings=None, tie_embedding=True,
     )
@@ -150,7 +134,7 @@ REFUSED = {
 def test_what_llama_cpp_cannot_run_is_refused(tiny_builds, tmp_path, name):
     checkpoint, _, _ = tiny_builds.get(CASE)
     change, message = REFUSED[name]
-    broken = _with_config(checkpoint, tmp_path, **change(_config(checkpoint)))
+    broken = with_config(checkpoint, tmp_path, **change(read_config(checkpoint)))
     out = tmp_path / "out.gguf"
     with pytest.raises(ConversionError, match=message):
         export(broken, out, "f16")
@@ -159,7 +143,7 @@ def test_what_llama_cpp_cannot_run_is_refused(tiny_builds, tmp_path, name):
 
 def test_refusal_is_one_line_from_the_cli(tiny_builds, tmp_path, capsys):
     checkpoint, _, _ = tiny_builds.get(CASE)
-    broken = _with_config(checkpoint, tmp_path, conv_bias=True)
+    broken = with_config(checkpoint, tmp_path, conv_bias=True)
     out = tmp_path / "out"
     out.mkdir()
     code = convert_main(["export", str(broken), "-o", str(out / "m.gguf")])
@@ -194,7 +178,7 @@ def biased_moe(tiny_builds, tmp_path_factory):
 
 
 def _logits_agree(checkpoint, gguf):
-    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=3)
+    sequences = random_sequences(read_config(checkpoint)["vocab_size"], count=3)
     want = hf_last_logits(checkpoint, sequences)
     for expected, got in zip(want, gguf_last_logits(gguf, sequences)):
         assert np.abs(got - expected).max() < 1e-4
@@ -205,7 +189,7 @@ def test_moe_expert_bias_chooses_experts_as_in_transformers(biased_moe, tmp_path
     original, biased = biased_moe
     gguf = export(biased, tmp_path / "biased.F32.gguf", "f32").path
     fields, tensors = gguf_fields(gguf), gguf_tensors(gguf)
-    config = _config(biased)
+    config = read_config(biased)
     assert fields["lfm2moe.leading_dense_block_count"] == config["num_dense_layers"]
     assert fields["lfm2moe.expert_gating_func"] == 2  # sigmoid
     for bid in range(config["num_dense_layers"], config["num_hidden_layers"]):
@@ -222,7 +206,7 @@ def test_moe_expert_bias_chooses_experts_as_in_transformers(biased_moe, tmp_path
 def test_moe_without_expert_bias_chooses_by_score_alone(biased_moe, tmp_path):
     """use_expert_bias: false: transformers ignores the stored bias; the GGUF gets zeros in its place."""
     _, biased = biased_moe
-    unbiased = _with_config(biased, tmp_path, use_expert_bias=False)
+    unbiased = with_config(biased, tmp_path, use_expert_bias=False)
     gguf = export(unbiased, tmp_path / "unbiased.F32.gguf", "f32").path
     tensors = gguf_tensors(gguf)
     biases = [name for name in tensors if name.endswith("exp_probs_b.bias")]
@@ -246,5 +230,5 @@ def test_moe_what_llama_cpp_cannot_run_is_refused(tiny_builds, tmp_path, name):
     changes, message = MOE_REFUSED[name]
     out = tmp_path / "out.gguf"
     with pytest.raises(ConversionError, match=message):
-        export(_with_config(checkpoint, tmp_path, **changes), out, "f16")
+        export(with_config(checkpoint, tmp_path, **changes), out, "f16")
     assert not out.exists()
