@@ -117,8 +117,8 @@ def finetune(
     _print(prepared.describe(max_length))
     not_packed = carried_state(model_config)
     if not_packed:
-        _print(f"packing: off, one example per row, right-padded ({not_packed}, which a packed row "
-               f"would carry from one example into the next)")
+        _print(f"packing: off, one example per row, right-padded ({not_packed}, and a packed row "
+               f"would leak it from one example into the next)")
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         meta = _training_meta(config, base_path, model_config, prepared, lora, max_length) | {"precision": precision}

@@ -260,3 +260,27 @@ def test_mamba_out_proj_is_left_out_where_the_fused_gpu_kernel_would_skip_its_lo
         assert finetune.without_bypassed_targets(lfm2, "lfm2", "cuda", chosen=False) == lfm2
     with pytest.raises(UsageError, match="out_proj"):
         finetune.without_bypassed_targets(granite, "granitemoehybrid", "cuda", chosen=True)
+
+
+def test_padded_batches_of_a_stateful_model():
+    """Each example in a row of its own, right-padded with untrained positions; batches stay within
+    the chunk budget (rows x longest), longest first unless the row's order is asked for."""
+    from convert.packing import forward_pieces
+
+    config, _ = MODEL_TYPES["lfm2"]
+    lengths = (3, 10, 4, 12, 2, 7)
+    examples = [list(range(100 + 20 * i, 100 + 20 * i + n)) for i, n in enumerate(lengths)]
+    inputs = PackedCollator()([data.Example(tuple(e), tuple(e)) for e in examples])
+    for keep_order in (False, True):
+        pieces = forward_pieces(config(), inputs, 24, keep_order=keep_order)
+        rows = []
+        for piece in pieces:
+            assert piece["input_ids"].numel() <= 24 or piece["input_ids"].shape[0] == 1
+            for ids, positions, targets in zip(piece["input_ids"], piece["position_ids"], piece["shift_labels"]):
+                n = int(targets.ne(data.IGNORE_INDEX).sum()) + 1  # the last token has no target
+                assert positions.tolist() == list(range(len(positions)))
+                assert targets[n:].eq(data.IGNORE_INDEX).all()
+                rows.append(ids[:n].tolist())
+        assert sorted(rows) == sorted(examples)
+        in_order = [len(r) for r in rows]
+        assert in_order == (list(lengths) if keep_order else sorted(lengths, reverse=True))
