@@ -103,32 +103,35 @@ class DistillCollator:
 
 
 def make_trainer_class():
-    from convert.packing import chunk_bounds, length_sensitive_rope
+    from convert.packing import forward_pieces
     from convert.trainer import PackedTrainer
 
     class DistillTrainer(PackedTrainer):
-        """The fine-tune's Trainer with `distill_loss` over the packed row's trained positions."""
+        """The fine-tune's Trainer with `distill_loss` over the packed row's trained positions.
+
+        The row goes through the model as the fine-tune's does (`forward_pieces`: chunks of whole
+        examples, or one example per padded row for layers that carry a state across tokens), in
+        the row's order, so the trained positions line up with the teacher's top-k."""
 
         temperature = 2.0
         alpha = 0.0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             values, ids = inputs.pop("teacher_values"), inputs.pop("teacher_ids")
-            targets = inputs["shift_labels"]
-            total = torch.zeros((), device=targets.device)
+            config = getattr(getattr(model, "module", model), "config", None)
+            total = torch.zeros((), device=inputs["shift_labels"].device)
             outputs, offset = None, 0
-            alone = length_sensitive_rope(getattr(getattr(model, "module", model), "config", None))
-            for start, end in chunk_bounds(inputs["position_ids"], self.chunk_tokens, alone):
-                keep = targets[:, start:end].ne(datamod.IGNORE_INDEX)
+            for piece in forward_pieces(config, inputs, self.chunk_tokens, keep_order=True):
+                targets = piece["shift_labels"]
+                keep = targets.ne(datamod.IGNORE_INDEX)
                 n = int(keep.sum())
                 if not n:
                     continue
-                outputs = model(input_ids=inputs["input_ids"][:, start:end],
-                                position_ids=inputs["position_ids"][:, start:end],
+                outputs = model(input_ids=piece["input_ids"], position_ids=piece["position_ids"],
                                 use_cache=False, logits_to_keep=keep)
                 logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
                 total = total + distill_loss(logits, values[offset:offset + n], ids[offset:offset + n],
-                                             targets[:, start:end][keep], self.temperature, self.alpha)
+                                             targets[keep], self.temperature, self.alpha)
                 offset += n
             divisor = num_items_in_batch if num_items_in_batch is not None else max(offset, 1)
             loss = total / divisor

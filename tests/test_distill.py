@@ -187,3 +187,35 @@ def test_cli_bad_settings_and_a_gguf_teacher_of_another_vocabulary_exit_2(tiny_l
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["lfm2-conv-attention", "llama3-bpe-tied"])
+def test_the_distill_loss_of_a_packed_batch_is_each_examples_own(name, tiny_builds):
+    """A packed row's distillation loss is the per-example loss: a model whose layers carry a state
+    across tokens (LFM2's convolutions) goes through one example per padded row, others in chunks."""
+    import torch
+
+    from convert import data, distill, model_loading
+    from convert.packing import PackedCollator
+
+    checkpoint, _, _ = tiny_builds.get(name)
+    model = model_loading.load_model(checkpoint, "cpu").eval()
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    examples = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 4, 14)]
+    batch = PackedCollator()([data.Example(tuple(e), tuple(e)) for e in examples])
+    trained = int(batch["shift_labels"].ne(data.IGNORE_INDEX).sum())
+    values = torch.randn((trained, 4), generator=generator)
+    ids = torch.randint(0, vocab, (trained, 4), generator=generator)
+    trainer = distill.make_trainer_class().__new__(distill.make_trainer_class())
+    trainer.chunk_tokens, trainer.temperature, trainer.alpha = 16, 2.0, 0.3
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {**batch, "teacher_values": values, "teacher_ids": ids})
+        total, offset = torch.zeros(()), 0
+        for example in examples:
+            logits = model(input_ids=torch.tensor([example]), use_cache=False).logits[0, :-1]
+            n = len(example) - 1
+            total = total + distill.distill_loss(logits, values[offset:offset + n], ids[offset:offset + n],
+                                                 torch.tensor(example[1:]), 2.0, 0.3)
+            offset += n
+    assert loss.item() == pytest.approx((total / offset).item(), rel=1e-5)
