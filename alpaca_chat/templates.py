@@ -124,6 +124,16 @@ class ChatTemplate:
                 f"chat template '{self.name}' failed to render: {_first_line(exc)}; try --template chatml"
             ) from exc
 
+    def render_with_tools(
+        self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True
+    ) -> str:
+        """`messages` as the template's own dicts (tool calls and tool results included) and the
+        `tools` described, through the template's Jinja as they are (no adaptation), in the same
+        sandbox as `render`. Jinja's errors propagate: the caller (the server) answers them."""
+        return _compiled(self.source).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
     @property
     def _needs_probe(self) -> bool:
         return self.source not in (ALPACA_JINJA, CHATML_JINJA)

@@ -10,7 +10,7 @@ import pytest
 from alpaca_chat.engine.grammar import json_schema_grammar
 from alpaca_chat.server import tool_formats
 from alpaca_chat.server.schemas import parse_chat
-from alpaca_chat.templates import ChatTemplate, _compiled
+from alpaca_chat.templates import ChatTemplate
 from test_template_corpus import _corpus_dir
 
 BOS, EOS = "<s>", "</s>"
@@ -50,9 +50,8 @@ def _render(source: str, parsed, *, generation: bool = True) -> str:
     messages = tool_formats.template_messages(parsed.raw_messages, fmt)
     template = ChatTemplate("t", source, BOS, EOS)
     if generation:
-        return tool_formats.render(template, messages, parsed.tools.tools, _compiled)
-    return _compiled(source).render(messages=messages, tools=parsed.tools.tools, add_generation_prompt=False,
-                                    bos_token=BOS, eos_token=EOS)
+        return tool_formats.render(template, messages, parsed.tools.tools)
+    return template.render_with_tools(messages, parsed.tools.tools, add_generation_prompt=False)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -21,7 +21,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from alpaca_chat import templates  # its sandboxed Jinja renders tool turns (until it takes `tools` itself)
 from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import AlpacaChatError, UsageError
 from alpaca_chat.server.scheduler import QueueFull, Scheduler, Stopping
@@ -134,7 +133,7 @@ class _Api:
         if self.native_tools and (parsed.tools is not None or parsed.has_tool_turns):
             described = parsed.tools.tools if parsed.tools is not None else None
             prompt = tool_formats.render(self.template, tool_formats.template_messages(
-                parsed.raw_messages, self.tool_format), described, templates._compiled)
+                parsed.raw_messages, self.tool_format), described)
             return await self._generate(request, parsed, prompt, chat=True)
         if parsed.tools is not None:  # described in the system prompt, as Hermes-style templates do
             described = tools.system_text(parsed.tools)

@@ -247,13 +247,11 @@ def template_messages(raw: list[dict], fmt: ToolFormat) -> list[dict]:
     return out
 
 
-def render(template, messages: list[dict], tools: list[dict] | None, compiled) -> str:
+def render(template, messages: list[dict], tools: list[dict] | None) -> str:
     """The prompt of `messages` (template_messages) and `tools` through the template's own Jinja
-    (`compiled(source)`: the sandboxed environment of alpaca_chat.templates)."""
+    (`ChatTemplate.render_with_tools`), its errors as 400s."""
     try:
-        return compiled(template.source).render(
-            messages=messages, tools=tools, add_generation_prompt=True,
-            bos_token=template.bos_token, eos_token=template.eos_token)
+        return template.render_with_tools(messages, tools)
     except jinja2.exceptions.SecurityError as exc:
         raise ApiError(400, f"the chat template tried an unsafe operation: {_first_line(exc)}",
                        param="messages") from exc
