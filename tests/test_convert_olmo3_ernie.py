@@ -150,8 +150,3 @@ def test_ernie_fused_projections_are_refused(tiny_builds, tmp_path):
     refused(checkpoint, tmp_path, "fused")
 
 
-def test_ernie_tokenizer_json_alone_is_refused(tiny_builds, tmp_path):
-    """As transformers 5 saves it: llama.cpp would read it as a BPE that always adds a BOS token."""
-    checkpoint = edited(tiny_builds, tmp_path, ERNIE)
-    (checkpoint / "tokenizer.model").unlink()
-    refused(checkpoint, tmp_path, "needs its tokenizer.model")

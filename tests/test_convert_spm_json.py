@@ -1,6 +1,6 @@
 """SentencePiece families saved as transformers 5 saves them: tokenizer.json only, no tokenizer.model.
 
-The tiny Gemma 3, Gemma 2, Llama 2, Mistral v0.1 and Phi-3 cases (tests/arch_cases/) are
+The tiny Gemma 3, Gemma 2, Llama 2, Mistral v0.1, Phi-3 and ERNIE 4.5 cases (tests/arch_cases/) are
 copied without their tokenizer.model (one that has no tokenizer.json gets the one transformers
 5's LlamaTokenizer writes for it) and exported. Each GGUF must tokenize the mixed text exactly as transformers does with that
 directory, and exactly as the GGUF exported from tokenizer.model does (the original model).
@@ -84,7 +84,8 @@ def _mixed_text(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "name", ["gemma3-text-swa", "gemma2-softcap-swa", "llama-spm-gqa", "mistral-spm-linear-rope", "phi3-spm-fused"]
+    "name",
+    ["gemma3-text-swa", "gemma2-softcap-swa", "llama-spm-gqa", "mistral-spm-linear-rope", "phi3-spm-fused", "ernie4_5-spm"],
 )
 def test_tokenizes_like_transformers_and_the_original(exported, name):
     import transformers
@@ -97,6 +98,9 @@ def test_tokenizes_like_transformers_and_the_original(exported, name):
         assert fields["tokenizer.ggml.model"] == "gpt2" and "tokenizer.ggml.merges" in fields
     else:
         assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.scores" in fields
+    if name.startswith("ernie"):  # no dummy prefix, and no BOS added: ERNIE's template starts each prompt
+        assert fields["tokenizer.ggml.add_space_prefix"] is False
+        assert fields["tokenizer.ggml.add_bos_token"] is False
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     text = _mixed_text(tokenizer)
     expected = tokenizer.encode(text)

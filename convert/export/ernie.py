@@ -17,8 +17,9 @@ renormalized, plus `moe_num_shared_experts` shared experts as one MLP of that ma
 and has no end index, so other layer layouts are refused. The multi-token-prediction
 layers some checkpoints carry are not part of llama.cpp's model and are left out.
 
-The tokenizer is SentencePiece (tokenizer.model; a tokenizer.json alone is refused: llama.cpp
-would tokenize it as a BPE that always starts with a BOS token, which ERNIE never sees).
+The tokenizer is SentencePiece: from tokenizer.model, or, saved by transformers 5 as tokenizer.json
+alone, as llama.cpp's SentencePiece model scored by merge rank without a dummy prefix (as a
+SentencePiece-style BPE llama.cpp would start every prompt with a BOS token, which ERNIE never sees).
 ERNIE's tokenizer adds no space before the text (tokenizer_config's `add_prefix_space:
 false`), which is written as llama.cpp's converter writes it, and its template ends each
 assistant turn with <|end_of_sentence|>, which we set as end of turn so that llama.cpp
@@ -38,7 +39,7 @@ from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
 from convert.export.moe import MixtureOfExperts
 from convert.export.registry import register
-from convert.export.vocab import TokenizerError, Vocab
+from convert.export.vocab import Vocab, spm_json_vocab
 from convert.export.vocab_spm_json import UnsupportedSpmJson, spm_style
 
 _END_OF_TURN = "<|end_of_sentence|>"
@@ -67,19 +68,20 @@ class _ErnieFamily(ArchModel):
     def set_vocab(self, writer: gguf.GGUFWriter, chat_template: str | None = None) -> None:
         vocab = self.load_vocab()
         vocab.add_to(writer, chat_template)
-        prefix = self._tokenizer_config().get("add_prefix_space")
+        prefix = False if self._sentencepiece_json_only() else self._tokenizer_config().get("add_prefix_space")
         if prefix is not None:
             writer.add_add_space_prefix(bool(prefix))
 
     def load_vocab(self) -> Vocab:
         if self._sentencepiece_json_only():
-            # Without a dummy prefix, such a tokenizer.json becomes llama.cpp's SentencePiece-style BPE
-            # ("gemma4"), for which llama.cpp always adds a BOS token: ERNIE's prompts have none.
-            raise TokenizerError(
-                f"{self.checkpoint.architecture} needs its tokenizer.model (ERNIE's SentencePiece model); "
-                "from tokenizer.json alone llama.cpp would put a BOS token before every prompt"
-            )
-        vocab = super().load_vocab()
+            # As transformers 5 saves it (tokenizer.json, no tokenizer.model): written as llama.cpp's
+            # SentencePiece model scored by merge rank, without the dummy prefix (add_space_prefix
+            # false). As a SentencePiece-style BPE ("gemma4") llama.cpp would add a BOS to every prompt.
+            path = self.checkpoint.path
+            tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = spm_json_vocab(path, self.hparams, tokenizer)
+        else:
+            vocab = super().load_vocab()
         ids = {token: i for i, token in enumerate(vocab.tokens)}
         end_of_turn = ids.get(_END_OF_TURN.encode("utf-8"))
         if end_of_turn is not None:

@@ -95,7 +95,7 @@ def _bpe_vocab(path: Path, config: dict[str, Any], pre_tokenizer: str | None) ->
             f"to convert this one, as llama.cpp would not reproduce its text handling: {exc}"
         ) from None
     if style is not None and style.dummy_prefix:
-        return _spm_json_vocab(path, config, tokenizer)
+        return spm_json_vocab(path, config, tokenizer)
     if pre_tokenizer is None and style is not None:
         pre_tokenizer = SPM_BPE_PRE_TOKENIZER
     elif pre_tokenizer is None:
@@ -148,9 +148,10 @@ def _added_token_type(entry: dict, text: str) -> tuple[int, str]:
     return T.USER_DEFINED, text.replace(SPACE, " ")
 
 
-def _spm_json_vocab(path: Path, config: dict[str, Any], tokenizer: dict) -> Vocab:
-    """A SentencePiece-style BPE with a dummy prefix as llama.cpp's SentencePiece model, scored by
-    merge rank (see vocab_spm_json.py)."""
+def spm_json_vocab(path: Path, config: dict[str, Any], tokenizer: dict) -> Vocab:
+    """A SentencePiece-style BPE as llama.cpp's SentencePiece model, scored by merge rank (see
+    vocab_spm_json.py): with a dummy prefix, which llama.cpp adds itself, or without one for a family
+    whose export writes `add_space_prefix` false (ERNIE 4.5: llama.cpp's BPE reading would add a BOS)."""
     ids, added, n_vocab = _token_ids(path, tokenizer, config)
     model = tokenizer["model"]
     merge_score = merge_scores(model.get("merges") or [])
