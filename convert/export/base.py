@@ -73,6 +73,23 @@ class ArchModel:
             params["rope_type"] = params["type"]
         return params
 
+    def layer_kind_rope(self, layer_type: str, default_theta: float | None) -> dict[str, Any]:
+        """The rope of one kind of layer ("full_attention" or "sliding_attention") in a model whose
+        kinds differ (Gemma 3, OLMo 3): transformers 5's per-kind `rope_parameters`, or 4.x's
+        `rope_scaling` (full-attention layers only); `default_theta` where they name no base."""
+        params = self.hparams.get("rope_parameters") or {}
+        if "full_attention" in params or "sliding_attention" in params:
+            rope = dict(params.get(layer_type) or {})
+        elif layer_type == "full_attention":
+            rope = dict(params or self.hparams.get("rope_scaling") or {})
+        else:
+            rope = {}
+        if "rope_type" not in rope and "type" in rope:
+            rope["rope_type"] = rope["type"]
+        if rope.get("rope_theta") is None:
+            rope["rope_theta"] = default_theta
+        return rope
+
     # -- hooks -----------------------------------------------------------------
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:

@@ -268,17 +268,9 @@ class Gemma3Model(GemmaModel):
         return self.layer_rope(_FULL)
 
     def layer_rope(self, layer_type: str) -> dict[str, Any]:
-        """Rope settings of one kind of layer, from transformers 5's per-kind `rope_parameters`
-        or 4.x's `rope_scaling` (global layers only), `rope_theta` and `rope_local_base_freq`."""
-        params = self.hparams.get("rope_parameters") or {}
-        if _FULL in params or _SLIDING in params:
-            rope = dict(params.get(layer_type) or {})
-        elif layer_type == _FULL:
-            rope = dict(params or self.hparams.get("rope_scaling") or {})
-        else:
-            rope = {}
-        if "rope_type" not in rope and "type" in rope:
-            rope["rope_type"] = rope["type"]
-        if rope.get("rope_theta") is None:
+        """Rope settings of one kind of layer; a kind without its own base takes `rope_theta` (global
+        layers) or `rope_local_base_freq` (local layers)."""
+        rope = self.layer_kind_rope(layer_type, None)
+        if rope["rope_theta"] is None:
             rope["rope_theta"] = self.hparams["rope_theta" if layer_type == _FULL else "rope_local_base_freq"]
         return rope

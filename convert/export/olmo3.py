@@ -56,20 +56,8 @@ class Olmo3Model(Olmo2Model):
         return self.layer_rope(_FULL)
 
     def layer_rope(self, layer_type: str) -> dict[str, Any]:
-        """One kind of layer's rope: transformers 5's per-kind `rope_parameters`, or 4.x's
-        `rope_scaling` (full-attention layers only) and `rope_theta`."""
-        params = self.hparams.get("rope_parameters") or {}
-        if _FULL in params or _SLIDING in params:
-            rope = dict(params.get(layer_type) or {})
-        elif layer_type == _FULL:
-            rope = dict(params or self.hparams.get("rope_scaling") or {})
-        else:
-            rope = {}
-        if "rope_type" not in rope and "type" in rope:
-            rope["rope_type"] = rope["type"]
-        if rope.get("rope_theta") is None:
-            rope["rope_theta"] = self.hparams.get("rope_theta", 500_000.0)  # Olmo3Config's default
-        return rope
+        """One kind of layer's rope (`layer_kind_rope`), Olmo3Config's default base where none is named."""
+        return self.layer_kind_rope(layer_type, self.hparams.get("rope_theta", 500_000.0))
 
     def _check_sliding_rope(self) -> None:
         """Refuse rope settings llama.cpp's olmo2 would apply differently from transformers: it
