@@ -400,6 +400,24 @@ def read_config(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())
 
 
+def edit_config(checkpoint: Path, **changes) -> None:
+    """Update `checkpoint`'s config.json in place."""
+    config = read_config(checkpoint)
+    config.update(changes)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+def run_convert(capsys, *argv) -> tuple[int, str]:
+    """`alpaca-convert ARGV`: (exit code, its error line or ""); never more than one error line, no traceback."""
+    from convert.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")]
+    assert len(errors) <= 1 and "Traceback" not in err
+    return code, (errors[0] if errors else "")
+
+
 def with_config(checkpoint: Path, tmp_path: Path, **changes) -> Path:
     """A copy of `checkpoint` in `tmp_path` whose config.json has `changes` (None removes a key)."""
     copy = copy_checkpoint(checkpoint, tmp_path / checkpoint.name)

@@ -19,7 +19,6 @@
 The tiny checkpoint is the case of tests/arch_cases/glm4_moe.py.
 """
 
-import json
 import shutil
 
 import numpy as np
@@ -29,18 +28,20 @@ from safetensors.numpy import load_file, save_file
 from convert_helpers import (
     CASES,
     build_tiny_model,
+    edit_config,
     end_of_generation_tokens,
     gguf_fields,
     gguf_last_logits,
     gguf_tensors,
     hf_last_logits,
     random_sequences,
+    read_config,
     reference_converter_or_fail,
+    run_convert,
     run_reference_converter,
     same_bytes,
 )
 
-from convert.cli import main
 from convert.export import export
 
 pytestmark = pytest.mark.slow
@@ -52,30 +53,12 @@ OUR_EXTRA_KEYS = {
 }
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
-def _edit_config(checkpoint, **changes):
-    config = _config(checkpoint)
-    config.update(changes)
-    (checkpoint / "config.json").write_text(json.dumps(config))
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")]
-    assert len(errors) <= 1 and "Traceback" not in err
-    return code, (errors[0] if errors else "")
-
-
 def _with_mtp_layer(checkpoint, out):
     """The checkpoint plus one MTP layer, as GLM-4.5 stores it: after the last layer, a whole MoE
     decoder layer (here the last one's tensors, perturbed) with eh_proj, enorm, hnorm,
     shared_head.norm and its own embed_tokens (GLM-4.5-Air's layer 46 holds these)."""
     shutil.copytree(checkpoint, out)
-    config = _config(out)
+    config = read_config(out)
     last, mtp, hidden = config["num_hidden_layers"] - 1, config["num_hidden_layers"], config["hidden_size"]
     assert config["num_nextn_predict_layers"] == 1
     tensors = load_file(out / "model.safetensors")
@@ -129,7 +112,7 @@ def test_mtp_layer_is_written_as_llama_cpp_does(mtp_checkpoint, request, tmp_pat
 
 def test_mtp_layer_is_not_in_the_forward_pass(mtp_checkpoint, tmp_path):
     f32 = export(mtp_checkpoint, tmp_path / "m.F32.gguf", "f32").path
-    sequences = random_sequences(_config(mtp_checkpoint)["vocab_size"], count=2)
+    sequences = random_sequences(read_config(mtp_checkpoint)["vocab_size"], count=2)
     expected = hf_last_logits(mtp_checkpoint, sequences)  # transformers ignores the MTP layer
     for want, have in zip(expected, gguf_last_logits(f32, sequences)):
         assert np.abs(have - want).max() < CASES[CASE].f32_tolerance
@@ -144,7 +127,7 @@ def test_correction_bias_and_expert_groups_route_as_transformers(tmp_path):
     rng = np.random.default_rng(5)
     biases = [n for n in tensors if n.endswith("e_score_correction_bias")]
     assert biases and all(not tensors[n].any() for n in biases)  # transformers starts it at zero
-    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=3)
+    sequences = random_sequences(read_config(checkpoint)["vocab_size"], count=3)
     unbiased = hf_last_logits(checkpoint, sequences)
     for name in biases:
         tensors[name] = rng.normal(0, 0.3, tensors[name].shape).astype(np.float32)
@@ -176,7 +159,7 @@ def test_adapter_on_the_routed_experts_is_refused(tiny_builds, tmp_path, capsys)
     model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export-adapter", tmp_path / "adapter", "-o", out / "a.gguf", "--base", checkpoint)
+    code, error = run_convert(capsys, "export-adapter", tmp_path / "adapter", "-o", out / "a.gguf", "--base", checkpoint)
     assert code == 1 and "mlp.experts" in error, error
     assert list(out.iterdir()) == []
 
@@ -192,19 +175,19 @@ def test_adapter_on_the_routed_experts_is_refused(tiny_builds, tmp_path, capsys)
 )
 def test_config_the_weights_contradict_is_refused(tiny_builds, tmp_path, capsys, changes, message):
     checkpoint = shutil.copytree(tiny_builds.get(CASE)[0], tmp_path / "ckpt")
-    _edit_config(checkpoint, **changes)
+    edit_config(checkpoint, **changes)
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1 and message in error, error
     assert list(out.iterdir()) == []
 
 
 def test_mtp_layers_config_does_not_announce_are_refused(mtp_checkpoint, tmp_path, capsys):
     checkpoint = shutil.copytree(mtp_checkpoint, tmp_path / "ckpt")
-    _edit_config(checkpoint, num_nextn_predict_layers=0)
+    edit_config(checkpoint, num_nextn_predict_layers=0)
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1 and "layers 3..3 after its 3 layers" in error and "num_nextn_predict_layers is 0" in error
     assert list(out.iterdir()) == []

@@ -19,15 +19,17 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert_helpers import (
+    edit_config,
     end_of_generation_tokens,
     gguf_fields,
     gguf_tensors,
     hf_last_logits,
     random_sequences,
+    read_config,
+    run_convert,
     same_bytes,
 )
 
-from convert.cli import main
 from convert.export import export
 
 pytestmark = pytest.mark.slow
@@ -38,30 +40,12 @@ PROJECTIONS = {"qwen3moe-bpe": ("gate_proj", "up_proj", "down_proj"), "mixtral-s
 MOE_MODULE = {"qwen3moe-bpe": "mlp", "mixtral-spm": "block_sparse_moe"}
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
 def _expert_count(config):
     return config.get("num_local_experts") or config["num_experts"]
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")]
-    assert len(errors) <= 1 and "Traceback" not in err
-    return code, (errors[0] if errors else "")
-
-
 def _copy(checkpoint, tmp_path):
     return shutil.copytree(checkpoint, tmp_path / checkpoint.name)
-
-
-def _edit_config(checkpoint, **changes):
-    config = _config(checkpoint)
-    config.update(changes)
-    (checkpoint / "config.json").write_text(json.dumps(config))
 
 
 def _fused_copy(checkpoint, out, case):
@@ -70,7 +54,7 @@ def _fused_copy(checkpoint, out, case):
     mlp.experts.down_proj [experts, hidden, ff]; the router becomes mlp.gate."""
     out = shutil.copytree(checkpoint, out)
     tensors = load_file(out / "model.safetensors")
-    config = _config(out)
+    config = read_config(out)
     gate, up, down = PROJECTIONS[case]
     module = MOE_MODULE[case]
     for bid in range(config["num_hidden_layers"]):
@@ -93,7 +77,7 @@ def _fused_copy(checkpoint, out, case):
 
 def test_qwen3_explicit_head_dim_and_per_head_norms(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("qwen3-tied-head-dim")
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     head_dim = config["head_dim"]
     assert head_dim != config["hidden_size"] // config["num_attention_heads"]  # the case tests what it claims
     fields, tensors = gguf_fields(f16), gguf_tensors(f16)
@@ -120,7 +104,7 @@ def test_qwen3_turn_ends_at_im_end(tiny_builds, name):
 
 def test_qwen3_attention_output_bias_is_refused(tiny_builds, tmp_path, capsys):
     checkpoint = _copy(tiny_builds.get("qwen3-tied-head-dim")[0], tmp_path)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     tensors = load_file(checkpoint / "model.safetensors")
     head_dim, hidden = config["head_dim"], config["hidden_size"]
     for bid in range(config["num_hidden_layers"]):
@@ -130,10 +114,10 @@ def test_qwen3_attention_output_bias_is_refused(tiny_builds, tmp_path, capsys):
         tensors[f"{attn}.v_proj.bias"] = np.zeros(config["num_key_value_heads"] * head_dim, np.float32)
         tensors[f"{attn}.o_proj.bias"] = np.zeros(hidden, np.float32)
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    _edit_config(checkpoint, attention_bias=True)
+    edit_config(checkpoint, attention_bias=True)
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1
     assert "layer 0 has an attention output bias" in error and "qwen3" in error
     assert list(out.iterdir()) == []
@@ -145,7 +129,7 @@ def test_qwen3_attention_output_bias_is_refused(tiny_builds, tmp_path, capsys):
 @pytest.mark.parametrize("name", MOE_CASES)
 def test_experts_are_stacked_in_order(tiny_builds, name):
     checkpoint, f32, f16 = tiny_builds.get(name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     n_expert = _expert_count(config)
     fields = gguf_fields(f16)
     arch = fields["general.architecture"]
@@ -179,7 +163,7 @@ def test_fused_experts_give_the_same_file(tiny_builds, tmp_path, name):
     checkpoint, _, f16 = tiny_builds.get(name)
     fused = _fused_copy(checkpoint, tmp_path / "fused", name)
     # transformers reads the fused layout as the same model: gate rows come first.
-    sequences = random_sequences(_config(checkpoint)["vocab_size"], count=2)
+    sequences = random_sequences(read_config(checkpoint)["vocab_size"], count=2)
     for want, have in zip(hf_last_logits(checkpoint, sequences), hf_last_logits(fused, sequences)):
         assert np.array_equal(want, have)
     ours = export(fused, tmp_path / "fused.F16.gguf", "f16").path
@@ -194,13 +178,13 @@ def test_fused_experts_give_the_same_file(tiny_builds, tmp_path, name):
 @pytest.mark.parametrize("delta", [1, -1])
 def test_expert_count_that_does_not_match_the_tensors(tiny_builds, tmp_path, capsys, name, delta):
     checkpoint = _copy(tiny_builds.get(name)[0], tmp_path)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     key = "num_local_experts" if "num_local_experts" in config else "num_experts"
     n_expert = config[key]
-    _edit_config(checkpoint, **{key: n_expert + delta})
+    edit_config(checkpoint, **{key: n_expert + delta})
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1
     assert f"config.json's {key} is {n_expert + delta}" in error and "layer 0" in error
     # The tensor is named: the first missing expert, or the first one beyond the count.
@@ -211,12 +195,12 @@ def test_expert_count_that_does_not_match_the_tensors(tiny_builds, tmp_path, cap
 @pytest.mark.parametrize("name", MOE_CASES)
 def test_fused_expert_count_that_does_not_match_the_tensors(tiny_builds, tmp_path, capsys, name):
     checkpoint = _fused_copy(tiny_builds.get(name)[0], tmp_path / "fused", name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     key = "num_local_experts" if "num_local_experts" in config else "num_experts"
-    _edit_config(checkpoint, **{key: config[key] * 2})
+    edit_config(checkpoint, **{key: config[key] * 2})
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1
     assert "layer 0: tensor model.layers.0.mlp.experts." in error
     assert f"config.json's {key} is {config[key] * 2}" in error

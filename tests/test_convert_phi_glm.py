@@ -25,14 +25,16 @@ import pytest
 from convert_helpers import (
     CASES,
     build_tiny_model,
+    edit_config,
     end_of_generation_tokens,
     gguf_fields,
     gguf_last_logits,
     gguf_tensors,
     hf_last_logits,
+    read_config,
+    run_convert,
 )
 
-from convert.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -41,28 +43,10 @@ LONGROPE_CASES = ["phi3.5-spm-longrope", "phi4-mini-bpe-partial-rotary"]
 GLM_CASES = ["glm4-0414-bpe", "glm-4-chat-hf-bpe"]
 
 
-def _config(checkpoint):
-    return json.loads((checkpoint / "config.json").read_text())
-
-
-def _edit_config(checkpoint, **changes):
-    config = _config(checkpoint)
-    config.update(changes)
-    (checkpoint / "config.json").write_text(json.dumps(config))
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")]
-    assert len(errors) <= 1 and "Traceback" not in err
-    return code, (errors[0] if errors else "")
-
-
 def _export_fails(capsys, tmp_path, checkpoint):
     out = tmp_path / "out"
     out.mkdir()
-    code, error = _run(capsys, "export", checkpoint, "-o", out / "m.gguf")
+    code, error = run_convert(capsys, "export", checkpoint, "-o", out / "m.gguf")
     assert code == 1
     assert list(out.iterdir()) == []
     return error
@@ -87,7 +71,7 @@ def _tokenize_both(checkpoint, gguf_path, text):
 
 def test_phi3_projections_stay_fused(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("phi3-spm-fused")
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     hidden, head_dim = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
     tensors = gguf_tensors(f16)
     for bid in range(config["num_hidden_layers"]):
@@ -108,7 +92,7 @@ def test_phi_end_of_turn_stops_generation(tiny_builds, name):
 @pytest.mark.parametrize("name", PHI_CASES)
 def test_phi_hyperparameters(tiny_builds, name):
     checkpoint, _, f16 = tiny_builds.get(name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     fields = gguf_fields(f16)
     rope = config["rope_parameters"]
     head_dim = config["hidden_size"] // config["num_attention_heads"]
@@ -122,7 +106,7 @@ def test_phi_hyperparameters(tiny_builds, name):
 @pytest.mark.parametrize("name", LONGROPE_CASES)
 def test_longrope_factors_and_attention_factor(tiny_builds, name):
     checkpoint, _, f16 = tiny_builds.get(name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     rope = config["rope_parameters"]
     tensors = gguf_tensors(f16)
     n_rot = gguf_fields(f16)["phi3.rope.dimension_count"]
@@ -147,7 +131,7 @@ def test_long_context_uses_the_long_factors_like_transformers(tiny_builds, name)
     """Past the original context transformers switches to the long factors; llama.cpp does
     when its context is larger than the original one. The logits must still agree."""
     checkpoint, f32, _ = tiny_builds.get(name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     original = config["original_max_position_embeddings"]
     rng = np.random.default_rng(7)
     sequence = [int(t) for t in rng.integers(3, config["vocab_size"], size=original + 40)]
@@ -185,8 +169,8 @@ def test_chat_template_is_carried(tiny_builds, name):
 
 def test_wrong_number_of_longrope_factors_fails(tiny_builds, tmp_path, capsys):
     checkpoint = shutil.copytree(tiny_builds.get("phi3.5-spm-longrope")[0], tmp_path / "phi3.5")
-    rope = _config(checkpoint)["rope_parameters"]
-    _edit_config(checkpoint, rope_parameters={**rope, "long_factor": rope["long_factor"][:-1]})
+    rope = read_config(checkpoint)["rope_parameters"]
+    edit_config(checkpoint, rope_parameters={**rope, "long_factor": rope["long_factor"][:-1]})
     error = _export_fails(capsys, tmp_path, checkpoint)
     assert "long_factor has 7" in error and "8 entries" in error
 
@@ -194,7 +178,7 @@ def test_wrong_number_of_longrope_factors_fails(tiny_builds, tmp_path, capsys):
 
 def test_phi3_fused_qkv_that_disagrees_with_the_config_fails(tiny_builds, tmp_path, capsys):
     checkpoint = shutil.copytree(tiny_builds.get("phi3-spm-fused")[0], tmp_path / "phi3")
-    _edit_config(checkpoint, num_key_value_heads=1)
+    edit_config(checkpoint, num_key_value_heads=1)
     error = _export_fails(capsys, tmp_path, checkpoint)
     assert "model.layers.0.self_attn.qkv_proj.weight" in error and "[96, 64]" in error
 
@@ -215,7 +199,7 @@ def test_glm_end_of_turn_tokens(tiny_builds, name):
 @pytest.mark.parametrize("name", GLM_CASES)
 def test_glm_partial_rotary_and_pre_tokenizer(tiny_builds, name):
     checkpoint, _, f16 = tiny_builds.get(name)
-    config = _config(checkpoint)
+    config = read_config(checkpoint)
     fields = gguf_fields(f16)
     arch = fields["general.architecture"]
     assert arch == {"Glm4ForCausalLM": "glm4", "GlmForCausalLM": "chatglm"}[config["architectures"][0]]
@@ -239,7 +223,7 @@ def test_glm4_has_post_norms_and_endoftext_bos(tiny_builds):
 
 def test_glm_hf_context_length_and_epsilon_come_from_its_config(tiny_builds):
     checkpoint, _, f16 = tiny_builds.get("glm-4-chat-hf-bpe")
-    config, fields = _config(checkpoint), gguf_fields(f16)
+    config, fields = read_config(checkpoint), gguf_fields(f16)
     assert fields["chatglm.context_length"] == config["max_position_embeddings"]
     assert fields["chatglm.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)
     assert "tokenizer.ggml.bos_token_id" not in fields  # llama.cpp's chatglm converter sets none
