@@ -21,12 +21,12 @@ from convert_helpers import (
     hf_last_logits,
     random_sequences,
     read_config,
+    run_convert,
     same_bytes,
     with_config,
 )
 
 from alpaca_chat.errors import ConversionError
-from convert.cli import main as convert_main
 from convert.export import export
 from convert.export.lfm2 import feed_forward_length
 
@@ -146,13 +146,11 @@ def test_refusal_is_one_line_from_the_cli(tiny_builds, tmp_path, capsys):
     broken = with_config(checkpoint, tmp_path, conv_bias=True)
     out = tmp_path / "out"
     out.mkdir()
-    code = convert_main(["export", str(broken), "-o", str(out / "m.gguf")])
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("alpaca-convert: error:")] == [
+    code, error = run_convert(capsys, "export", broken, "-o", out / "m.gguf")
+    assert code == 1 and error == (
         "alpaca-convert: error: this LFM2 checkpoint has convolution biases (conv_bias: true), which llama.cpp's "
         "lfm2 cannot run"
-    ]
+    )
     assert list(out.iterdir()) == []
 
 
