@@ -104,34 +104,41 @@ def write_bpe_tokenizer(
     return tok.get_vocab_size()
 
 
-def write_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> int:
-    """Train a Llama-style SentencePiece model (BPE, byte fallback) into out/tokenizer.model."""
+def train_sentencepiece(vocab_size: int, **settings) -> bytes:
+    """A SentencePiece model (BPE, byte fallback, digits split, no normalization, whitespace runs
+    kept, as Llama's, Gemma's and ERNIE's) trained on the test text; `settings` add or override
+    trainer options (special-token ids, dummy prefix, user-defined symbols)."""
     import io
 
     import sentencepiece as spm
 
-    out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        normalization_rule_name="identity",  # as Llama's: no NFKC, whitespace runs kept
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+    spm.SentencePieceTrainer.train(**{
+        "sentence_iterator": iter(training_text().splitlines()),
+        "model_writer": model,
+        "vocab_size": vocab_size,
+        "model_type": "bpe",
+        "byte_fallback": True,
+        "character_coverage": 1.0,
+        "split_digits": True,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "minloglevel": 2,
+        **settings,
+    })
+    return model.getvalue()
+
+
+def write_sentencepiece_tokenizer(out: Path, vocab_size: int = 400) -> int:
+    """Train a Llama-style SentencePiece model (BPE, byte fallback) into out/tokenizer.model."""
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = train_sentencepiece(vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    (out / "tokenizer.model").write_bytes(model)
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
     (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+    return spm.SentencePieceProcessor(model_proto=model).vocab_size()
 
 
 # -- tiny random models --------------------------------------------------------------

@@ -15,11 +15,10 @@ saves it (tokenizer.json beside tokenizer.model), with ERNIE 4.5's real chat tem
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from convert_helpers import TinyCase, TokenizerInfo, training_text
+from convert_helpers import TinyCase, TokenizerInfo, train_sentencepiece
 
 # baidu/ERNIE-4.5-0.3B-PT's chat template (tokenizer_config.json; the same string is
 # DEFAULT_CHAT_TEMPLATE in transformers' ERNIE 4.5 tokenizer conversion script).
@@ -47,28 +46,18 @@ def write_ernie_tokenizer(out: Path, vocab_size: int = 400) -> TokenizerInfo:
     from transformers.tokenization_utils_base import generate_merges
 
     out.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+    model = train_sentencepiece(
+        vocab_size,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         user_defined_symbols=list(CHAT_MARKERS),
-        minloglevel=2,
     )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer.model").write_bytes(model)
 
     # transformers reads tokenizer.model only through protobuf; build the same BPE from the pieces
     # (GemmaTokenizer: SentencePiece-style BPE, byte fallback, no prefix space, as ERNIE's).
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model)
     vocab = {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
     tokenizer = transformers.GemmaTokenizer(
         vocab=vocab, merges=generate_merges(vocab), bos_token="<s>", eos_token="</s>", unk_token="<unk>",

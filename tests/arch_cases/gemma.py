@@ -15,11 +15,10 @@ offset: 4; Gemma 2's attention cap lost: 0.4).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from convert_helpers import TinyCase, TokenizerInfo, training_text
+from convert_helpers import TinyCase, TokenizerInfo, train_sentencepiece
 
 # Gemma 2's chat template, as google/gemma-2-2b-it ships it (llama.cpp's models/templates copy).
 GEMMA_CHAT_TEMPLATE = (
@@ -48,28 +47,18 @@ def write_gemma_tokenizer(out: Path, vocab_size: int = 400) -> TokenizerInfo:
     from transformers.tokenization_utils_base import generate_merges
 
     out.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+    model = train_sentencepiece(
+        vocab_size,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=list(TURN_MARKERS),
-        minloglevel=2,
     )
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer.model").write_bytes(model)
 
     # transformers' own SentencePiece import needs protobuf; build the same BPE from the pieces.
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model)
     vocab = {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
     tokenizer = transformers.GemmaTokenizer(
         vocab=vocab, merges=generate_merges(vocab), mask_token=None, add_bos_token=True, add_eos_token=False

@@ -18,11 +18,10 @@ mistakes move them far more (the missing no-soft-cap key below: 0.11).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from convert_helpers import TinyCase, TokenizerInfo, training_text
+from convert_helpers import TinyCase, TokenizerInfo, train_sentencepiece
 
 GELU_TOLERANCE = 1e-2
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # ids 0..4, as in Gemma 4's tokenizer
@@ -56,25 +55,15 @@ def write_gemma4_tokenizer(out: Path, vocab_size: int = 400) -> TokenizerInfo:
     from transformers.tokenization_utils_base import generate_merges
 
     out.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+    model = train_sentencepiece(
+        vocab_size,
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<mask>", *MARKERS],
-        minloglevel=2,
     )
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model)
     vocab = {processor.IdToPiece(i): i for i in range(processor.GetPieceSize())}
     tokenizer = transformers.GemmaTokenizer(
         vocab=vocab, merges=generate_merges(vocab), mask_token="<mask>", add_bos_token=True, add_eos_token=False
