@@ -19,7 +19,7 @@ import pytest
 
 from adapter_helpers import random_pairs, write_adapter
 from alpaca_chat.engine.adapter_check import BaseLayout
-from test_server import _serve
+from test_server import _serve, assert_same_greedy_reply
 
 # Long enough (> the prompt cache's 128-token minimum) that its state is saved when sets switch.
 PROMPT = ("Here is a list of facts. " + " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}."
@@ -57,13 +57,22 @@ def _ask(client, model: str, prompt: str = "Name three colors.", tokens: int = 8
     return reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens, reply.model
 
 
+def _tokens(client, model: str):
+    """A greedy reply's tokens with their log-probabilities (compared by test_server's near-tie rule)."""
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name three colors."}],
+                                           max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
+    return reply.choices[0].logprobs.content
+
+
 def test_each_model_name_answers_with_its_adapters(client, lora_server):
     models = [m.id for m in client.models.list().data]
     base = models[0]
     assert models == [base, f"{base}+a", f"{base}+b"]
-    alone = {model: _ask(client, model)[0] for model in models}
-    assert len(set(alone.values())) == 3, alone  # the adapters change the greedy reply, each its own way
-    assert [_ask(client, model)[0] for model in models] == list(alone.values())  # switched back and forth
+    alone = {model: _tokens(client, model) for model in models}
+    texts = {model: "".join(t.token for t in tokens) for model, tokens in alone.items()}
+    assert len(set(texts.values())) == 3, texts  # the adapters change the greedy reply, each its own way
+    for model in models:  # switched back and forth, now from each set's cached cells
+        assert_same_greedy_reply(_tokens(client, model), alone[model])
     assert _ask(client, f"{base}+a")[2] == f"{base}+a"
 
     # interleaved and concurrent: all answered (which set decodes which request: the next test)

@@ -8,7 +8,7 @@ import stat
 
 import openai
 
-from test_server import _health, _serve
+from test_server import _health, _serve, assert_same_greedy_reply, greedy_chat
 
 # About 400 prompt tokens: above the prompt cache's minimum, small enough for CI.
 LONG = " ".join(f"Fact {i}: the {w} is a kind of thing people talk about." for i, w in
@@ -28,7 +28,11 @@ def _server(model, tmp_path_factory, home):
 
 
 def _ask(client, messages):
-    return client.chat.completions.create(model=client.model_id, messages=messages, max_tokens=12, temperature=0)
+    return greedy_chat(client, messages, max_tokens=12)
+
+
+def _same_reply(a, b) -> None:
+    assert_same_greedy_reply(a.choices[0].logprobs.content, b.choices[0].logprobs.content)
 
 
 def test_a_restarted_server_restores_the_saved_prefix(default_model_path, tmp_path_factory):
@@ -49,7 +53,7 @@ def test_a_restarted_server_restores_the_saved_prefix(default_model_path, tmp_pa
     with _server(default_model_path, tmp_path_factory, home) as (base, client):
         again = _ask(client, history)  # a new process: from the saved state, not evaluated again
         assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
-        assert again.choices[0].message.content == second.choices[0].message.content
+        _same_reply(again, second)
         health = _health(base)
         assert health["restored_states"] == 1 and health["saved_states"] == len(files)
 
@@ -61,5 +65,5 @@ def test_a_restarted_server_restores_the_saved_prefix(default_model_path, tmp_pa
     with _server(default_model_path, tmp_path_factory, home) as (base, client):
         cold = _ask(client, history)
         assert cold.usage.prompt_tokens_details.cached_tokens == 0  # refused by its checksum: evaluated
-        assert cold.choices[0].message.content == second.choices[0].message.content
+        _same_reply(cold, second)
         assert _health(base)["restored_states"] == 0

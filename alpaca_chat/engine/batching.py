@@ -35,7 +35,8 @@ class StreamRequest:
     `on_delta(text)` is called for each piece of text, `on_done(stats)` once at the end (or
     `on_error(message)` if the request could not start); all from the batching thread, so they
     must be quick and thread-safe (e.g. loop.call_soon_threadsafe). Setting `cancel` stops the
-    request within a step and frees its sequence.
+    request within a step and frees its sequence. With `logprobs` (how many alternatives: 0..20),
+    `on_logprob(engine.logprobs.TokenLogprob)` is called for each generated token, before its text.
     """
 
     tokens: list[int]
@@ -45,6 +46,8 @@ class StreamRequest:
     on_error: Callable[[str], None] = lambda message: None
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None
+    on_logprob: Callable[[object], None] = lambda entry: None
 
     @property
     def reserved(self) -> int:
@@ -103,7 +106,8 @@ class ContinuousBatch:
         seq, cached = self._choose_sequence(request.tokens)
         self._make_room(request.reserved)
         seq, cached = self._restore_saved(request, seq, cached)
-        step = SequenceStep(self.engine, request.sampling, request.tokens, request.stop_strings)
+        step = SequenceStep(self.engine, request.sampling, request.tokens, request.stop_strings,
+                            logprobs=request.logprobs)
         step.stats.cached_tokens = cached
         self.running[seq] = _Running(seq, request, step, len(request.tokens), cached)
 
@@ -220,6 +224,9 @@ class ContinuousBatch:
             run.pos += 1
             run.evaluated.append(run.next_token)
         text, token = run.step.advance(idx)
+        if run.step.last_logprob is not None:
+            run.request.on_logprob(run.step.last_logprob)
+            run.step.last_logprob = None
         if text:
             run.request.on_delta(text)
         if token is None:

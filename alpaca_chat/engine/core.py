@@ -24,6 +24,8 @@ from alpaca_chat.engine.generation import Generation, common_prefix
 from alpaca_chat.engine.hardware import model_load_params, physical_cores
 from alpaca_chat.engine import sequence_state as _sequence_state
 from alpaca_chat.engine.llama_log import configure_logging
+from alpaca_chat.engine.logprobs import TokenLogprob, token_logprob
+from alpaca_chat.engine.metadata import read_metadata
 from alpaca_chat.engine.snapshot import StateSnapshot
 from alpaca_chat.engine.step import SequenceStep
 from alpaca_chat.errors import EngineError, UsageError
@@ -91,7 +93,7 @@ class Engine:
         # A KV state snapshot's buffer, held by one snapshot at a time (see snapshot()).
         self._state_buf = None
         self._state_lock = threading.Lock()
-        self.metadata = self._read_metadata()
+        self.metadata = read_metadata(self._model)
         self._adapters = Adapters(self._model, self._ctx, self.model_path)
         if adapters:
             try:
@@ -99,18 +101,6 @@ class Engine:
             except BaseException:
                 self.close()
                 raise
-
-    def _read_metadata(self) -> dict[str, str]:
-        buf = ctypes.create_string_buffer(4096)
-        meta = {}
-        for i in range(llama_cpp.llama_model_meta_count(self._model)):
-            if llama_cpp.llama_model_meta_key_by_index(self._model, i, buf, len(buf)) < 0:
-                continue
-            key = buf.value.decode("utf-8", errors="replace")
-            if llama_cpp.llama_model_meta_val_str_by_index(self._model, i, buf, len(buf)) < 0:
-                continue
-            meta[key] = buf.value.decode("utf-8", errors="replace")
-        return meta
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -202,12 +192,13 @@ class Engine:
             raise EngineError(f"tokenization failed ({n})")
         return list(tokens[:n])
 
-    def token_piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for (part of a UTF-8 character, possibly)."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a generated token stands for (part of a UTF-8 character, possibly); control
+        tokens are empty unless `special` (then their text, e.g. "<|im_end|>")."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         if n < 0:
             self._piece_buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         return self._piece_buf.raw[:n]
 
     def is_end_of_generation(self, token: int) -> bool:
@@ -342,6 +333,11 @@ class Engine:
         """The logits at batch index `idx` of the last evaluated batch (-1: its last row)."""
         row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
         return row[: self.n_vocab]
+
+    def token_logprob(self, idx: int, token: int, top_n: int = 0) -> TokenLogprob:
+        """`token`'s log-probability at batch index `idx` and the `top_n` likeliest (engine.logprobs)."""
+        row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
+        return token_logprob(row, self.n_vocab, token, top_n, lambda t: self.token_piece(t, special=True))
 
     def decode_segments(self, segments: list[Segment], on_last: Callable[[Segment, int], None]) -> None:
         """Evaluate each segment's tokens in its own sequence, packing segments into shared

@@ -22,8 +22,11 @@ class SequenceStep:
     """
 
     def __init__(self, engine, sampling: SamplingParams, prompt: list[int], stop_strings: tuple[str, ...] = (),
-                 stats: GenerationStats | None = None):
+                 stats: GenerationStats | None = None, logprobs: int | None = None):
+        """`logprobs`: None, or how many alternatives each generated token's `last_logprob` names."""
         self.engine = engine
+        self.logprobs = logprobs
+        self.last_logprob = None  # engine.logprobs.TokenLogprob of the token `advance` last generated
         self.max_tokens = sampling.max_tokens
         self.stats = stats or GenerationStats(prompt_tokens=len(prompt))
         self.stats.stop_reason = "length"
@@ -49,6 +52,8 @@ class SequenceStep:
         if self.engine.is_end_of_generation(token):
             return self.end("eos"), None
         stats.generated_tokens += 1
+        if self.logprobs is not None:
+            self.last_logprob = self.engine.token_logprob(idx, token, self.logprobs)
         text = self._stops.feed(self._utf8.decode(self.engine.token_piece(token)))
         if self._stops.stopped:
             return text + self.end("stop_string"), None

@@ -25,6 +25,7 @@ from alpaca_chat.conversation import Message, SamplingParams
 from alpaca_chat.errors import AlpacaChatError, UsageError
 from alpaca_chat.server.scheduler import QueueFull, Scheduler, Stopping
 from alpaca_chat.server import tool_formats, tools
+from alpaca_chat.server.logprobs import chat_logprobs, completion_logprobs
 from alpaca_chat.server.schemas import ApiError, GenerationRequest, parse_chat, parse_completion, parse_json
 
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "length": "length",
@@ -234,13 +235,13 @@ class _Api:
         sampling = self._sampling(parsed, len(tokens))
         stops = tuple(self.template.stop_strings) + parsed.stop if chat else parsed.stop
         try:
-            stream = self.scheduler.submit(tokens, sampling, stops, variant=parsed.model)
+            stream = self.scheduler.submit(tokens, sampling, stops, variant=parsed.model, logprobs=parsed.logprobs)
         except Stopping as exc:
             raise ApiError(503, str(exc), type="server_error", code="shutting_down") from exc
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; try again later", type="rate_limit_error",
                            code="queue_full") from exc
-        reply = _Reply(parsed.model, chat, parsed.tools, self.tool_format)
+        reply = _Reply(parsed.model, chat, parsed.tools, self.tool_format, logprobs=parsed.logprobs is not None)
         watcher = asyncio.create_task(_watch_disconnect(request, stream))
         if parsed.stream:
             return StreamingResponse(self._events(stream, reply, parsed, watcher, sampling),
@@ -253,7 +254,7 @@ class _Api:
         finally:
             watcher.cancel()
         self._remember(parsed, text, sampling, stream.stats)
-        return JSONResponse(reply.whole(text, stream.stats))
+        return JSONResponse(reply.whole(text, stream.stats, stream.logprobs))
 
     def _remember(self, parsed: GenerationRequest, text: str, sampling: SamplingParams, stats) -> None:
         """With --history, save a chat and its reply (a failing store does not fail the reply)."""
@@ -273,17 +274,18 @@ class _Api:
             async for delta in stream:
                 held.append(delta)
                 if not reply.tools:
-                    yield _sse(reply.chunk({"content": delta} if reply.chat else delta))
+                    yield _sse(reply.chunk({"content": delta} if reply.chat else delta, tokens=stream.logprobs))
             self._remember(parsed, "".join(held), sampling, stream.stats)
             finish = FINISH_REASONS[stream.stats.stop_reason]
             if reply.tools:
                 content, calls = reply.parse("".join(held))
                 if content:
-                    yield _sse(reply.chunk({"content": content}))
+                    yield _sse(reply.chunk({"content": content}, tokens=stream.logprobs))
                 if calls:
                     finish = "tool_calls"
-                    yield _sse(reply.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}))
-            yield _sse(reply.chunk({} if reply.chat else "", finish))
+                    yield _sse(reply.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
+                                           tokens=stream.logprobs))
+            yield _sse(reply.chunk({} if reply.chat else "", finish, tokens=stream.logprobs))
             if parsed.include_usage:
                 yield _sse({**reply.head("chunk"), "choices": [], "usage": _usage(stream.stats)})
             yield b"data: [DONE]\n\n"
@@ -316,8 +318,12 @@ def _usage(stats) -> dict:
 class _Reply:
     """The response objects of one request (chat.completion or text_completion)."""
 
-    def __init__(self, model_id: str, chat: bool, spec=None, tool_format=tool_formats.HERMES):
+    def __init__(self, model_id: str, chat: bool, spec=None, tool_format=tool_formats.HERMES, *,
+                 logprobs: bool = False):
         self.chat = chat
+        self.logprobs = logprobs
+        self._sent_logprobs = 0  # how many tokens' logprobs the chunks so far carried
+        self._sent_text = 0  # legacy completions: where the next chunk's tokens start in the text
         self.tools = spec is not None
         self.names = [t["function"]["name"] for t in spec.tools] if spec is not None else []
         self.tool_format = tool_format
@@ -329,15 +335,28 @@ class _Reply:
         obj = ("chat.completion" if self.chat else "text_completion") + (".chunk" if kind and self.chat else "")
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id}
 
-    def chunk(self, delta, finish_reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": delta, "logprobs": None}
+    def chunk(self, delta, finish_reason: str | None = None, *, tokens=()) -> dict:
+        """A chunk carrying `delta`; with logprobs, those of `tokens` (all generated so far) that no
+        chunk has carried yet (a token's text may come in a later chunk than its logprob)."""
+        choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": delta}
+        choice["logprobs"] = self._new_logprobs(tokens)
         choice["finish_reason"] = finish_reason
         return {**self.head("chunk"), "choices": [choice]}
+
+    def _new_logprobs(self, tokens) -> dict | None:
+        if not self.logprobs:
+            return None
+        new, self._sent_logprobs = tokens[self._sent_logprobs:], len(tokens)
+        if self.chat:
+            return chat_logprobs(new)
+        shape = completion_logprobs(new, self._sent_text)
+        self._sent_text += sum(map(len, shape["tokens"]))
+        return shape
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         return self.tool_format.parse(text, self.names)
 
-    def whole(self, text: str, stats) -> dict:
+    def whole(self, text: str, stats, tokens=()) -> dict:
         finish = FINISH_REASONS[stats.stop_reason]
         if self.chat:
             message = {"role": "assistant", "content": text}
@@ -345,7 +364,7 @@ class _Reply:
                 message["content"], calls = self.parse(text)
                 if calls:
                     message["tool_calls"], finish = calls, "tool_calls"
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": message, "logprobs": self._new_logprobs(tokens), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": self._new_logprobs(tokens), "finish_reason": finish}
         return {**self.head(), "choices": [choice], "usage": _usage(stats)}

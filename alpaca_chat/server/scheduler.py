@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from alpaca_chat.conversation import GenerationStats, SamplingParams
 from alpaca_chat.engine.batching import ContinuousBatch, StreamRequest
+from alpaca_chat.engine.logprobs import TokenLogprob
 from alpaca_chat.errors import AlpacaChatError
 
 
@@ -39,13 +40,16 @@ class _End:
 
 class Stream:
     """The async side of one request: iterate for text deltas; `stats` is set at the end;
-    `cancel()` (e.g. the client went away) stops it within a step and frees its sequence."""
+    `cancel()` (e.g. the client went away) stops it within a step and frees its sequence.
+    With logprobs, each generated token's TokenLogprob is appended to `logprobs` before its text
+    is yielded (the text of a token may be held back: a stop string may be starting)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.stats: GenerationStats | None = None
         self.request: StreamRequest | None = None
+        self.logprobs: list[TokenLogprob] = []
 
     def _put(self, item) -> None:
         try:
@@ -64,6 +68,9 @@ class Stream:
         if self.stats is not None:
             raise StopAsyncIteration
         item = await self._queue.get()
+        while isinstance(item, TokenLogprob):
+            self.logprobs.append(item)
+            item = await self._queue.get()
         if isinstance(item, _End):
             if item.error is not None:
                 raise AlpacaChatError(item.error)
@@ -109,9 +116,10 @@ class Scheduler:
                    if len(self.variants) > 1 else {})}
 
     def submit(self, tokens: list[int], sampling: SamplingParams, stop_strings: tuple[str, ...] = (),
-               variant: str | None = None) -> Stream:
+               variant: str | None = None, logprobs: int | None = None) -> Stream:
         """Queue a request for `variant` (a key of `variants`; None: the first); call from the event
-        loop. Raises QueueFull when `max_queue` wait."""
+        loop. `logprobs`: None, or how many alternatives to report per token. Raises QueueFull when
+        `max_queue` wait."""
         variant = next(iter(self.variants)) if variant is None else variant
         if variant not in self.variants:
             raise KeyError(variant)
@@ -123,7 +131,8 @@ class Scheduler:
 
         stream.request = StreamRequest(
             tokens, sampling, on_delta=stream._put, on_done=done,
-            on_error=lambda message: stream._put(_End(error=message)), stop_strings=stop_strings)
+            on_error=lambda message: stream._put(_End(error=message)), stop_strings=stop_strings,
+            logprobs=logprobs, on_logprob=stream._put)
         with self._wake:
             if self._stopping or not self._thread.is_alive():
                 raise Stopping("the server is shutting down")

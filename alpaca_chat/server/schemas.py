@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alpaca_chat.conversation import Message, SamplingParams
+from alpaca_chat.engine.logprobs import MAX_TOP_LOGPROBS
 from alpaca_chat.errors import UsageError
 
 # Sampling the API leaves unset: OpenAI's own defaults where it has them (no repeat penalty),
@@ -53,6 +54,7 @@ class GenerationRequest:
     # the messages checked, as OpenAI dicts (role, content string, tool_calls, tool_call_id): what a
     # template with a tool format of its own renders (tool_formats.render)
     raw_messages: list[dict] = field(default_factory=list)
+    logprobs: int | None = None  # None: none reported; else how many alternatives per token
 
     @property
     def has_tool_turns(self) -> bool:
@@ -79,6 +81,7 @@ def parse_chat(body: dict, max_tokens_limit: int) -> GenerationRequest:
         request.messages.append(message)
         request.raw_messages.append(checked)
     request.response_format = _response_format(body.get("response_format"))
+    request.logprobs = _chat_logprobs(body)
     from alpaca_chat.server.tools import parse_tools
 
     request.tools = parse_tools(body)
@@ -95,7 +98,23 @@ def parse_completion(body: dict, max_tokens_limit: int) -> GenerationRequest:
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
     request.prompt = prompt
+    top = _typed(body, "logprobs", int, None)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, not {top}", param="logprobs")
+    request.logprobs = top
     return request
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat's `logprobs` (bool) and `top_logprobs` (0..20, only with logprobs) -> alternatives or None."""
+    wanted = _typed(body, "logprobs", bool, False)
+    top = _typed(body, "top_logprobs", int, None)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, not {top}",
+                       param="top_logprobs")
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _common(body: dict, max_tokens_limit: int) -> GenerationRequest:
