@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 
 import gguf
 
@@ -155,22 +154,6 @@ class Ernie45MoeModel(_ErnieFamily, MixtureOfExperts):
         # gguf's map knows the correction bias as `e_score_correction` with a `.bias` suffix.
         return super().gguf_name(name.replace("e_score_correction_bias", "e_score_correction.bias"))
 
-    def check_tensors(self, gguf_names: Iterable[str]) -> None:
-        names = set(gguf_names)
-        ArchModel.check_tensors(self, names)
-        moe_kinds = (
-            gguf.MODEL_TENSOR.FFN_GATE_INP,
-            gguf.MODEL_TENSOR.FFN_GATE_EXP,
-            gguf.MODEL_TENSOR.FFN_UP_EXP,
-            gguf.MODEL_TENSOR.FFN_DOWN_EXP,
-        )
-        for bid in range(self.block_count):
-            moe = bid >= self.first_moe_layer
-            kinds = moe_kinds if moe else (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP)
-            missing = [n for n in (gguf.TENSOR_NAMES[k].format(bid=bid) + ".weight" for k in kinds) if n not in names]
-            if missing:
-                what = "mixture of experts" if moe else "dense MLP"
-                raise ConversionError(
-                    f"layer {bid} has no complete {what} ({missing[0]} is missing), as config.json's "
-                    f"moe_layer_start_index ({self.first_moe_layer}) implies"
-                )
+    @property
+    def leading_dense_layers(self) -> tuple[int, str]:
+        return self.first_moe_layer, "moe_layer_start_index"

@@ -36,9 +36,8 @@ from collections.abc import Iterable
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.base import ArchModel
 from convert.export.glm import _GlmFamily
-from convert.export.moe import MixtureOfExperts
+from convert.export.moe import DENSE, ROUTED, MixtureOfExperts
 from convert.export.registry import register
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -48,8 +47,6 @@ _DEFAULTS = {
     "n_shared_experts": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,
     "n_group": 1, "topk_group": 1,
 }
-_DENSE = (_T.FFN_GATE, _T.FFN_UP, _T.FFN_DOWN)
-_ROUTED = (_T.FFN_GATE_INP, _T.FFN_GATE_EXP, _T.FFN_UP_EXP, _T.FFN_DOWN_EXP)
 _SHARED = (_T.FFN_GATE_SHEXP, _T.FFN_UP_SHEXP, _T.FFN_DOWN_SHEXP)
 _ATTENTION = (_T.ATTN_NORM, _T.ATTN_POST_NORM, _T.ATTN_Q, _T.ATTN_K, _T.ATTN_V, _T.ATTN_OUT)
 _NEXTN = (_T.NEXTN_EH_PROJ, _T.NEXTN_ENORM, _T.NEXTN_HNORM)
@@ -137,15 +134,20 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
             return (hidden, 2 * hidden)
         return super().expected_shape(name, gguf_name)
 
+    @property
+    def leading_dense_layers(self) -> tuple[int, str]:
+        return int(self._hp("first_k_dense_replace")), "first_k_dense_replace"
+
     def check_tensors(self, gguf_names: Iterable[str]) -> None:
+        """The MoE base's check (dense layers first, then mixtures), then GLM's own: attention with its
+        post-norm, the shared experts, the router bias, the MTP layers, no dense tensor in a MoE layer."""
         names = set(gguf_names)
-        # Not the MoE base's check (experts in every layer): GLM's first layers are dense.
-        ArchModel.check_tensors(self, names)
+        super().check_tensors(names)
         dense_layers = int(self._hp("first_k_dense_replace"))
         n_shared = int(self._hp("n_shared_experts"))
         for bid in range(self.block_count):
             moe = bid >= dense_layers
-            wanted = [*_ATTENTION, *(_ROUTED if moe else _DENSE), *(_SHARED if moe and n_shared else ())]
+            wanted = [*_ATTENTION, *(_SHARED if moe and n_shared else ())]
             if bid >= self.n_trunk:
                 wanted.extend(_NEXTN)
             required = [_name(kind, bid) for kind in wanted]
@@ -157,7 +159,7 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
                     f"layer {bid} is incomplete: {missing[0]} is missing (first_k_dense_replace {dense_layers} "
                     f"makes it {'a mixture of experts' if moe else 'dense'}, n_shared_experts {n_shared})"
                 )
-            stray = [_name(k, bid) for k in (_DENSE if moe else _ROUTED) if _name(k, bid) in names]
+            stray = [_name(k, bid) for k in (DENSE if moe else ROUTED) if _name(k, bid) in names]
             if stray:
                 raise ConversionError(
                     f"layer {bid} has {stray[0]}, but first_k_dense_replace {dense_layers} makes it "

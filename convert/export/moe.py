@@ -24,6 +24,10 @@ EXPERT_PROJECTIONS: dict[str, gguf.MODEL_TENSOR] = {
     "w3": gguf.MODEL_TENSOR.FFN_UP_EXP,
     "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
 }
+# A mixture's tensors in llama.cpp (router, stacked experts), and a dense MLP's.
+ROUTED = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP,
+          gguf.MODEL_TENSOR.FFN_DOWN_EXP)
+DENSE = (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN)
 _MOE_BLOCK = r"(?:^|\.)layers\.(?P<bid>\d+)\.(?:mlp|block_sparse_moe)"
 _ONE_EXPERT = re.compile(_MOE_BLOCK + r"\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _FUSED_EXPERTS = re.compile(_MOE_BLOCK + r"\.experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
@@ -122,21 +126,29 @@ class MixtureOfExperts(ArchModel):
             for part, kind in enumerate((gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP))
         ]
 
+    @property
+    def leading_dense_layers(self) -> tuple[int, str]:
+        """How many layers come before the first mixture (dense MLPs: llama.cpp's
+        leading_dense_block_count), and config.json's key for that count ("": every layer is a mixture)."""
+        return 0, ""
+
     def check_tensors(self, gguf_names: Iterable[str]) -> None:
+        """Every layer has its router and stacked experts, or, among the leading dense layers, its MLP."""
         names = set(gguf_names)
         super().check_tensors(names)
-        kinds = (
-            gguf.MODEL_TENSOR.FFN_GATE_INP,
-            gguf.MODEL_TENSOR.FFN_GATE_EXP,
-            gguf.MODEL_TENSOR.FFN_UP_EXP,
-            gguf.MODEL_TENSOR.FFN_DOWN_EXP,
-        )
+        n_dense, key = self.leading_dense_layers
         for bid in range(self.block_count):
-            missing = [n for n in (_block_tensor_name(k, bid) for k in kinds) if n not in names]
-            if missing:
+            moe = bid >= n_dense
+            missing = [n for n in (_block_tensor_name(k, bid) for k in (ROUTED if moe else DENSE)) if n not in names]
+            if missing and not key:
                 raise ConversionError(
                     f"layer {bid} has no complete mixture of experts ({missing[0]} is missing); "
                     f"llama.cpp's {self.arch_name} needs one in every layer"
+                )
+            if missing:
+                raise ConversionError(
+                    f"layer {bid} is incomplete: {missing[0]} is missing ({key} {n_dense} makes it "
+                    f"{'a mixture of experts' if moe else 'dense'})"
                 )
 
 
