@@ -237,3 +237,24 @@ def test_refusal_is_one_line_from_the_cli(tiny_builds, tmp_path, capsys):
         "alpaca-convert: error: mamba_proj_bias is true: llama.cpp's granitehybrid has no in_proj/out_proj bias"
     )
     assert list(out.iterdir()) == []
+
+
+def test_a_is_computed_one_way_for_every_ssm_family(monkeypatch):
+    """mamba2.negative_exp (Granite 4's Mamba-2 and Qwen3.5's gated DeltaNet): a float32 A_log goes
+    through torch's float32 exp, as llama.cpp's converter computes it; without torch, or for float16,
+    numpy's float64 exp rounded once to float32."""
+    import sys
+
+    import torch
+
+    from convert.export.mamba2 import negative_exp
+
+    a_log = np.random.default_rng(3).normal(0, 2, size=4096).astype(np.float32)
+    by_torch = (-torch.exp(torch.from_numpy(a_log))).numpy()
+    correctly_rounded = (-np.exp(a_log.astype(np.float64))).astype(np.float32)
+    assert (by_torch != correctly_rounded).any()  # the two ways differ somewhere in 4096 values
+    assert negative_exp(a_log).tobytes() == by_torch.tobytes()
+    assert negative_exp(a_log.astype(np.float16)).tobytes() == (
+        (-np.exp(a_log.astype(np.float16).astype(np.float64))).astype(np.float32).tobytes())
+    monkeypatch.setitem(sys.modules, "torch", None)  # export's install has no torch
+    assert negative_exp(a_log).tobytes() == correctly_rounded.tobytes()

@@ -33,6 +33,7 @@ import numpy as np
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel, CombinedTensor
 from convert.export.checkpoint import Checkpoint
+from convert.export.mamba2 import negative_exp
 
 LINEAR, FULL = "linear_attention", "full_attention"
 # Not part of the language model: multi-token prediction, and Qwen3.5's vision tower.
@@ -157,7 +158,7 @@ class GatedDeltaNetHybrid(ArchModel):
         if self.tiled_value_heads:
             data = self._tile_value_heads(name, data)
         if name.endswith(".A_log"):
-            return self._negative_exp(data)
+            return negative_exp(data)
         if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
             return data + data.dtype.type(1)  # stored as an offset from 1; in the dtype read, as llama.cpp's converter
         return data
@@ -165,18 +166,6 @@ class GatedDeltaNetHybrid(ArchModel):
     def moves_values_only(self, name: str, gguf_name: str) -> bool:
         computed = name.endswith(".A_log") or (name.endswith("norm.weight") and "linear_attn.norm" not in name)
         return not computed
-
-    @staticmethod
-    def _negative_exp(data: np.ndarray) -> np.ndarray:
-        """A = -exp(A_log), bit for bit as llama.cpp's converter computes it: torch's exp, in float32
-        (float16 for a float16 checkpoint). Without torch (export does not need it), numpy's exp in
-        float64, rounded once: correctly rounded, which torch's float32 exp is not always (one
-        float32 ulp apart in about 1 % of values)."""
-        try:
-            import torch
-        except ImportError:
-            return (-np.exp(data.astype(np.float64))).astype(data.dtype)
-        return (-torch.exp(torch.from_numpy(np.ascontiguousarray(data)))).numpy()
 
     def _tile_value_heads(self, name: str, data: np.ndarray) -> np.ndarray:
         """Qwen3.5's value-head tensors, from grouped (by key head) to tiled order; rows only,

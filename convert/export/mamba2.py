@@ -103,11 +103,28 @@ def granite_mamba2_dims(hparams: dict) -> Mamba2Dims:
     return dims
 
 
+def negative_exp(data: np.ndarray) -> np.ndarray:
+    """A = -exp(A_log) as float32, for every SSM family (Mamba-2, gated DeltaNet).
+
+    A float32 tensor (bf16 checkpoints are widened to it exactly) goes through torch's float32 exp,
+    bit for bit what llama.cpp's converter computes. Without torch (export does not need it), and for
+    float16 or float64 tensors, numpy's exp in float64, rounded once: correctly rounded, which torch's
+    float32 exp is not always (one float32 ulp apart in about 1 % of values)."""
+    if data.dtype == np.float32:
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            return (-torch.exp(torch.from_numpy(np.ascontiguousarray(data)))).numpy()
+    return (-np.exp(data.astype(np.float64))).astype(np.float32)
+
+
 def reshaped_tensor(suffix: str, data: np.ndarray, dims: Mamba2Dims) -> np.ndarray:
     """A reshaped or computed mixer tensor (`suffix` one of RESHAPED), as llama.cpp wants it."""
     transform: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "conv1d.weight": lambda x: x.reshape(dims.conv_channels, dims.d_conv),
-        "A_log": lambda x: (-np.exp(x.astype(np.float64))).astype(np.float32).reshape(dims.n_heads, 1),
+        "A_log": lambda x: negative_exp(x).reshape(dims.n_heads, 1),
         "D": lambda x: x.reshape(dims.n_heads, 1),
         "norm.weight": lambda x: x.reshape(dims.n_groups, dims.d_inner // dims.n_groups),
     }
