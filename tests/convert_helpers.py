@@ -352,6 +352,37 @@ def run_reference_converter(
     )
 
 
+# Keys only we write: provenance, and add_bos/add_eos (llama.cpp's converter may leave them to the loader's default).
+OUR_EXTRA_KEYS = {
+    "general.converter", "general.source.checkpoint", "general.quant_type",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+}
+
+
+def assert_same_file_as_reference(oracle: Path, checkpoint: Path, ours: Path, case: TinyCase, theirs: Path) -> None:
+    """llama.cpp's converter on `checkpoint` writes `theirs`: the same keys and values as our export `ours`
+    (but `case.metadata_differences` and our provenance), the same tensors, byte for byte."""
+    our_fields = gguf_fields(ours)
+    pre = our_fields.get("tokenizer.ggml.pre") if our_fields.get("tokenizer.ggml.model") == "gpt2" else None
+    done = run_reference_converter(oracle, checkpoint, theirs, pre_tokenizer=pre, extra_args=case.oracle_args)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    their_fields = gguf_fields(theirs)
+    differences = set(case.metadata_differences)
+    assert set(our_fields) - set(their_fields) <= OUR_EXTRA_KEYS | differences
+    assert set(their_fields) - differences <= set(our_fields)
+    for key, value in their_fields.items():
+        if key not in differences:
+            assert our_fields[key] == value, key
+
+    # Same tensors by name (the order in the file may differ: ours follows the checkpoint files).
+    our_tensors, their_tensors = gguf_tensors(ours), gguf_tensors(theirs)
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for tensor_name, (kind, shape, data) in their_tensors.items():
+        assert our_tensors[tensor_name][:2] == (kind, shape), tensor_name
+        assert same_bytes(our_tensors[tensor_name][2], data), f"{tensor_name}: bytes differ"
+
+
 def without_quantization_config(checkpoint: Path, out: Path) -> Path:
     """A view of `checkpoint` (symlinks) whose config.json drops the `quantization_config` that
     transformers leaves after dequantizing a GGUF: llama.cpp's converter refuses it."""

@@ -18,22 +18,16 @@ import pytest
 from convert_helpers import (
     CASES,
     MIXED_TEXT,
+    assert_same_file_as_reference,
     gguf_fields,
     gguf_last_logits,
     gguf_tensors,
     hf_last_logits,
     random_sequences,
     reference_converter_or_fail,
-    run_reference_converter,
-    same_bytes,
 )
 
 pytestmark = pytest.mark.slow
-# Keys only we write: provenance, and add_bos/add_eos (llama.cpp's converter may leave them to the loader's default).
-OUR_EXTRA_KEYS = {
-    "general.converter", "general.source.checkpoint", "general.quant_type",
-    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
-}
 
 
 def _config(checkpoint):
@@ -152,23 +146,4 @@ def oracle(request, tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.oracle])
 def test_same_file_as_llama_cpp_converter(tiny_builds, oracle, tmp_path, name):
     checkpoint, _, ours = tiny_builds.get(name)
-    our_fields = gguf_fields(ours)
-    pre = our_fields.get("tokenizer.ggml.pre") if our_fields.get("tokenizer.ggml.model") == "gpt2" else None
-    theirs = tmp_path / "reference.gguf"
-    done = run_reference_converter(oracle, checkpoint, theirs, pre_tokenizer=pre, extra_args=CASES[name].oracle_args)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    their_fields = gguf_fields(theirs)
-    differences = set(CASES[name].metadata_differences)
-    assert set(our_fields) - set(their_fields) <= OUR_EXTRA_KEYS | differences
-    assert set(their_fields) - differences <= set(our_fields)
-    for key, value in their_fields.items():
-        if key not in differences:
-            assert our_fields[key] == value, key
-
-    # Same tensors by name (the order in the file may differ: ours follows the checkpoint files).
-    our_tensors, their_tensors = gguf_tensors(ours), gguf_tensors(theirs)
-    assert sorted(our_tensors) == sorted(their_tensors)
-    for tensor_name, (kind, shape, data) in their_tensors.items():
-        assert our_tensors[tensor_name][:2] == (kind, shape), tensor_name
-        assert same_bytes(our_tensors[tensor_name][2], data), f"{tensor_name}: bytes differ"
+    assert_same_file_as_reference(oracle, checkpoint, ours, CASES[name], tmp_path / "reference.gguf")
