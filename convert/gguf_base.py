@@ -94,16 +94,31 @@ def _cached(target: Path, identity: dict) -> bool:
 
 
 def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
-    """Read the GGUF as a plain model (convert/model_loading.py), save it as a checkpoint beside its
-    tokenizer and provenance, swapped in whole (convert/atomic.py)."""
+    """Read the GGUF as a plain model, save it as a checkpoint beside its tokenizer and provenance,
+    swapped in whole (convert/atomic.py). transformers' GGUF reader does the families it knows
+    (convert/model_loading.py); our exporter, run backwards, the others (convert/gguf_read_back.py)."""
+    from convert import gguf_read_back
+
+    with atomic_directory(target) as staging:
+        if gguf_read_back.can_read_back(gguf):
+            gguf_read_back.read_back(gguf, staging)
+        else:
+            _save_through_transformers(gguf, staging)
+        _drop_tokens_without_embeddings(staging, _embedding_rows(staging))
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_through_transformers(gguf: Path, staging: Path) -> None:
     from convert.model_loading import load_gguf  # torch: only when a GGUF is dequantized
 
     model, tokenizer = load_gguf(gguf)
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _drop_tokens_without_embeddings(staging, model.get_input_embeddings().weight.shape[0])
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+
+
+def _embedding_rows(checkpoint: Path) -> int:
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
 
 
 def _drop_tokens_without_embeddings(checkpoint: Path, n_vocab: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gguf
 import numpy as np
@@ -28,6 +28,9 @@ import numpy as np
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
 from convert.export.vocab import TokenizerError, Vocab, load_vocab
+
+if TYPE_CHECKING:
+    from convert.gguf_read_back import GgufKeys
 
 
 class ArchModel:
@@ -168,6 +171,32 @@ class ArchModel:
 
     def extra_tensors(self) -> Iterable[tuple[str, np.ndarray]]:
         return ()
+
+    # -- reading a GGUF back (convert/gguf_read_back.py) -------------------------
+
+    @classmethod
+    def reads_gguf(cls, keys: GgufKeys) -> bool:
+        """Whether this family reads back a GGUF of `keys.arch` (families transformers cannot read)."""
+        return False
+
+    @classmethod
+    def config_from_gguf(cls, keys: GgufKeys) -> dict[str, Any]:
+        """config.json (with `model_type`) for the model a GGUF of this family holds."""
+        raise NotImplementedError
+
+    @classmethod
+    def left_out_of_checkpoint(cls, keys: GgufKeys, gguf_name: str) -> bool:
+        """A GGUF tensor transformers' model has no place for (e.g. an MTP layer's), dropped on reading back."""
+        return False
+
+    def extra_tensor_source(self, gguf_name: str, data: np.ndarray) -> tuple[str, np.ndarray] | None:
+        """For an `extra_tensors` tensor computed from a checkpoint tensor: that tensor, read back
+        from `data`. None for one computed from config.json alone (rope factors)."""
+        return None
+
+    def unmodify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        """The checkpoint tensor `modify_tensor` turned into `data`, where it computes values."""
+        raise ConversionError(f"{gguf_name} cannot be read back into {name}")
 
     def combined_tensors(self) -> list[CombinedTensor]:
         """GGUF tensors built from several checkpoint tensors; their sources are not exported alone."""

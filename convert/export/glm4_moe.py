@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import gguf
 
@@ -71,6 +72,42 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
             self.block_count += self.n_nextn
             self.tensor_map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
         self._check_routing()
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "glm4moe"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        """The trunk's config: transformers neither loads nor saves the MTP layers, which a hub
+        file holds after the trunk's (left out, as `left_out_of_checkpoint` says)."""
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        config = decoder_config(keys)
+        nextn = int(keys.get("nextn_predict_layers") or 0)
+        rope = rope_parameters(keys)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        rope["partial_rotary_factor"] = keys.need("rope.dimension_count") / head_dim
+        return {
+            "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], **config,
+            "num_hidden_layers": config["num_hidden_layers"] - nextn, "num_nextn_predict_layers": nextn,
+            "rope_parameters": rope,
+            "attention_bias": "blk.0.attn_q.bias" in keys.shapes,
+            "use_qk_norm": "blk.0.attn_q_norm.weight" in keys.shapes,
+            "first_k_dense_replace": keys.need("leading_dense_block_count"),
+            "moe_intermediate_size": keys.need("expert_feed_forward_length"),
+            "n_routed_experts": keys.need("expert_count"), "num_experts_per_tok": keys.need("expert_used_count"),
+            "n_shared_experts": keys.need("expert_shared_count"),
+            "n_group": keys.get("expert_group_count", 1), "topk_group": keys.get("expert_group_used_count", 1),
+            "routed_scaling_factor": keys.get("expert_weights_scale", 1.0),
+            "norm_topk_prob": bool(keys.get("expert_weights_norm", False)),
+        }
+
+    @classmethod
+    def left_out_of_checkpoint(cls, keys, gguf_name: str) -> bool:
+        trunk = int(keys.need("block_count")) - int(keys.get("nextn_predict_layers") or 0)
+        parts = gguf_name.split(".")
+        return parts[0] == "blk" and int(parts[1]) >= trunk
 
     def _hp(self, key: str):
         value = self.hparams.get(key)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -49,6 +50,9 @@ _T = gguf.MODEL_TENSOR
 LAYER_TYPES = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
 # A NoPE model has no trained length; llama.cpp's converter writes this one.
 NOPE_CONTEXT = 2**20
+# config.json's Granite multipliers -> their GGUF keys (MULTIPLIERS writes them).
+_MULTIPLIER_KEYS = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                    "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(?P<bid>\d+)\.")
 _MIXER = re.compile(r"(?:^|\.)layers\.(?P<bid>\d+)\.mamba\.(?P<suffix>.+)$")
 _FUSED_UP = re.compile(r"layers\.(?P<bid>\d+)\.(?:block_sparse_moe\.(?:input_linear\.weight|experts\.gate_up_proj)"
@@ -236,6 +240,44 @@ class GraniteHybridModel(LlamaModel):
             if data.dtype != np.float16:
                 data = data.astype(np.float32)
             yield self.gguf_name(name), mamba2.reshaped_tensor(m["suffix"], data, self.mamba)
+
+    def extra_tensor_source(self, gguf_name: str, data: np.ndarray) -> tuple[str, np.ndarray] | None:
+        """A mixer tensor read back from its reshaped (or computed) GGUF form."""
+        for name, entry in self.checkpoint.tensors.items():
+            m = _MIXER.search(name)
+            if m and m["suffix"] in mamba2.RESHAPED and self.gguf_name(name) == gguf_name:
+                return name, mamba2.unreshaped_tensor(m["suffix"], data, entry.shape)
+        return super().extra_tensor_source(gguf_name, data)
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "granitehybrid"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        kv_heads = keys.need("attention.head_count_kv")
+        mamba = [n == 0 for n in kv_heads]
+        n_expert = int(keys.get("expert_count") or 0)
+        ffn = keys.need("feed_forward_length")
+        heads, inner = keys.need("ssm.time_step_rank"), keys.need("ssm.inner_size")
+        first_mamba = mamba.index(True) if True in mamba else 0
+        return {
+            **decoder_config(keys), "model_type": "granitemoehybrid", "architectures": ["GraniteMoeHybridForCausalLM"],
+            "layer_types": ["mamba" if m else "attention" for m in mamba],
+            "num_key_value_heads": max(kv_heads),
+            "position_embedding_type": "rope" if keys.get("rope.scaling.finetuned") else None,
+            "rope_parameters": rope_parameters(keys),
+            **{key: keys.get(gguf_key, 1.0) for key, gguf_key in _MULTIPLIER_KEYS.items()},
+            "num_local_experts": n_expert, "num_experts_per_tok": keys.get("expert_used_count") or 0,
+            "intermediate_size": ffn,
+            "shared_intermediate_size": keys.get("expert_shared_feed_forward_length") or ffn,
+            "mamba_d_conv": keys.need("ssm.conv_kernel"), "mamba_d_state": keys.need("ssm.state_size"),
+            "mamba_n_groups": keys.need("ssm.group_count"), "mamba_n_heads": heads,
+            "mamba_d_head": inner // heads, "mamba_expand": inner // keys.need("embedding_length"),
+            "mamba_conv_bias": f"blk.{first_mamba}.ssm_conv1d.bias" in keys.shapes, "mamba_proj_bias": False,
+        }
 
     def expected_shape(self, name: str, gguf_name: str) -> tuple[int, ...] | None:
         if m := _MIXER.search(name):

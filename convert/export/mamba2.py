@@ -131,6 +131,13 @@ def reshaped_tensor(suffix: str, data: np.ndarray, dims: Mamba2Dims) -> np.ndarr
     return np.ascontiguousarray(transform[suffix](data))
 
 
+def unreshaped_tensor(suffix: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The checkpoint tensor `reshaped_tensor` made `data` from: A_log = log(-A), the rest reshaped."""
+    if suffix == "A_log":
+        data = np.log(-data.astype(np.float64)).astype(np.float32)
+    return np.ascontiguousarray(data.reshape(shape))
+
+
 def gguf_kind(suffix: str) -> tuple[gguf.MODEL_TENSOR, str]:
     """llama.cpp's tensor kind and name suffix for a mixer tensor ending in `suffix`."""
     kinds = {

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gguf
 
+from typing import Any
+
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
@@ -36,3 +38,15 @@ class Olmo2Model(ArchModel):
                 "this OLMo 2 checkpoint ties its output projection to the embeddings; "
                 "llama.cpp's olmo2 architecture needs a separate output matrix"
             )
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "olmo2" and not keys.has("attention.sliding_window")
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        return {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **decoder_config(keys),
+                "rope_parameters": rope_parameters(keys)}
+

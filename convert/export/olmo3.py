@@ -95,3 +95,24 @@ class Olmo3Model(Olmo2Model):
         writer.add_sliding_window_pattern([t == _SLIDING for t in self.layer_types()])
         if _SLIDING in (self.hparams.get("rope_parameters") or {}):  # as llama.cpp's converter: only if given
             writer.add_rope_freq_base_swa(float(self.layer_rope(_SLIDING)["rope_theta"]))
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "olmo2" and keys.has("attention.sliding_window")
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        full = rope_parameters(keys)
+        sliding = {"rope_type": "default", "rope_theta": keys.get("rope.freq_base_swa", full["rope_theta"])}
+        config = {
+            "model_type": "olmo3", "architectures": ["Olmo3ForCausalLM"], **decoder_config(keys),
+            "sliding_window": keys.get("attention.sliding_window"),
+            "rope_parameters": {_FULL: full, _SLIDING: sliding},
+        }
+        pattern = keys.get("attention.sliding_window_pattern")
+        if pattern:  # else transformers' default, every 4th layer full, as llama.cpp's
+            config["layer_types"] = [_SLIDING if sliding_layer else _FULL for sliding_layer in pattern]
+        return config
+

@@ -34,6 +34,11 @@ def register(*hf_names: str) -> Callable[[type[ArchModel]], type[ArchModel]]:
     return add
 
 
+def registered_classes() -> list[type[ArchModel]]:
+    """Each family class once, in registration order."""
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
 def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
