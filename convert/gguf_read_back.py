@@ -146,12 +146,20 @@ def read_back(gguf_path: Path, staging: Path) -> None:
     family = family_for(keys)
     if family is None:
         raise TrainingError(f"base model: {gguf_path.name}: llama.cpp architecture {keys.arch} cannot be read back")
+    kind = keys.raw("tokenizer.ggml.model")
+    if kind != "gpt2":
+        # A SentencePiece vocabulary as transformers' reader rebuilds it loses its scores and BOS
+        # setting (checked on ERNIE 4.5): the fine-tune would see other tokens than the model.
+        raise TrainingError(
+            f"base model: {gguf_path.name}'s {kind!r} tokenizer cannot be read back exactly; "
+            "give a Hugging Face checkpoint directory instead"
+        )
     config = family.config_from_gguf(keys)
     _save_skeleton(config, staging)
     model = family(open_checkpoint(staging))
     weights = _weights_from_file(model, plan_tensors(model, Q.F32), {t.name: t for t in reader.tensors}, keys)
     _write_weights(staging, weights)
-    _save_tokenizer(gguf_path, staging)
+    _save_tokenizer(gguf_path, keys, family, staging)
 
 
 def _save_skeleton(config: dict[str, Any], staging: Path) -> None:
@@ -278,10 +286,31 @@ def _write_weights(staging: Path, weights: dict[str, np.ndarray]) -> None:
               metadata={"format": "pt"})
 
 
-def _save_tokenizer(gguf_path: Path, staging: Path) -> None:
+def _save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], staging: Path) -> None:
     """The file's tokenizer as transformers' GGUF tokenizer reader builds it (by tokenizer kind,
-    whatever the architecture), with its chat template."""
+    whatever the architecture), with its chat template, splitting text as the file's
+    `tokenizer.ggml.pre` says (transformers' table lacks some names, e.g. glm4)."""
     import transformers
 
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(keys, family)
     tokenizer.save_pretrained(staging)
+
+
+def _pre_tokenizer(keys: GgufKeys, family: type[ArchModel]):
+    """The tokenizers pre-tokenizer our exporter would name as the file's `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from convert.export.pretokenizers import PRE_TOKENIZERS
+
+    name = keys.raw("tokenizer.ggml.pre")
+    ours = {alias: base for base, alias in family.pre_tokenizer_names.items()}.get(name, name)
+    steps = next((steps for steps, known in PRE_TOKENIZERS.items() if known == ours), None)
+    if steps is None:
+        raise TrainingError(f"base model: the GGUF's pre-tokenizer {name!r} cannot be read back")
+    built = {
+        "regex": lambda step: pre_tokenizers.Split(Regex(step[1]), behavior="isolated"),
+        "bytes": lambda step: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        "digits": lambda step: pre_tokenizers.Digits(individual_digits=True),
+    }
+    return pre_tokenizers.Sequence([built[step[0]](step) for step in steps])

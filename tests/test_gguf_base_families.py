@@ -1,8 +1,9 @@
 """Fine-tuning from a GGUF of the 2026 families (`--base FILE.gguf`): the dequantized checkpoint
-exports back to the same model (llama.cpp's logits equal), or, where transformers' GGUF reader cannot
-read the file (granitehybrid, olmo2, glm4moe, ernie4_5 today; Gemma 4's per-layer FFN widths), the
-command stops in one line with nothing written. Each case is held to whichever transformers does, so a
-family it learns to read is then held to the round trip.
+exports back to the same model (llama.cpp's logits equal), or the command stops in one line with
+nothing written. The families transformers' GGUF reader cannot read and our exporter reads back
+(convert/gguf_read_back.py) must round trip: every tensor byte-identical at F32 and the same
+tokenization. The others are held to whichever transformers does, so a family it learns to read is
+then held to the round trip.
 """
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from convert import cli, gguf_base
-from convert_helpers import TINY_CASES, gguf_last_logits, random_sequences
+from convert_helpers import MIXED_TEXT, TINY_CASES, gguf_last_logits, gguf_tensors, random_sequences, same_bytes
 from finetune_helpers import seed_rows, write_json
 
 pytestmark = pytest.mark.slow
@@ -21,6 +22,8 @@ NEW_FAMILIES = {
     "Qwen3NextForCausalLM", "Gemma4ForCausalLM", "GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM",
     "Glm4MoeForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM",
 }
+# Read back by running our exporter backwards: never refused.
+READ_BACK = {"GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM", "Glm4MoeForCausalLM"}
 NAMES = sorted(case.name for case in TINY_CASES if case.architecture in NEW_FAMILIES)
 
 
@@ -38,12 +41,17 @@ def test_a_gguf_base_round_trips_or_stops_in_one_line(name, tiny_builds, tmp_pat
         refusal = exc
     else:
         refusal = None
+    read_back = CASES_BY_NAME[name].architecture in READ_BACK
+    assert refusal is None or not read_back, refusal
     if refusal is None:
-        out = cli.main(["export", str(back), "-o", str(tmp_path / "again.gguf"), "--outtype", "f32"])
+        again = tmp_path / "again.gguf"
+        out = cli.main(["export", str(back), "-o", str(again), "--outtype", "f32"])
         assert out == 0, capsys.readouterr().err
         sequences = random_sequences(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
-        for want, got in zip(gguf_last_logits(f32, sequences), gguf_last_logits(tmp_path / "again.gguf", sequences)):
+        for want, got in zip(gguf_last_logits(f32, sequences), gguf_last_logits(again, sequences)):
             assert np.abs(want - got).max() < 1e-5, f"{name}: the dequantized base is another model"
+        if read_back:
+            _assert_same_tensors_and_tokens(f32, again)
         return
     # Refused: through the CLI, one line, exit 1, nothing written.
     assert "transformers cannot dequantize" in str(refusal), refusal
@@ -52,3 +60,21 @@ def test_a_gguf_base_round_trips_or_stops_in_one_line(name, tiny_builds, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "transformers cannot dequantize" in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run").exists()
+
+
+CASES_BY_NAME = {case.name: case for case in TINY_CASES}
+
+
+def _assert_same_tensors_and_tokens(original, again):
+    from convert.evaluate import LogitsModel
+
+    want, got = gguf_tensors(original), gguf_tensors(again)
+    assert sorted(want) == sorted(got)
+    for tensor, (kind, shape, data) in want.items():
+        assert got[tensor][:2] == (kind, shape) and same_bytes(got[tensor][2], data), f"{tensor} differs"
+    tokens = []
+    for gguf in (original, again):
+        with LogitsModel(gguf, n_ctx=256) as model:
+            tokens.append(model.tokenize(MIXED_TEXT, add_special=True, parse_special=True))
+    assert tokens[0] == tokens[1]
+

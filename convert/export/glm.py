@@ -40,6 +40,7 @@ _GLM_PRE_TOKENIZERS = {"llama-bpe": "glm4"}
 
 class _GlmFamily(ArchModel):
     expected_tokenizers = ("gpt2",)
+    pre_tokenizer_names = _GLM_PRE_TOKENIZERS
     # Special token role -> its text, set unless the tokenizer files already name one.
     special_tokens: ClassVar[dict[str, str]] = {
         "eos": "<|endoftext|>",
@@ -58,9 +59,7 @@ class _GlmFamily(ArchModel):
         return int(self.head_dim * float(factor))
 
     def load_vocab(self) -> Vocab:
-        vocab = super().load_vocab()
-        if self.pre_tokenizer is None:
-            vocab.pre = _GLM_PRE_TOKENIZERS.get(vocab.pre, vocab.pre)
+        vocab = super().load_vocab()  # names the split "glm4" (pre_tokenizer_names)
         ids = {token: i for i, token in enumerate(vocab.tokens)}
         for role, text in self.special_tokens.items():
             token_id = ids.get(text.encode("utf-8"))
