@@ -23,7 +23,8 @@ NEW_FAMILIES = {
     "Glm4MoeForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM",
 }
 # Read back by running our exporter backwards: never refused.
-READ_BACK = {"GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM", "Glm4MoeForCausalLM"}
+READ_BACK = {"GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM", "Glm4MoeForCausalLM", "Lfm2MoeForCausalLM",
+             "Qwen3NextForCausalLM"}
 NAMES = sorted(case.name for case in TINY_CASES if case.architecture in NEW_FAMILIES)
 
 

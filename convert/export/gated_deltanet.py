@@ -167,6 +167,15 @@ class GatedDeltaNetHybrid(ArchModel):
         computed = name.endswith(".A_log") or (name.endswith("norm.weight") and "linear_attn.norm" not in name)
         return not computed
 
+    def unmodify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        """A_log = log(-A); a norm less its offset (exact: its stored value minus one is what transformers
+        adds one back to). Tiled value heads (Qwen3.5, which transformers reads itself) are not undone."""
+        if self.tiled_value_heads:
+            return super().unmodify_tensor(name, gguf_name, data)
+        if name.endswith(".A_log"):
+            return np.log(-data.astype(np.float64)).astype(np.float32)
+        return data - np.float32(1)
+
     def _tile_value_heads(self, name: str, data: np.ndarray) -> np.ndarray:
         """Qwen3.5's value-head tensors, from grouped (by key head) to tiled order; rows only,
         except out_proj's columns (its input is the value heads)."""

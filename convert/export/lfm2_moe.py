@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from alpaca_chat.errors import ConversionError
 from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
-from convert.export.lfm2 import Lfm2Model, tensor_name
+from convert.export.lfm2 import ATTENTION, CONV, Lfm2Model, tensor_name
 from convert.export.registry import register
 
 _T = gguf.MODEL_TENSOR
@@ -64,6 +65,27 @@ class Lfm2MoeModel(Lfm2Model):
 
     def dense_ffn_width(self) -> int:
         return int(self._param("intermediate_size"))
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "lfm2moe"  # transformers reads lfm2, not lfm2moe
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        kv_heads = keys.need("attention.head_count_kv")
+        config = decoder_config(keys)
+        return {
+            **config, "model_type": "lfm2_moe", "architectures": ["Lfm2MoeForCausalLM"],
+            "layer_types": [ATTENTION if n else CONV for n in kv_heads], "num_key_value_heads": max(kv_heads),
+            "norm_eps": config["rms_norm_eps"], "rope_parameters": rope_parameters(keys),
+            "conv_L_cache": keys.need("shortconv.l_cache"), "conv_bias": False,
+            "num_experts": keys.need("expert_count"), "num_experts_per_tok": keys.need("expert_used_count"),
+            "moe_intermediate_size": keys.need("expert_feed_forward_length"),
+            "num_dense_layers": keys.need("leading_dense_block_count"),
+            "use_expert_bias": True, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        }
 
     def moe_layers(self) -> range:
         return range(self.n_dense, self.block_count)

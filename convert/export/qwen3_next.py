@@ -13,6 +13,7 @@ llama.cpp's qwen3next has a mixture in every layer: a config with dense layers
 """
 
 import logging
+from typing import Any
 
 import gguf
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from alpaca_chat.errors import ConversionError
 from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
-from convert.export.gated_deltanet import GatedDeltaNetHybrid, RewrittenTensor
+from convert.export.gated_deltanet import FULL, LINEAR, GatedDeltaNetHybrid, RewrittenTensor
 from convert.export.moe import MixtureOfExperts
 from convert.export.qwen3_5 import write_shared_expert_sizes
 from convert.export.registry import register
@@ -41,6 +42,32 @@ class Qwen3NextModel(MixtureOfExperts, GatedDeltaNetHybrid):
                 f"this Qwen3-Next has dense feed-forward layers (mlp_only_layers {dense}, decoder_sparse_step "
                 f"{step}), but llama.cpp's qwen3next has a mixture of experts in every layer"
             )
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "qwen3next"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        from convert.gguf_read_back import decoder_config, rope_parameters
+
+        config = decoder_config(keys)
+        n_v = keys.need("ssm.time_step_rank")
+        rope = rope_parameters(keys)
+        rope["partial_rotary_factor"] = keys.need("rope.dimension_count") / config["head_dim"]
+        return {
+            **config, "model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "rope_parameters": rope,
+            "layer_types": [LINEAR if recurrent else FULL for recurrent in keys.need("attention.recurrent_layers")],
+            "full_attention_interval": keys.get("full_attention_interval", 4),
+            "linear_num_key_heads": keys.need("ssm.group_count"), "linear_num_value_heads": n_v,
+            "linear_key_head_dim": keys.need("ssm.state_size"),
+            "linear_value_head_dim": keys.need("ssm.inner_size") // n_v,
+            "linear_conv_kernel_dim": keys.need("ssm.conv_kernel"),
+            "num_experts": keys.need("expert_count"), "num_experts_per_tok": keys.need("expert_used_count"),
+            "moe_intermediate_size": keys.need("expert_feed_forward_length"),
+            "shared_expert_intermediate_size": keys.need("expert_shared_feed_forward_length"),
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
+        }
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)
