@@ -44,12 +44,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "generate": ("rouge_score",),
     "plot": ("matplotlib",),
     "convert": (
-        "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "sentencepiece", "matplotlib",
-        "rouge_score",
+        "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "sentencepiece", "google.protobuf",
+        "matplotlib", "rouge_score",
     ),
 }
 # Import name -> the name pip knows the package by, where they differ.
-PACKAGE_NAMES = {"rouge_score": "rouge-score"}
+PACKAGE_NAMES = {"rouge_score": "rouge-score", "google.protobuf": "protobuf"}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import json
 import os
 from pathlib import Path
 
-from alpaca_chat.errors import TrainingError
 from convert.atomic import atomic_directory, recover_directory
 
 PROVENANCE_FILE = "alpaca_base.json"
@@ -129,6 +128,8 @@ def _drop_tokens_without_embeddings(checkpoint: Path, n_vocab: int) -> None:
     exists for it: training would index past the embeddings and export refuses it.
     """
     tokenizer_file = checkpoint / "tokenizer.json"
+    if not tokenizer_file.is_file():  # a SentencePiece model read back (convert/gguf_read_back_tokenizer.py)
+        return
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     invented = {entry["content"] for entry in data.get("added_tokens", []) if entry["id"] >= n_vocab}
     if not invented:

@@ -27,104 +27,14 @@ import gguf
 import numpy as np
 
 from alpaca_chat.errors import TrainingError
+from convert import gguf_read_back_tokenizer
 from convert.export.base import ArchModel
 from convert.export.checkpoint import open_checkpoint
 from convert.export.exporter import PlannedTensor, plan_tensors
+from convert.export.gguf_keys import GgufKeys
 from convert.export.registry import registered_classes
 
 Q = gguf.GGMLQuantizationType
-
-
-class GgufKeys:
-    """A GGUF file's metadata and tensor shapes, read as `config_from_gguf` needs them."""
-
-    def __init__(self, reader: gguf.GGUFReader):
-        self.arch = str(reader.fields["general.architecture"].contents())
-        self._fields = reader.fields
-        # numpy order (rows first), as the exporter plans them
-        self.shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-
-    def has(self, key: str) -> bool:
-        return f"{self.arch}.{key}" in self._fields
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """`ARCH.key`'s value (floats as the shortest decimal that gives the stored float32)."""
-        return self.raw(f"{self.arch}.{key}", default)
-
-    def raw(self, full_key: str, default: Any = None) -> Any:
-        field = self._fields.get(full_key)
-        if field is None:
-            return default
-        return _readable(field.contents())
-
-    def need(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise TrainingError(f"the GGUF has no {self.arch}.{key}: not a file llama.cpp's {self.arch} can run")
-        return value
-
-    def token_ids(self) -> dict[str, int]:
-        """bos/eos/pad token ids for config.json, where the file names them."""
-        ids = {}
-        for config_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                                     ("pad_token_id", "padding_token_id")):
-            value = self.raw(f"tokenizer.ggml.{gguf_key}")
-            if value is not None:
-                ids[config_key] = int(value)
-        return ids
-
-    def vocab_size(self) -> int:
-        return self.shapes["token_embd.weight"][0]
-
-    def tied(self) -> bool:
-        return "output.weight" not in self.shapes
-
-
-def decoder_config(keys: GgufKeys) -> dict[str, Any]:
-    """What every decoder-only family's config.json shares, as ArchModel.set_parameters wrote it."""
-    heads = int(keys.need("attention.head_count"))
-    config = {
-        "hidden_size": keys.need("embedding_length"),
-        "num_hidden_layers": keys.need("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": keys.get("attention.head_count_kv") or heads,
-        "rms_norm_eps": keys.need("attention.layer_norm_rms_epsilon"),
-        "max_position_embeddings": keys.need("context_length"),
-        "vocab_size": keys.vocab_size(),
-        "tie_word_embeddings": keys.tied(),
-        **keys.token_ids(),
-    }
-    if keys.has("feed_forward_length"):
-        config["intermediate_size"] = keys.get("feed_forward_length")
-    if keys.has("attention.key_length"):
-        config["head_dim"] = keys.get("attention.key_length")
-    return config
-
-
-def rope_parameters(keys: GgufKeys) -> dict[str, Any]:
-    """transformers 5's rope_parameters for the rope ArchModel._set_rope wrote."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": keys.get("rope.freq_base", 10000.0)}
-    kind = keys.get("rope.scaling.type")
-    if kind == "linear":
-        rope.update(rope_type="linear", factor=keys.need("rope.scaling.factor"))
-    elif kind == "yarn":
-        rope.update(rope_type="yarn", factor=keys.need("rope.scaling.factor"),
-                    original_max_position_embeddings=keys.need("rope.scaling.original_context_length"))
-        for name, key in (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
-                          ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
-            if keys.has(f"rope.scaling.{key}"):
-                rope[name] = keys.get(f"rope.scaling.{key}")
-    elif kind not in (None, "none"):
-        raise TrainingError(f"base model: rope scaling {kind!r} cannot be read back")
-    return rope
-
-
-def _readable(value: Any) -> Any:
-    if isinstance(value, float):
-        return float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
-    if isinstance(value, list):
-        return [_readable(v) for v in value]
-    return value
 
 
 def family_for(keys: GgufKeys) -> type[ArchModel] | None:
@@ -146,20 +56,13 @@ def read_back(gguf_path: Path, staging: Path) -> None:
     family = family_for(keys)
     if family is None:
         raise TrainingError(f"base model: {gguf_path.name}: llama.cpp architecture {keys.arch} cannot be read back")
-    kind = keys.raw("tokenizer.ggml.model")
-    if kind != "gpt2":
-        # A SentencePiece vocabulary as transformers' reader rebuilds it loses its scores and BOS
-        # setting (checked on ERNIE 4.5): the fine-tune would see other tokens than the model.
-        raise TrainingError(
-            f"base model: {gguf_path.name}'s {kind!r} tokenizer cannot be read back exactly; "
-            "give a Hugging Face checkpoint directory instead"
-        )
+    gguf_read_back_tokenizer.check_readable(keys, gguf_path.name)
     config = family.config_from_gguf(keys)
     _save_skeleton(config, staging)
     model = family(open_checkpoint(staging))
     weights = _weights_from_file(model, plan_tensors(model, Q.F32), {t.name: t for t in reader.tensors}, keys)
     _write_weights(staging, weights)
-    _save_tokenizer(gguf_path, keys, family, staging)
+    gguf_read_back_tokenizer.save_tokenizer(gguf_path, keys, family, staging)
 
 
 def _save_skeleton(config: dict[str, Any], staging: Path) -> None:
@@ -284,33 +187,3 @@ def _write_weights(staging: Path, weights: dict[str, np.ndarray]) -> None:
         old.unlink()
     save_file({name: np.ascontiguousarray(v) for name, v in weights.items()}, str(staging / "model.safetensors"),
               metadata={"format": "pt"})
-
-
-def _save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], staging: Path) -> None:
-    """The file's tokenizer as transformers' GGUF tokenizer reader builds it (by tokenizer kind,
-    whatever the architecture), with its chat template, splitting text as the file's
-    `tokenizer.ggml.pre` says (transformers' table lacks some names, e.g. glm4)."""
-    import transformers
-
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(keys, family)
-    tokenizer.save_pretrained(staging)
-
-
-def _pre_tokenizer(keys: GgufKeys, family: type[ArchModel]):
-    """The tokenizers pre-tokenizer our exporter would name as the file's `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
-    from convert.export.pretokenizers import PRE_TOKENIZERS
-
-    name = keys.raw("tokenizer.ggml.pre")
-    ours = {alias: base for base, alias in family.pre_tokenizer_names.items()}.get(name, name)
-    steps = next((steps for steps, known in PRE_TOKENIZERS.items() if known == ours), None)
-    if steps is None:
-        raise TrainingError(f"base model: the GGUF's pre-tokenizer {name!r} cannot be read back")
-    built = {
-        "regex": lambda step: pre_tokenizers.Split(Regex(step[1]), behavior="isolated"),
-        "bytes": lambda step: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        "digits": lambda step: pre_tokenizers.Digits(individual_digits=True),
-    }
-    return pre_tokenizers.Sequence([built[step[0]](step) for step in steps])

@@ -24,6 +24,7 @@ NEW_FAMILIES = {
 }
 # Read back by running our exporter backwards: never refused.
 READ_BACK = {"GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM", "Glm4MoeForCausalLM", "Lfm2MoeForCausalLM",
+             "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM",
              "Qwen3NextForCausalLM"}
 NAMES = sorted(case.name for case in TINY_CASES if case.architecture in NEW_FAMILIES)
 
@@ -52,7 +53,7 @@ def test_a_gguf_base_round_trips_or_stops_in_one_line(name, tiny_builds, tmp_pat
         for want, got in zip(gguf_last_logits(f32, sequences), gguf_last_logits(again, sequences)):
             assert np.abs(want - got).max() < 1e-5, f"{name}: the dequantized base is another model"
         if read_back:
-            _assert_same_tensors_and_tokens(f32, again)
+            _assert_same_tensors_and_tokens(f32, again, back)
         return
     # Refused: through the CLI, one line, exit 1, nothing written.
     assert "transformers cannot dequantize" in str(refusal), refusal
@@ -66,7 +67,11 @@ def test_a_gguf_base_round_trips_or_stops_in_one_line(name, tiny_builds, tmp_pat
 CASES_BY_NAME = {case.name: case for case in TINY_CASES}
 
 
-def _assert_same_tensors_and_tokens(original, again):
+def _assert_same_tensors_and_tokens(original, again, checkpoint):
+    """Every tensor byte-identical, and the text tokenized alike by llama.cpp on both files and by
+    transformers on the checkpoint read back (what a fine-tune from it trains on)."""
+    import transformers
+
     from convert.evaluate import LogitsModel
 
     want, got = gguf_tensors(original), gguf_tensors(again)
@@ -78,4 +83,5 @@ def _assert_same_tensors_and_tokens(original, again):
         with LogitsModel(gguf, n_ctx=256) as model:
             tokens.append(model.tokenize(MIXED_TEXT, add_special=True, parse_special=True))
     assert tokens[0] == tokens[1]
+    assert transformers.AutoTokenizer.from_pretrained(checkpoint).encode(MIXED_TEXT) == tokens[0]
 

@@ -30,7 +30,7 @@ from convert.export.checkpoint import Checkpoint
 from convert.export.vocab import TokenizerError, Vocab, load_vocab
 
 if TYPE_CHECKING:
-    from convert.gguf_read_back import GgufKeys
+    from convert.export.gguf_keys import GgufKeys
 
 
 class ArchModel:

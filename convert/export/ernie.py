@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import gguf
 
@@ -37,6 +38,7 @@ from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
 from convert.export.moe import MixtureOfExperts
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 from convert.export.vocab import Vocab, spm_json_vocab
 from convert.export.vocab_spm_json import UnsupportedSpmJson, spm_style
@@ -113,9 +115,26 @@ class _ErnieFamily(ArchModel):
         return bool(_MTP.search(name)) or super().skip_tensor(name)
 
 
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == cls.gguf_arch_name()
+
+    @classmethod
+    def gguf_arch_name(cls) -> str:
+        return gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        return {**decoder_config(keys), "rope_parameters": rope_parameters(keys), "use_bias": False}
+
+
 @register("Ernie4_5ForCausalLM", "Ernie4_5_ForCausalLM")
 class Ernie45Model(_ErnieFamily):
     gguf_arch = gguf.MODEL_ARCH.ERNIE4_5
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        return {"model_type": "ernie4_5", "architectures": ["Ernie4_5ForCausalLM"], **super().config_from_gguf(keys)}
 
 
 @register("Ernie4_5_MoeForCausalLM")
@@ -135,6 +154,17 @@ class Ernie45MoeModel(_ErnieFamily, MixtureOfExperts):
                 f"this ERNIE 4.5 MoE has experts in layers {self.first_moe_layer} to {last}, every {interval}; "
                 "llama.cpp's ernie4_5-moe needs them in every layer from the first MoE layer to the last"
             )
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        return {
+            "model_type": "ernie4_5_moe", "architectures": ["Ernie4_5_MoeForCausalLM"], **super().config_from_gguf(keys),
+            "moe_num_experts": keys.need("expert_count"), "moe_k": keys.need("expert_used_count"),
+            "moe_layer_start_index": keys.get("leading_dense_block_count", 0), "moe_layer_interval": 1,
+            "moe_layer_end_index": keys.need("block_count") - 1,
+            "moe_intermediate_size": keys.need("expert_feed_forward_length"),
+            "moe_num_shared_experts": keys.get("expert_shared_count", 0),
+        }
 
     @property
     def shared_expert_length(self) -> int:

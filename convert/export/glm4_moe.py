@@ -39,6 +39,7 @@ import gguf
 from alpaca_chat.errors import ConversionError
 from convert.export.glm import _GlmFamily
 from convert.export.moe import DENSE, ROUTED, MixtureOfExperts
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -81,8 +82,6 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         """The trunk's config: transformers neither loads nor saves the MTP layers, which a hub
         file holds after the trunk's (left out, as `left_out_of_checkpoint` says)."""
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         config = decoder_config(keys)
         nextn = int(keys.get("nextn_predict_layers") or 0)
         rope = rope_parameters(keys)

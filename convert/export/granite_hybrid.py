@@ -43,6 +43,7 @@ from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
 from convert.export.granite import MULTIPLIERS
 from convert.export.llama import LlamaModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 _T = gguf.MODEL_TENSOR
@@ -255,8 +256,6 @@ class GraniteHybridModel(LlamaModel):
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         kv_heads = keys.need("attention.head_count_kv")
         mamba = [n == 0 for n in kv_heads]
         n_expert = int(keys.get("expert_count") or 0)

@@ -25,6 +25,7 @@ from alpaca_chat.errors import ConversionError
 from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
 from convert.export.lfm2 import ATTENTION, CONV, Lfm2Model, tensor_name
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 _T = gguf.MODEL_TENSOR
@@ -72,8 +73,6 @@ class Lfm2MoeModel(Lfm2Model):
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         kv_heads = keys.need("attention.head_count_kv")
         config = decoder_config(keys)
         return {

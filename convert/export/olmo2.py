@@ -23,6 +23,7 @@ from typing import Any
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 
@@ -45,8 +46,6 @@ class Olmo2Model(ArchModel):
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         return {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **decoder_config(keys),
                 "rope_parameters": rope_parameters(keys)}
 

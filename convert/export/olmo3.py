@@ -21,6 +21,7 @@ import gguf
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
 from convert.export.olmo2 import Olmo2Model
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -102,8 +103,6 @@ class Olmo3Model(Olmo2Model):
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         full = rope_parameters(keys)
         sliding = {"rope_type": "default", "rope_theta": keys.get("rope.freq_base_swa", full["rope_theta"])}
         config = {

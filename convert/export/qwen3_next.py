@@ -24,6 +24,7 @@ from convert.export.checkpoint import Checkpoint
 from convert.export.gated_deltanet import FULL, LINEAR, GatedDeltaNetHybrid, RewrittenTensor
 from convert.export.moe import MixtureOfExperts
 from convert.export.qwen3_5 import write_shared_expert_sizes
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ class Qwen3NextModel(MixtureOfExperts, GatedDeltaNetHybrid):
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
-        from convert.gguf_read_back import decoder_config, rope_parameters
-
         config = decoder_config(keys)
         n_v = keys.need("ssm.time_step_rank")
         rope = rope_parameters(keys)
