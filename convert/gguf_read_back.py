@@ -117,8 +117,10 @@ class _Filling:
         self.put((source,), self.indices(source), data.astype(np.float32))
 
     def result(self) -> dict[str, np.ndarray]:
-        for name in self.model.checkpoint.tensors:
+        for name, entry in self.model.checkpoint.tensors.items():
             if self.model.skip_tensor(name) and name not in self.counts:
+                # unused by the model (e.g. a KV-shared layer's own k/v): zeros, so the checkpoint is whole
+                self.values[name] = np.zeros(entry.n_elements, dtype=np.float32)
                 continue
             counts = self.counts.get(name)
             if counts is None or not np.all(counts == 1):

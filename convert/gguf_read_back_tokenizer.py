@@ -8,7 +8,9 @@ Tokenization is what llama.cpp runs on the file, so it is rebuilt from what llam
 - SentencePiece ("llama"): a SentencePiece model (`tokenizer.model`) of type BPE with the file's
   pieces, scores and token types, and its dummy-prefix setting: llama.cpp merges by those scores as
   SentencePiece's BPE does. transformers' reader rebuilds this kind without its scores or BOS setting.
-Other kinds (Gemma 4's "gemma4") are refused in one line. The chat template, the special tokens and
+- Gemma 4's "gemma4" (BPE over SentencePiece pieces, by the file's merges): tokenizer.json as
+  Gemma 4 ships it (spaces become ▁, byte fallback, no dummy prefix);
+other kinds are refused in one line. The chat template, the special tokens and
 whether BOS/EOS are added go into tokenizer_config.json, as the file says.
 """
 
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from convert.export.base import ArchModel
     from convert.export.gguf_keys import GgufKeys
 
-READABLE_KINDS = ("gpt2", "llama")
+READABLE_KINDS = ("gpt2", "llama", "gemma4")
+SPACE = "\u2581"
+_CONTROL, _USER_DEFINED = 3, 4
 
 
 def check_readable(keys: GgufKeys, gguf_name: str) -> None:
@@ -38,8 +42,11 @@ def check_readable(keys: GgufKeys, gguf_name: str) -> None:
 
 
 def save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], staging: Path) -> None:
-    if keys.raw("tokenizer.ggml.model") == "gpt2":
+    kind = keys.raw("tokenizer.ggml.model")
+    if kind == "gpt2":
         _save_byte_level(gguf_path, keys, family, staging)
+    elif kind == "gemma4":
+        _save_gemma4(keys, staging)
     else:
         _save_sentencepiece(keys, staging)
 
@@ -99,6 +106,54 @@ def _save_sentencepiece(keys: GgufKeys, staging: Path) -> None:
                                            "legacy": False})
 
 
+def _save_gemma4(keys: GgufKeys, staging: Path) -> None:
+    """tokenizer.json in Gemma 4's own shape, from the file's pieces, merges and token types."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    tokens = keys.raw("tokenizer.ggml.tokens")
+    types = keys.raw("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [_split_merge(merge, vocab) for merge in keys.raw("tokenizer.ggml.merges") or []]
+    special = _special_tokens(keys)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=special.get("unk_token"), fuse_unk=True,
+                                     byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == _CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    bos = special.get("bos_token")
+    if bos is not None and keys.raw("tokenizer.ggml.add_bos_token"):
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(staging)
+    _write_tokenizer_config(keys, staging, {})
+
+
+def _split_merge(merge: str, vocab: dict[str, int]) -> tuple[str, str]:
+    """A merge "LEFT RIGHT" as its pair; where a piece holds a space itself, the split whose pieces
+    and whose result are all tokens."""
+    for at in [i for i, c in enumerate(merge) if c == " "]:
+        left, right = merge[:at], merge[at + 1 :]
+        if left in vocab and right in vocab and left + right in vocab:
+            return left, right
+    raise TrainingError(f"base model: the GGUF's merge {merge!r} does not join two of its tokens")
+
+
+def _special_tokens(keys: GgufKeys) -> dict[str, str]:
+    tokens = keys.raw("tokenizer.ggml.tokens")
+    named = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id"), ("mask_token", "mask_token_id")):
+        value = keys.raw(f"tokenizer.ggml.{key}")
+        if value is not None:
+            named[name] = tokens[int(value)]
+    return named
+
+
 def _space_prefix(keys: GgufKeys) -> bool:
     value = keys.raw("tokenizer.ggml.add_space_prefix")
     return True if value is None else bool(value)  # llama.cpp's default for a SentencePiece vocabulary
@@ -108,12 +163,7 @@ def _write_tokenizer_config(keys: GgufKeys, staging: Path, extra: dict[str, Any]
     """Special tokens, the chat template and BOS/EOS adding as the file says, over what is there."""
     path = staging / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    tokens = keys.raw("tokenizer.ggml.tokens")
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")):
-        value = keys.raw(f"tokenizer.ggml.{key}")
-        if value is not None:
-            config[name] = tokens[int(value)]
+    config.update(_special_tokens(keys))
     for name in ("add_bos_token", "add_eos_token"):
         value = keys.raw(f"tokenizer.ggml.{name}")
         if value is not None:

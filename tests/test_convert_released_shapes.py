@@ -17,9 +17,11 @@ from convert_helpers import (
     assert_same_file_as_reference,
     build_tiny_model,
     gguf_last_logits,
+    gguf_tensors,
     hf_last_logits,
     random_sequences,
     reference_converter_or_fail,
+    same_bytes,
 )
 # After convert_helpers, which arch_cases imports.
 from arch_cases.ernie import EOT_DIFFERENCE, write_ernie_tokenizer
@@ -95,6 +97,22 @@ def test_released_shapes_export_as_llama_cpp_does_and_give_transformers_logits(c
     sequences = random_sequences(case_vocab(checkpoint))
     for ids, want, have in zip(sequences, hf_last_logits(checkpoint, sequences), gguf_last_logits(f32, sequences)):
         assert abs(have - want).max() < case.f32_tolerance, f"{case.name}: logits differ after {len(ids)} tokens"
+
+
+@pytest.mark.parametrize("case", RELEASED, ids=lambda case: case.name)
+def test_released_shapes_read_back_from_a_gguf_base_to_the_same_file(case, tmp_path, monkeypatch):
+    """`--base FILE.gguf` at the released shapes: the checkpoint it becomes (transformers' GGUF reader
+    for Qwen3.5 and LFM2, ours for the rest) exports to the same tensors, byte for byte."""
+    from convert import gguf_base
+    from convert.export import export
+
+    monkeypatch.setenv(gguf_base.CACHE_ENV, str(tmp_path / "cache"))
+    f32 = export(build_tiny_model(tmp_path / case.name, case), tmp_path / "ours.F32.gguf", "f32").path
+    again = export(gguf_base.checkpoint_from_gguf(str(f32)), tmp_path / "again.F32.gguf", "f32").path
+    want, got = gguf_tensors(f32), gguf_tensors(again)
+    assert sorted(got) == sorted(want)
+    for name, (kind, shape, data) in want.items():
+        assert got[name][:2] == (kind, shape) and same_bytes(got[name][2], data), f"{case.name}: {name} differs"
 
 
 def case_vocab(checkpoint) -> int:

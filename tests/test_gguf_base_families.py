@@ -24,7 +24,7 @@ NEW_FAMILIES = {
 }
 # Read back by running our exporter backwards: never refused.
 READ_BACK = {"GraniteMoeHybridForCausalLM", "Olmo3ForCausalLM", "Glm4MoeForCausalLM", "Lfm2MoeForCausalLM",
-             "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM",
+             "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "Gemma4ForCausalLM",
              "Qwen3NextForCausalLM"}
 NAMES = sorted(case.name for case in TINY_CASES if case.architecture in NEW_FAMILIES)
 

@@ -33,10 +33,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from alpaca_chat.errors import ConversionError
+from alpaca_chat.errors import ConversionError, TrainingError
 from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
 from convert.export.gemma4_vocab import add_gemma4_vocab
+from convert.export.gguf_keys import decoder_config
 from convert.export.registry import register
 
 # transformers' Gemma4TextConfig defaults, for what a config.json leaves out.
@@ -251,6 +252,41 @@ class Gemma4Model(ArchModel):
             writer.add_expert_used_count(int(hp["top_k_experts"]))
             writer.add_expert_feed_forward_length(int(hp["moe_intermediate_size"]))
 
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "gemma4"  # transformers' reader drops the per-kind head sizes, rope and KV sharing
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        config = decoder_config(keys)
+        n_layers = config["num_hidden_layers"]
+        types = [SLIDING if sliding else FULL for sliding in keys.need("attention.sliding_window_pattern")]
+        shared = int(keys.get("attention.shared_kv_layers") or 0)
+        kv_heads = keys.need("attention.head_count_kv")
+        kv_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * n_layers
+        swa_kv = next((n for n, t in zip(kv_heads, types) if t == SLIDING), kv_heads[0])
+        full_head = keys.need("attention.key_length")
+        per_layer: dict[str, dict[str, int]] = {}
+        for i, kind in enumerate(types):
+            if kind == FULL:
+                per_layer[str(i)] = {"head_dim": full_head}
+                if kv_heads[i] != swa_kv:
+                    per_layer[str(i)]["num_key_value_heads"] = kv_heads[i]
+        config.update(
+            model_type="gemma4_text", architectures=["Gemma4ForCausalLM"], layer_types=types,
+            head_dim=keys.need("attention.key_length_swa"), num_key_value_heads=swa_kv, per_layer_config=per_layer,
+            sliding_window=keys.need("attention.sliding_window"), num_kv_shared_layers=shared,
+            hidden_size_per_layer_input=keys.get("embedding_length_per_layer_input") or 0,
+            vocab_size_per_layer_input=config["vocab_size"],
+            final_logit_softcapping=keys.get("final_logit_softcapping") or None,
+            hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+            attention_k_eq_v=_keys_are_values_in_file(keys, types, n_layers - shared),
+            rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": keys.need("rope.freq_base_swa")},
+                             FULL: _full_rope_from_gguf(keys, full_head)},
+            **_ffn_from_gguf(keys, n_layers - shared),
+        )
+        return config
+
     def _global_kv_heads_given(self) -> bool:
         """Whether the full layers' KV heads are set apart (then written per layer, as llama.cpp's
         converter does), rather than left at num_key_value_heads."""
@@ -360,6 +396,38 @@ class Gemma4Model(ArchModel):
         missing = [n for n in needed if n not in names]
         if missing:
             raise ConversionError(f"the checkpoint is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
+
+
+def _keys_are_values_in_file(keys, types: list[str], first_shared: int) -> bool:
+    """Full layers with keys but no values of their own: transformers' attention_k_eq_v."""
+    full = [i for i, kind in enumerate(types[:first_shared]) if kind == FULL]
+    return bool(full) and all(f"blk.{i}.attn_v.weight" not in keys.shapes for i in full)
+
+
+def _full_rope_from_gguf(keys, head_dim: int) -> dict[str, Any]:
+    """Proportional rope: rope_freqs is 1 for each rotated frequency, 1e30 for each frozen one."""
+    factors = keys.values("rope_freqs.weight") if "rope_freqs.weight" in keys.shapes else np.ones(head_dim // 2)
+    rotated = int(np.count_nonzero(factors == 1.0))
+    return {"rope_type": "proportional", "partial_rotary_factor": 2 * rotated / head_dim,
+            "rope_theta": keys.need("rope.freq_base")}
+
+
+def _ffn_from_gguf(keys, first_shared: int) -> dict[str, Any]:
+    """intermediate_size, the double-wide MLP of KV-shared layers, and the experts."""
+    widths = keys.need("feed_forward_length")
+    ffn: dict[str, Any] = {"intermediate_size": widths, "use_double_wide_mlp": False}
+    if isinstance(widths, list):
+        base = widths[0]
+        if widths != [base if i < first_shared else 2 * base for i in range(len(widths))]:
+            raise TrainingError(
+                f"base model: feed_forward_length {widths} is not Gemma 4's (double-wide on the KV-shared layers)"
+            )
+        ffn.update(intermediate_size=base, use_double_wide_mlp=first_shared < len(widths))
+    if keys.has("expert_count"):
+        ffn.update(enable_moe_block=True, num_experts=keys.need("expert_count"),
+                   top_k_experts=keys.need("expert_used_count"),
+                   moe_intermediate_size=keys.need("expert_feed_forward_length"))
+    return ffn
 
 
 def _language_model_name(name: str) -> str:

@@ -23,6 +23,12 @@ class GgufKeys:
         self._fields = reader.fields
         # numpy order (rows first), as the exporter plans them
         self.shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def values(self, name: str) -> np.ndarray:
+        """A small tensor's values (e.g. rope_freqs), dequantized to float32."""
+        tensor = self._tensors[name]
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(-1)
 
     def has(self, key: str) -> bool:
         return f"{self.arch}.{key}" in self._fields
