@@ -85,3 +85,72 @@ def _assert_same_tensors_and_tokens(original, again, checkpoint):
     assert tokens[0] == tokens[1]
     assert transformers.AutoTokenizer.from_pretrained(checkpoint).encode(MIXED_TEXT) == tokens[0]
 
+
+
+@pytest.mark.parametrize(("name", "key", "value"), [
+    ("olmo3-swa-yarn", "olmo2.feed_forward_length", 96),  # the FFN tensors are 128 wide
+    ("granite-hybrid-moe", "granitehybrid.ssm.inner_size", 64),  # the Mamba tensors are 128 wide
+    ("gemma4-text-ple-kv-shared", "gemma4.feed_forward_length", [128, 256, 256, 256]),  # not Gemma 4's pattern
+])
+def test_a_gguf_whose_settings_disagree_with_its_tensors_stops_in_one_line(
+    name, key, value, tiny_builds, tmp_path, capsys
+):
+    """Read back, a file's settings must account for every tensor exactly: otherwise one line, exit 1,
+    and neither a run directory nor a cached checkpoint left behind."""
+    _, f32, _ = tiny_builds.get(name)
+    bad = _with_key(f32, tmp_path / "bad.gguf", key, value)
+    rows = write_json(tmp_path / "rows.json", seed_rows(8))
+    code = cli.main(["finetune", "--base", str(bad), "--data", str(rows), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and err and err[-1].startswith("alpaca-convert: ") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in gguf_base.cache_dir().glob("*") if p.is_dir()]
+
+
+def _with_key(source, target, key, value):
+    """A copy of a GGUF with one metadata value changed."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value if field.name == key else field.contents(), field.types[0], sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.mark.parametrize("name", ["granite-hybrid-moe", "ernie4_5-spm"])
+def test_the_recipe_from_a_read_back_gguf_base_runs_to_a_chat(name, tiny_builds, tmp_path):
+    """`pipeline --base FILE.gguf` for a family transformers cannot read (a hybrid with experts; a
+    SentencePiece tokenizer): fine-tune, merge, export, Q4_K_M, and a chat with the result."""
+    import subprocess
+    import sys
+
+    from convert.finetune_config import FinetuneConfig
+    from convert.pipeline import PipelineOptions, run_pipeline
+
+    _, f32, _ = tiny_builds.get(name)
+    config = FinetuneConfig(
+        base=str(f32), data=str(write_json(tmp_path / "rows.json", seed_rows(12))), out=tmp_path / "run",
+        max_steps=2, batch_size=4, grad_accum=1, max_length=256, val_size=2, learning_rate=1e-3, save_steps=2,
+        eval_steps=2,
+    )
+    summary = run_pipeline(PipelineOptions(config, quants=("Q4_K_M",), evaluate=False))
+    assert [s.name for s in summary.steps] == ["finetune", "merge", "export", "quantize Q4_K_M"]
+    exported = gguf_tensors(summary.options.exported)
+    assert sorted(exported) == sorted(gguf_tensors(f32))  # the same model's tensors, fine-tuned
+    result = subprocess.run(
+        [sys.executable, "-m", "alpaca_chat", "--model", str(summary.options.quantized("Q4_K_M")), "--prompt",
+         "Give three tips for staying healthy.", "--json", "--temp", "0", "--max-tokens", "8", "--no-history"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["generated_tokens"] >= 1
