@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from convert_helpers import (
     TinyCase,
@@ -99,8 +100,10 @@ def test_each_layer_is_written_as_its_kind(tiny_builds):
         src = {name.split(".", 3)[3]: data for name, data in weights.items() if name.startswith(f"model.layers.{bid}.")}
         if kind == "mamba":
             assert not [name for name in block if name.startswith("attn_") and name != "attn_norm.weight"]
-            a_log = src["mamba.A_log"].astype(np.float64)
-            assert np.array_equal(block["ssm_a"], (-np.exp(a_log)).astype(np.float32).reshape(heads, 1))
+            a_log = src["mamba.A_log"]
+            assert a_log.dtype == np.float32  # so A is torch's float32 exp, as llama.cpp's converter computes it
+            expected = (-torch.exp(torch.from_numpy(np.ascontiguousarray(a_log)))).numpy()
+            assert np.array_equal(block["ssm_a"], expected.reshape(heads, 1))
             assert np.array_equal(block["ssm_d"], src["mamba.D"].reshape(heads, 1))
             assert np.array_equal(block["ssm_dt.bias"], src["mamba.dt_bias"])
             assert np.array_equal(block["ssm_norm.weight"], src["mamba.norm.weight"].reshape(groups, inner // groups))

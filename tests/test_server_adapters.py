@@ -153,10 +153,12 @@ def test_requests_of_different_adapter_sets_never_share_a_batch(default_model_pa
 
 def test_the_prompt_cache_is_not_shared_between_adapter_sets(client, lora_server):
     base = client.models.list().data[0].id
-    first = _ask(client, base, PROMPT)
+    _ask(client, base, PROMPT)
     assert _ask(client, base, PROMPT)[1] > 100  # the base reuses its own cells
     on_a = _ask(client, f"{base}+a", PROMPT)
-    assert on_a[1] == 0 and on_a[0] != first[0]  # not the base's cells, in memory or on disk
+    # Not the base's cells, in memory or on disk. (That the adapter changes a reply is the first
+    # test's; this prompt's 8-token answer can be the same with or without it.)
+    assert on_a[1] == 0 and on_a[2] == f"{base}+a"
     assert _ask(client, f"{base}+a", PROMPT)[1] > 100  # its own, once computed
     assert _ask(client, f"{base}+b", PROMPT)[1] == 0
     # its cells were dropped when the sets switched: restored from its own state on disk
