@@ -96,7 +96,7 @@ def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
     """Read the GGUF as a plain model, save it as a checkpoint beside its tokenizer and provenance,
     swapped in whole (convert/atomic.py). transformers' GGUF reader does the families it knows
     (convert/model_loading.py); our exporter, run backwards, the others (convert/gguf_read_back.py)."""
-    from convert import gguf_read_back
+    from convert import gguf_base_check, gguf_read_back
 
     with atomic_directory(target) as staging:
         if gguf_read_back.can_read_back(gguf):
@@ -104,6 +104,7 @@ def _dequantize(gguf: Path, target: Path, provenance: dict) -> None:
         else:
             _save_through_transformers(gguf, staging)
         _drop_tokens_without_embeddings(staging, _embedding_rows(staging))
+        gguf_base_check.check_base(gguf, staging)  # the same model as the file, or one line
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 

@@ -5,7 +5,10 @@ Tokenization is what llama.cpp runs on the file, so it is rebuilt from what llam
   vocabulary and merges (by tokenizer kind, whatever the architecture); the text is split as the
   file's `tokenizer.ggml.pre` names it, by our exporter's own table (convert/export/pretokenizers.py),
   so exporting the checkpoint names the same split. transformers' table lacks some names (glm4);
-- SentencePiece ("llama"): a SentencePiece model (`tokenizer.model`) of type BPE with the file's
+- SentencePiece ("llama") of Llama, Mistral, Gemma and Phi-3: transformers' reader rebuilds these as
+  their models' tokenizers (with builders of its own for Gemma and Phi-3), the tokenizer.json
+  transformers 5 saves for them;
+- other SentencePiece ("llama") files: a SentencePiece model (`tokenizer.model`) of type BPE with the file's
   pieces, scores and token types, and its dummy-prefix setting: llama.cpp merges by those scores as
   SentencePiece's BPE does. transformers' reader rebuilds this kind without its scores or BOS setting.
 - Gemma 4's "gemma4" (BPE over SentencePiece pieces, by the file's merges): tokenizer.json as
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
     from convert.export.gguf_keys import GgufKeys
 
 READABLE_KINDS = ("gpt2", "llama", "gemma4")
+# Architectures whose SentencePiece files transformers' GGUF reader rebuilds as their models'
+# tokenizers (Llama's; its own builders for Gemma's spaces and merge order and Phi-3's prefix):
+# a tokenizer.json, as transformers 5 saves these models.
+_TRANSFORMERS_SENTENCEPIECE = ("llama", "gemma", "gemma2", "gemma3", "phi3")
 SPACE = "\u2581"
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -34,6 +41,8 @@ _CONTROL, _USER_DEFINED = 3, 4
 def check_readable(keys: GgufKeys, gguf_name: str) -> None:
     """Refuse, before anything is written, a tokenizer that cannot be rebuilt exactly."""
     kind = keys.raw("tokenizer.ggml.model")
+    if kind == "llama" and _unknown_id(keys) is None:
+        kind = "SentencePiece without an unknown token"  # SentencePiece models need one
     if kind not in READABLE_KINDS:
         raise TrainingError(
             f"base model: {gguf_name}'s {kind!r} tokenizer cannot be read back; "
@@ -45,6 +54,8 @@ def save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], sta
     kind = keys.raw("tokenizer.ggml.model")
     if kind == "gpt2":
         _save_byte_level(gguf_path, keys, family, staging)
+    elif kind == "llama" and keys.arch in _TRANSFORMERS_SENTENCEPIECE:
+        _save_through_transformers(gguf_path, keys, staging)
     elif kind == "gemma4":
         _save_gemma4(keys, staging)
     else:
@@ -56,6 +67,14 @@ def _save_byte_level(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], s
 
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(keys, family)
+    tokenizer.save_pretrained(staging)
+    _write_tokenizer_config(keys, staging, {})
+
+
+def _save_through_transformers(gguf_path: Path, keys: GgufKeys, staging: Path) -> None:
+    import transformers
+
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.save_pretrained(staging)
     _write_tokenizer_config(keys, staging, {})
 
@@ -90,10 +109,10 @@ def _save_sentencepiece(keys: GgufKeys, staging: Path) -> None:
     model.trainer_spec.model_type = sp.TrainerSpec.BPE
     model.trainer_spec.vocab_size = len(tokens)
     model.trainer_spec.byte_fallback = 6 in types
-    for field, key in (("unk_id", "unknown_token_id"), ("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
-                       ("pad_id", "padding_token_id")):
+    for field, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "padding_token_id")):
         value = keys.raw(f"tokenizer.ggml.{key}")
         setattr(model.trainer_spec, field, -1 if value is None else int(value))
+    model.trainer_spec.unk_id = _unknown_id(keys)
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = _space_prefix(keys)
     model.normalizer_spec.remove_extra_whitespaces = False
@@ -102,8 +121,12 @@ def _save_sentencepiece(keys: GgufKeys, staging: Path) -> None:
         piece = model.pieces.add()
         piece.piece, piece.score, piece.type = token, float(score), int(kind)
     (staging / "tokenizer.model").write_bytes(model.SerializeToString())
+    # SentencePiece never matches a control piece in text; llama.cpp does (<|im_start|>): added tokens.
+    added = {str(i): {"content": token, "special": kind == _CONTROL, "normalized": False, "lstrip": False,
+                      "rstrip": False, "single_word": False}
+             for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (_CONTROL, _USER_DEFINED)}
     _write_tokenizer_config(keys, staging, {"tokenizer_class": "LlamaTokenizer", "add_prefix_space": _space_prefix(keys),
-                                           "legacy": False})
+                                           "legacy": False, "added_tokens_decoder": added})
 
 
 def _save_gemma4(keys: GgufKeys, staging: Path) -> None:
@@ -152,6 +175,15 @@ def _special_tokens(keys: GgufKeys) -> dict[str, str]:
         if value is not None:
             named[name] = tokens[int(value)]
     return named
+
+
+def _unknown_id(keys: GgufKeys) -> int | None:
+    """The unknown token: the file's id for it, else its one piece of type UNKNOWN."""
+    value = keys.raw("tokenizer.ggml.unknown_token_id")
+    if value is not None:
+        return int(value)
+    types = keys.raw("tokenizer.ggml.token_type") or []
+    return types.index(2) if 2 in types else None
 
 
 def _space_prefix(keys: GgufKeys) -> bool:

@@ -78,8 +78,15 @@ def test_the_same_file_by_path_reuses_the_cached_checkpoint(tmp_path, capsys, de
     _chat(next((out / "gguf").glob("*.Q8_0.gguf")))
 
 
-def test_a_gguf_transformers_cannot_read_is_one_line(tiny_builds, tmp_path, capsys):
-    _, _, f16 = tiny_builds.get("olmo2-postnorm")  # llama.cpp runs olmo2; transformers' GGUF reader does not
+def test_a_gguf_no_reader_reads_is_one_line(tmp_path, capsys):
+    """An attention-only Granite 4 with experts is llama.cpp's granitemoe: neither transformers' GGUF
+    reader nor ours (convert/gguf_read_back.py) reads that architecture back."""
+    from convert.export import export
+    from convert_helpers import build_tiny_model
+    from test_convert_granite_hybrid import ATTENTION_ONLY
+
+    case = ATTENTION_ONLY["granitemoe"]
+    f16 = export(build_tiny_model(tmp_path / case.name, case), tmp_path / "granitemoe.gguf", "f16").path
     rows = write_json(tmp_path / "rows.json", seed_rows(8))
     code = cli.main(["finetune", "--base", str(f16), "--data", str(rows), "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -41,6 +41,7 @@ import numpy as np
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
 from convert.export.checkpoint import Checkpoint
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 # transformers' config defaults (Gemma2Config, Gemma3TextConfig) for what a config.json leaves out.
@@ -184,6 +185,33 @@ class GemmaModel(ArchModel):
     def moves_values_only(self, name: str, gguf_name: str) -> bool:
         return not name.endswith("norm.weight")  # only the norms are computed (+1)
 
+    def unmodify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        return data - np.float32(1)  # a norm, less its offset
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        # transformers' reader drops the soft-capping, the local rope base and the layer pattern
+        return keys.arch == gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
+
+    @classmethod
+    def gemma_config(cls, keys) -> dict[str, Any]:
+        """What Gemma 2 and 3 share: head size, query scale, sliding window and its layer pattern."""
+        config = decoder_config(keys)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        scaled_by_hidden = config["num_hidden_layers"] == cls.scaled_by_hidden_layers
+        pattern = keys.get("attention.sliding_window_pattern")
+        n = config["num_hidden_layers"]
+        if pattern is None:
+            pattern = [(i + 1) % cls.default_swa_pattern != 0 for i in range(n)]
+        window = keys.get("attention.sliding_window")
+        if window is None and cls.no_window_means_full_attention:
+            pattern = [False] * n
+        return {**config, "head_dim": head_dim, "tie_word_embeddings": True,
+                "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if scaled_by_hidden
+                else head_dim,
+                "sliding_window": window, "layer_types": [_SLIDING if s else _FULL for s in pattern],
+                "hidden_activation": "gelu_pytorch_tanh"}
+
 
 def _language_model_name(name: str) -> str:
     """A conditional-generation checkpoint's language-model tensor under the causal LM's name."""
@@ -210,6 +238,13 @@ class Gemma2Model(GemmaModel):
                 raise ConversionError(
                     f"config.json's {key} is {self.hparams.get(key)}: llama.cpp's gemma2 always soft-caps"
                 )
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        return {**cls.gemma_config(keys), "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
+                "rope_parameters": rope_parameters(keys),
+                "attn_logit_softcapping": keys.need("attn_logit_softcapping"),
+                "final_logit_softcapping": keys.need("final_logit_softcapping")}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)
@@ -249,6 +284,16 @@ class Gemma3Model(GemmaModel):
             raise ConversionError(
                 "use_bidirectional_attention is set: an embedding model, not a causal language model"
             )
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict[str, Any]:
+        full = rope_parameters(keys)
+        full["rope_theta"] = keys.get("rope.freq_base", GEMMA3_DEFAULTS["rope_theta"])
+        local = {"rope_type": "default",
+                 "rope_theta": keys.get("rope.freq_base_swa", GEMMA3_DEFAULTS["rope_local_base_freq"])}
+        return {**cls.gemma_config(keys), "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+                "rope_parameters": {_FULL: full, _SLIDING: local}, "attn_logit_softcapping": None,
+                "final_logit_softcapping": keys.get("final_logit_softcapping")}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)

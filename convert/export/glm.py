@@ -31,6 +31,7 @@ import gguf
 
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 from convert.export.vocab import TokenizerError, Vocab
 
@@ -48,6 +49,17 @@ class _GlmFamily(ArchModel):
         "unk": "<|endoftext|>",
         "eom": "<|observation|>",
     }
+
+    _GGUF_ARCH_NAME: ClassVar[str] = ""
+    _MODEL_TYPE: ClassVar[str] = ""
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return bool(cls._GGUF_ARCH_NAME) and keys.arch == cls._GGUF_ARCH_NAME
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return glm_config(keys, cls._MODEL_TYPE, cls.__name__.replace("Model", "ForCausalLM"))
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +87,7 @@ class _GlmFamily(ArchModel):
 @register("GlmForCausalLM")
 class GlmModel(_GlmFamily):
     gguf_arch = gguf.MODEL_ARCH.CHATGLM
+    _GGUF_ARCH_NAME, _MODEL_TYPE = "chatglm", "glm"
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         n_embd = int(self._param("hidden_size"))
@@ -97,6 +110,7 @@ class GlmModel(_GlmFamily):
 @register("Glm4ForCausalLM")
 class Glm4Model(_GlmFamily):
     gguf_arch = gguf.MODEL_ARCH.GLM4
+    _GGUF_ARCH_NAME, _MODEL_TYPE = "glm4", "glm4"
     special_tokens = {**_GlmFamily.special_tokens, "bos": "<|endoftext|>"}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
@@ -114,3 +128,16 @@ class Glm4Model(_GlmFamily):
                         f"the checkpoint is incomplete: {name} is missing (GLM-4-0414 has post-attention "
                         "and post-MLP norms in every layer)"
                     )
+
+
+def glm_config(keys, model_type: str, architecture: str) -> dict:
+    """What GLM's families share in config.json: partial rotary from the rotated dimensions, and
+    attention biases where the file has them."""
+    config = decoder_config(keys)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = rope_parameters(keys)
+    rope["partial_rotary_factor"] = keys.need("rope.dimension_count") / head_dim
+    return {**config, "model_type": model_type, "architectures": [architecture], "rope_parameters": rope,
+            "head_dim": head_dim,  # transformers' GLM default (128) is not hidden_size / heads
+            "attention_bias": "blk.0.attn_q.bias" in keys.shapes}
+

@@ -37,9 +37,8 @@ from typing import Any
 import gguf
 
 from alpaca_chat.errors import ConversionError
-from convert.export.glm import _GlmFamily
+from convert.export.glm import _GlmFamily, glm_config
 from convert.export.moe import DENSE, ROUTED, MixtureOfExperts
-from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -82,16 +81,10 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         """The trunk's config: transformers neither loads nor saves the MTP layers, which a hub
         file holds after the trunk's (left out, as `left_out_of_checkpoint` says)."""
-        config = decoder_config(keys)
+        config = glm_config(keys, "glm4_moe", "Glm4MoeForCausalLM")
         nextn = int(keys.get("nextn_predict_layers") or 0)
-        rope = rope_parameters(keys)
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        rope["partial_rotary_factor"] = keys.need("rope.dimension_count") / head_dim
         return {
-            "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], **config,
-            "num_hidden_layers": config["num_hidden_layers"] - nextn, "num_nextn_predict_layers": nextn,
-            "rope_parameters": rope,
-            "attention_bias": "blk.0.attn_q.bias" in keys.shapes,
+            **config, "num_hidden_layers": config["num_hidden_layers"] - nextn, "num_nextn_predict_layers": nextn,
             "use_qk_norm": "blk.0.attn_q_norm.weight" in keys.shapes,
             "first_k_dense_replace": keys.need("leading_dense_block_count"),
             "moe_intermediate_size": keys.need("expert_feed_forward_length"),

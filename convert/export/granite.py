@@ -27,6 +27,7 @@ import gguf
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
 from convert.export.llama import LlamaModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 # config.json key -> the GGUFWriter method that writes llama.cpp's key; transformers' default is 1.0 for each.
@@ -36,6 +37,10 @@ MULTIPLIERS: dict[str, Callable[[gguf.GGUFWriter, float], None]] = {
     "attention_multiplier": gguf.GGUFWriter.add_attention_scale,
     "logits_scaling": gguf.GGUFWriter.add_logit_scale,
 }
+
+# config.json's multipliers -> their GGUF keys, as MULTIPLIERS writes them.
+MULTIPLIER_KEYS = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+                   "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
 
 
 @register("GraniteForCausalLM")
@@ -54,6 +59,16 @@ class GraniteModel(LlamaModel):
                     f"uses hidden_size / num_attention_heads = {derived}"
                 )
             self.hparams = {key: value for key, value in self.hparams.items() if key != "head_dim"}
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "granite"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return {**decoder_config(keys), "model_type": "granite", "architectures": ["GraniteForCausalLM"],
+                "rope_parameters": rope_parameters(keys), "attention_bias": "blk.0.attn_q.bias" in keys.shapes,
+                **{key: keys.get(gguf_key, 1.0) for key, gguf_key in MULTIPLIER_KEYS.items()}}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)

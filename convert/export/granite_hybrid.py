@@ -41,7 +41,7 @@ from alpaca_chat.errors import ConversionError
 from convert.export import mamba2
 from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
-from convert.export.granite import MULTIPLIERS
+from convert.export.granite import MULTIPLIER_KEYS, MULTIPLIERS
 from convert.export.llama import LlamaModel
 from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
@@ -51,9 +51,6 @@ _T = gguf.MODEL_TENSOR
 LAYER_TYPES = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
 # A NoPE model has no trained length; llama.cpp's converter writes this one.
 NOPE_CONTEXT = 2**20
-# config.json's Granite multipliers -> their GGUF keys (MULTIPLIERS writes them).
-_MULTIPLIER_KEYS = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
-                    "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(?P<bid>\d+)\.")
 _MIXER = re.compile(r"(?:^|\.)layers\.(?P<bid>\d+)\.mamba\.(?P<suffix>.+)$")
 _FUSED_UP = re.compile(r"layers\.(?P<bid>\d+)\.(?:block_sparse_moe\.(?:input_linear\.weight|experts\.gate_up_proj)"
@@ -268,7 +265,7 @@ class GraniteHybridModel(LlamaModel):
             "num_key_value_heads": max(kv_heads),
             "position_embedding_type": "rope" if keys.get("rope.scaling.finetuned") else None,
             "rope_parameters": rope_parameters(keys),
-            **{key: keys.get(gguf_key, 1.0) for key, gguf_key in _MULTIPLIER_KEYS.items()},
+            **{key: keys.get(gguf_key, 1.0) for key, gguf_key in MULTIPLIER_KEYS.items()},
             "num_local_experts": n_expert, "num_experts_per_tok": keys.get("expert_used_count") or 0,
             "intermediate_size": ffn,
             "shared_intermediate_size": keys.get("expert_shared_feed_forward_length") or ffn,

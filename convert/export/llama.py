@@ -16,8 +16,13 @@ from collections.abc import Iterable
 import gguf
 import numpy as np
 
+from alpaca_chat.errors import TrainingError
 from convert.export.base import ArchModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
+
+# Llama 3.1 and 3.2's rope scaling settings besides the factor (tried first when reading a file back).
+LLAMA3_SETTINGS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 @register("LlamaForCausalLM")
@@ -32,6 +37,15 @@ class LlamaModel(ArchModel):
     @property
     def head_dim(self) -> int:
         return int(self.hparams.get("head_dim") or self.hparams["hidden_size"] // self.n_head)
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        # Llama 2/3, SmolLM, TinyLlama, Mistral: transformers' reader drops Llama 3's and linear rope scaling
+        return cls is LlamaModel and keys.arch == "llama" and not keys.get("expert_count")
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return {**llama_config(keys), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
     def modify_tensor(self, name: str, gguf_name: str, data: np.ndarray) -> np.ndarray:
         if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -52,6 +66,52 @@ class LlamaModel(ArchModel):
         if (rope.get("rope_type") or "").lower() == "llama3":
             name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
             yield name, llama3_rope_factors(rope, self.head_dim)
+
+
+def llama_config(keys) -> dict:
+    """config.json of a llama-architecture file, Llama 3's rope scaling read from its rope_freqs."""
+    config = {**decoder_config(keys), "rope_parameters": rope_parameters(keys),
+              "attention_bias": "blk.0.attn_q.bias" in keys.shapes, "mlp_bias": False}
+    if "rope_freqs.weight" in keys.shapes:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        config["rope_parameters"] = llama3_rope_from_factors(
+            keys.values("rope_freqs.weight"), float(config["rope_parameters"]["rope_theta"]), head_dim)
+    return config
+
+
+def llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """The "llama3" rope settings whose factors (llama3_rope_factors) are `factors`.
+
+    The factor is the largest; Llama 3.1/3.2's other settings are tried first. Otherwise the
+    smoothed frequencies, linear in 1/wavelength, give the rest (at an original length of 8192:
+    every such triple with the same line gives the same factors)."""
+    factor = float(np.max(factors))
+    candidates = [{**LLAMA3_SETTINGS, "factor": factor}]
+    fitted = _fit_llama3_smoothing(factors, theta, head_dim, factor)
+    if fitted is not None:
+        candidates.append({**fitted, "factor": factor})
+    for settings in candidates:
+        rope = {"rope_type": "llama3", "rope_theta": theta, **settings}
+        if np.allclose(llama3_rope_factors(rope, head_dim), factors, rtol=1e-6, atol=0):
+            return rope
+    raise TrainingError("base model: the GGUF's rope_freqs are not Llama 3's rope scaling; cannot read them back")
+
+
+def _fit_llama3_smoothing(factors: np.ndarray, theta: float, head_dim: int, factor: float) -> dict | None:
+    """smooth = old_context / wavelen / (high - low) - low / (high - low), from 1 / f = 1/factor + smooth (1 - 1/factor)."""
+    if factor <= 1.0:
+        return None
+    wavelens = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smoothed = (factors > 1.0) & (factors < np.float32(factor))
+    if np.count_nonzero(smoothed) < 2:
+        return None
+    smooth = (1.0 / factors[smoothed].astype(np.float64) - 1.0 / factor) / (1.0 - 1.0 / factor)
+    slope, intercept = np.polyfit(1.0 / wavelens[smoothed], smooth, 1)  # smooth = a / wavelen - b
+    old_context = LLAMA3_SETTINGS["original_max_position_embeddings"]
+    low = -intercept * old_context / slope
+    high = low + old_context / slope
+    return {"low_freq_factor": float(f"{low:.6g}"), "high_freq_factor": float(f"{high:.6g}"),
+            "original_max_position_embeddings": old_context}
 
 
 def permute_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:

@@ -9,7 +9,7 @@ reads as the feed-forward length: no separate expert length is written.
 
 import gguf
 
-from convert.export.llama import LlamaModel
+from convert.export.llama import LlamaModel, llama_config
 from convert.export.moe import MixtureOfExperts
 from convert.export.registry import register
 
@@ -17,3 +17,14 @@ from convert.export.registry import register
 @register("MixtralForCausalLM")
 class MixtralModel(MixtureOfExperts, LlamaModel):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "llama" and bool(keys.get("expert_count"))
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return {**llama_config(keys), "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                "num_local_experts": keys.need("expert_count"), "num_experts_per_tok": keys.need("expert_used_count"),
+                "sliding_window": None}
+

@@ -29,6 +29,7 @@ import numpy as np
 
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
+from convert.export.gguf_keys import decoder_config
 from convert.export.registry import register
 
 _LONGROPE_TYPES = ("longrope", "su")
@@ -38,6 +39,24 @@ _LONGROPE_TYPES = ("longrope", "su")
 class Phi3Model(ArchModel):
     gguf_arch = gguf.MODEL_ARCH.PHI3
     expected_tokenizers = ("llama", "gpt2")
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "phi3"  # transformers' reader drops the sliding window, partial rotary and LongRoPE
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        config = decoder_config(keys)
+        partial = keys.need("rope.dimension_count") * config["num_attention_heads"] / config["hidden_size"]
+        original = keys.need("rope.scaling.original_context_length")
+        rope = {"rope_type": "default", "rope_theta": keys.get("rope.freq_base", 10000.0),
+                "partial_rotary_factor": partial, "original_max_position_embeddings": original}
+        if "rope_factors_long.weight" in keys.shapes:
+            rope.update(rope_type="longrope", long_factor=keys.values("rope_factors_long.weight").tolist(),
+                        short_factor=keys.values("rope_factors_short.weight").tolist())
+        return {**config, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "rope_parameters": rope,
+                "partial_rotary_factor": partial, "original_max_position_embeddings": original,
+                "sliding_window": keys.get("attention.sliding_window") or None}
 
     @property
     def n_embd(self) -> int:

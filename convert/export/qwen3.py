@@ -17,6 +17,7 @@ import gguf
 
 from alpaca_chat.errors import ConversionError
 from convert.export.base import ArchModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 
@@ -24,10 +25,24 @@ from convert.export.registry import register
 class Qwen3Model(ArchModel):
     gguf_arch = gguf.MODEL_ARCH.QWEN3
 
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        # transformers' reader takes head_dim as hidden_size / heads: wrong for every released Qwen3
+        return keys.arch == "qwen3"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return qwen3_config(keys, "qwen3", "Qwen3ForCausalLM")
+
     def check_tensors(self, gguf_names: Iterable[str]) -> None:
         names = set(gguf_names)
         super().check_tensors(names)
         check_qwen3_attention(self, names)
+
+
+def qwen3_config(keys, model_type: str, architecture: str) -> dict:
+    return {**decoder_config(keys), "model_type": model_type, "architectures": [architecture],
+            "rope_parameters": rope_parameters(keys), "attention_bias": False}
 
 
 def check_qwen3_attention(model: ArchModel, names: set[str]) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import gguf
 
 from convert.export.moe import MixtureOfExperts
-from convert.export.qwen3 import check_qwen3_attention
+from convert.export.qwen3 import check_qwen3_attention, qwen3_config
 from convert.export.registry import register
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,19 @@ log = logging.getLogger(__name__)
 @register("Qwen3MoeForCausalLM")
 class Qwen3MoeModel(MixtureOfExperts):
     gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "qwen3moe"  # transformers' reader mistakes head_dim, as for Qwen3
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return {
+            **qwen3_config(keys, "qwen3_moe", "Qwen3MoeForCausalLM"),
+            "num_experts": keys.need("expert_count"), "num_experts_per_tok": keys.need("expert_used_count"),
+            "moe_intermediate_size": keys.need("expert_feed_forward_length"), "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+        }
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)

@@ -17,6 +17,7 @@ import gguf
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
 from convert.export.llama import LlamaModel
+from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,16 @@ class SmolLM3Model(LlamaModel):
                 f"(no_rope_layers), but llama.cpp's smollm3 skips RoPE in every "
                 f"{LLAMA_CPP_NO_ROPE_INTERVAL}th layer and nowhere else: it would run a different model"
             )
+
+    @classmethod
+    def reads_gguf(cls, keys) -> bool:
+        return keys.arch == "smollm3"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return {**decoder_config(keys), "model_type": "smollm3", "architectures": ["SmolLM3ForCausalLM"],
+                "rope_parameters": rope_parameters(keys), "no_rope_layer_interval": LLAMA_CPP_NO_ROPE_INTERVAL,
+                "use_sliding_window": False}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)
