@@ -57,8 +57,12 @@ def read_back(gguf_path: Path, staging: Path) -> None:
     if family is None:
         raise TrainingError(f"base model: {gguf_path.name}: llama.cpp architecture {keys.arch} cannot be read back")
     gguf_read_back_tokenizer.check_readable(keys, gguf_path.name)
-    config = family.config_from_gguf(keys)
-    _save_skeleton(config, staging)
+    try:
+        _save_skeleton(family.config_from_gguf(keys), staging)
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as exc:
+        # a key of the wrong type or a size transformers' config refuses: the file is not a model of its family
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"base model: {gguf_path.name}'s settings cannot be read back ({detail})") from None
     model = family(open_checkpoint(staging))
     weights = _weights_from_file(model, plan_tensors(model, Q.F32), {t.name: t for t in reader.tensors}, keys)
     _write_weights(staging, weights)

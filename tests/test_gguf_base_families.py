@@ -88,8 +88,8 @@ def test_a_gguf_whose_settings_disagree_with_its_tensors_stops_in_one_line(
     assert not [p for p in gguf_base.cache_dir().glob("*") if p.is_dir()]
 
 
-def _with_key(source, target, key, value):
-    """A copy of a GGUF with one metadata value changed."""
+def _with_key(source, target, key, value, value_type=None):
+    """A copy of a GGUF with one metadata value changed (to another type with `value_type`)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -98,7 +98,10 @@ def _with_key(source, target, key, value):
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value if field.name == key else field.contents(), field.types[0], sub_type)
+        if field.name == key:
+            writer.add_key_value(key, value, value_type or field.types[0], None if value_type else sub_type)
+        else:
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
@@ -156,3 +159,17 @@ def test_a_checkpoint_that_is_another_model_than_its_gguf_is_refused(name, chang
     edit_config(back, **change)
     with pytest.raises(TrainingError, match=named.replace(".", r"\.")):
         gguf_base_check.check_base(f32, back)
+
+
+def test_a_gguf_with_settings_of_the_wrong_type_stops_in_one_line(tiny_builds, tmp_path, capsys):
+    """A key of its family's that says nothing usable (here Qwen3-Next's recurrent-layer flags as a
+    number) is refused in one line, not a traceback from the config reader."""
+    _, f32, _ = tiny_builds.get("qwen3next-hybrid-moe")
+    import gguf
+
+    bad = _with_key(f32, tmp_path / "bad.gguf", "qwen3next.attention.recurrent_layers", 3, gguf.GGUFValueType.UINT32)
+    rows = write_json(tmp_path / "rows.json", seed_rows(8))
+    code = cli.main(["finetune", "--base", str(bad), "--data", str(rows), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and err[-1].startswith("alpaca-convert: ") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()
