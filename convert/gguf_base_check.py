@@ -29,9 +29,10 @@ from alpaca_chat.errors import TrainingError
 _MEANINGFUL = ("rope.", "attention.", "attn_logit_softcapping", "final_logit_softcapping", "expert_", "ssm.",
                "shortconv.", "leading_dense_block_count", "embedding_scale", "residual_scale", "logit_scale",
                "full_attention_interval", "interleave_moe_layer_step", "nextn_predict_layers")
-# Keys that say nothing about the computation, or that one side writes as a default.
-_IGNORED = ("vocab_size", "rope.scaling.finetuned", "rope.scaling.original_context_length",
-            "rope.dimension_count", "attention.value_length", "attention.value_length_swa")
+# Keys compared only when both write them: llama.cpp's converter writes some where they equal
+# what llama.cpp derives anyway (the rope dimensions as the head size, the value length as the key's).
+_OPTIONAL = ("vocab_size", "rope.scaling.original_context_length", "rope.dimension_count",
+             "attention.value_length", "attention.value_length_swa")
 
 
 def check_base(gguf_path: Path, checkpoint: Path) -> None:
@@ -56,11 +57,11 @@ def check_base(gguf_path: Path, checkpoint: Path) -> None:
 def _compare_keys(gguf_path: Path, arch: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
     prefix = arch + "."
     for key, value in theirs.items():
-        if not key.startswith(prefix) or key[len(prefix):].startswith(_IGNORED):
+        if not key.startswith(prefix):
             continue
         short = key[len(prefix):]
         if key not in ours:
-            if short.startswith(_MEANINGFUL):
+            if short.startswith(_MEANINGFUL) and not short.startswith(_OPTIONAL):
                 _refuse(gguf_path, f"its {key} ({_shown(value)}) would be lost")
             continue
         if not _same(value, ours[key]):
