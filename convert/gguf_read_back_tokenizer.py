@@ -53,7 +53,7 @@ def check_readable(keys: GgufKeys, gguf_name: str) -> None:
 def save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], staging: Path) -> None:
     kind = keys.raw("tokenizer.ggml.model")
     if kind == "gpt2":
-        _save_byte_level(gguf_path, keys, family, staging)
+        _save_through_transformers(gguf_path, keys, staging, _pre_tokenizer(keys, family))
     elif kind == "llama" and keys.arch in _TRANSFORMERS_SENTENCEPIECE:
         _save_through_transformers(gguf_path, keys, staging)
     elif kind == "gemma4":
@@ -62,19 +62,13 @@ def save_tokenizer(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], sta
         _save_sentencepiece(keys, staging)
 
 
-def _save_byte_level(gguf_path: Path, keys: GgufKeys, family: type[ArchModel], staging: Path) -> None:
+def _save_through_transformers(gguf_path: Path, keys: GgufKeys, staging: Path, pre_tokenizer=None) -> None:
+    """transformers' GGUF tokenizer reader's tokenizer, splitting text with `pre_tokenizer` if given."""
     import transformers
 
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer(keys, family)
-    tokenizer.save_pretrained(staging)
-    _write_tokenizer_config(keys, staging, {})
-
-
-def _save_through_transformers(gguf_path: Path, keys: GgufKeys, staging: Path) -> None:
-    import transformers
-
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if pre_tokenizer is not None:
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.save_pretrained(staging)
     _write_tokenizer_config(keys, staging, {})
 
@@ -167,14 +161,9 @@ def _split_merge(merge: str, vocab: dict[str, int]) -> tuple[str, str]:
 
 
 def _special_tokens(keys: GgufKeys) -> dict[str, str]:
+    """bos_token, eos_token... as tokenizer_config.json names them: the tokens' texts."""
     tokens = keys.raw("tokenizer.ggml.tokens")
-    named = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id"), ("mask_token", "mask_token_id")):
-        value = keys.raw(f"tokenizer.ggml.{key}")
-        if value is not None:
-            named[name] = tokens[int(value)]
-    return named
+    return {f"{role}_token": tokens[token_id] for role, token_id in keys.special_token_ids().items()}
 
 
 def _unknown_id(keys: GgufKeys) -> int | None:

@@ -176,8 +176,10 @@ class ArchModel:
 
     @classmethod
     def reads_gguf(cls, keys: GgufKeys) -> bool:
-        """Whether this family reads back a GGUF of `keys.arch` (families transformers cannot read)."""
-        return False
+        """Whether convert/gguf_read_back.py reads a GGUF back as this family: one of its llama.cpp
+        architecture, where the family itself says how (`config_from_gguf`). Families that share an
+        architecture (llama: Llama or Mixtral; olmo2: OLMo 2 or 3) tell their files apart here."""
+        return "config_from_gguf" in vars(cls) and keys.arch == gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
 
     @classmethod
     def config_from_gguf(cls, keys: GgufKeys) -> dict[str, Any]:

@@ -116,14 +116,6 @@ class _ErnieFamily(ArchModel):
 
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == cls.gguf_arch_name()
-
-    @classmethod
-    def gguf_arch_name(cls) -> str:
-        return gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         return {**decoder_config(keys), "rope_parameters": rope_parameters(keys), "use_bias": False}
 

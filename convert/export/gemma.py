@@ -189,13 +189,9 @@ class GemmaModel(ArchModel):
         return data - np.float32(1)  # a norm, less its offset
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        # transformers' reader drops the soft-capping, the local rope base and the layer pattern
-        return keys.arch == gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
-
-    @classmethod
     def gemma_config(cls, keys) -> dict[str, Any]:
-        """What Gemma 2 and 3 share: head size, query scale, sliding window and its layer pattern."""
+        """What Gemma 2 and 3 share: head size, query scale, sliding window and its layer pattern
+        (transformers' GGUF reader drops the soft-capping, the local rope base and the pattern)."""
         config = decoder_config(keys)
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         scaled_by_hidden = config["num_hidden_layers"] == cls.scaled_by_hidden_layers

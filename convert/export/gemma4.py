@@ -253,11 +253,8 @@ class Gemma4Model(ArchModel):
             writer.add_expert_feed_forward_length(int(hp["moe_intermediate_size"]))
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "gemma4"  # transformers' reader drops the per-kind head sizes, rope and KV sharing
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
+        """(transformers' GGUF reader drops the per-kind head sizes, rope and KV sharing.)"""
         config = decoder_config(keys)
         n_layers = config["num_hidden_layers"]
         types = [SLIDING if sliding else FULL for sliding in keys.need("attention.sliding_window_pattern")]

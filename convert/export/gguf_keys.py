@@ -14,6 +14,10 @@ import numpy as np
 
 from alpaca_chat.errors import TrainingError
 
+# A special token's role -> llama.cpp's key for its id (tokenizer.ggml.*).
+_SPECIAL_TOKEN_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                       "pad": "padding_token_id", "mask": "mask_token_id"}
+
 
 class GgufKeys:
     """A GGUF file's metadata and tensor shapes, read as `config_from_gguf` needs them."""
@@ -49,15 +53,19 @@ class GgufKeys:
             raise TrainingError(f"the GGUF has no {self.arch}.{key}: not a file llama.cpp's {self.arch} can run")
         return value
 
+    def special_token_ids(self) -> dict[str, int]:
+        """The special tokens' ids by role (bos, eos, unk, pad, mask), where the file names them."""
+        ids = {}
+        for role, key in _SPECIAL_TOKEN_KEYS.items():
+            value = self.raw(f"tokenizer.ggml.{key}")
+            if value is not None:
+                ids[role] = int(value)
+        return ids
+
     def token_ids(self) -> dict[str, int]:
         """bos/eos/pad token ids for config.json, where the file names them."""
-        ids = {}
-        for config_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                                     ("pad_token_id", "padding_token_id")):
-            value = self.raw(f"tokenizer.ggml.{gguf_key}")
-            if value is not None:
-                ids[config_key] = int(value)
-        return ids
+        ids = self.special_token_ids()
+        return {f"{role}_token_id": ids[role] for role in ("bos", "eos", "pad") if role in ids}
 
     def vocab_size(self) -> int:
         return self.shapes["token_embd.weight"][0]

@@ -50,17 +50,6 @@ class _GlmFamily(ArchModel):
         "eom": "<|observation|>",
     }
 
-    _GGUF_ARCH_NAME: ClassVar[str] = ""
-    _MODEL_TYPE: ClassVar[str] = ""
-
-    @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return bool(cls._GGUF_ARCH_NAME) and keys.arch == cls._GGUF_ARCH_NAME
-
-    @classmethod
-    def config_from_gguf(cls, keys) -> dict:
-        return glm_config(keys, cls._MODEL_TYPE, cls.__name__.replace("Model", "ForCausalLM"))
-
     @property
     def head_dim(self) -> int:
         return int(self.hparams.get("head_dim") or self._param("hidden_size") // self.n_head)
@@ -87,7 +76,10 @@ class _GlmFamily(ArchModel):
 @register("GlmForCausalLM")
 class GlmModel(_GlmFamily):
     gguf_arch = gguf.MODEL_ARCH.CHATGLM
-    _GGUF_ARCH_NAME, _MODEL_TYPE = "chatglm", "glm"
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return glm_config(keys, "glm", "GlmForCausalLM")
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         n_embd = int(self._param("hidden_size"))
@@ -110,8 +102,11 @@ class GlmModel(_GlmFamily):
 @register("Glm4ForCausalLM")
 class Glm4Model(_GlmFamily):
     gguf_arch = gguf.MODEL_ARCH.GLM4
-    _GGUF_ARCH_NAME, _MODEL_TYPE = "glm4", "glm4"
     special_tokens = {**_GlmFamily.special_tokens, "bos": "<|endoftext|>"}
+
+    @classmethod
+    def config_from_gguf(cls, keys) -> dict:
+        return glm_config(keys, "glm4", "Glm4ForCausalLM")
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)

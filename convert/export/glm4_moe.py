@@ -74,10 +74,6 @@ class Glm4MoeModel(MixtureOfExperts, _GlmFamily):
         self._check_routing()
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "glm4moe"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         """The trunk's config: transformers neither loads nor saves the MTP layers, which a hub
         file holds after the trunk's (left out, as `left_out_of_checkpoint` says)."""

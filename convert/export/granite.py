@@ -20,27 +20,34 @@ GPT-2 regex); llama.cpp names it "refact".
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import gguf
 
 from alpaca_chat.errors import ConversionError
 from convert.export.checkpoint import Checkpoint
-from convert.export.llama import LlamaModel
 from convert.export.gguf_keys import decoder_config, rope_parameters
+from convert.export.llama import LlamaModel
 from convert.export.registry import register
 
-# config.json key -> the GGUFWriter method that writes llama.cpp's key; transformers' default is 1.0 for each.
-MULTIPLIERS: dict[str, Callable[[gguf.GGUFWriter, float], None]] = {
-    "embedding_multiplier": gguf.GGUFWriter.add_embedding_scale,
-    "residual_multiplier": gguf.GGUFWriter.add_residual_scale,
-    "attention_multiplier": gguf.GGUFWriter.add_attention_scale,
-    "logits_scaling": gguf.GGUFWriter.add_logit_scale,
+# config.json key -> llama.cpp's key (as GGUFWriter's add_embedding_scale... write them); transformers'
+# default is 1.0 for each.
+MULTIPLIERS: dict[str, str] = {
+    "embedding_multiplier": gguf.Keys.LLM.EMBEDDING_SCALE,
+    "residual_multiplier": gguf.Keys.LLM.RESIDUAL_SCALE,
+    "attention_multiplier": gguf.Keys.Attention.SCALE,
+    "logits_scaling": gguf.Keys.LLM.LOGIT_SCALE,
 }
 
-# config.json's multipliers -> their GGUF keys, as MULTIPLIERS writes them.
-MULTIPLIER_KEYS = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
-                   "attention_multiplier": "attention.scale", "logits_scaling": "logit_scale"}
+
+def write_multipliers(hparams: dict, writer: gguf.GGUFWriter) -> None:
+    """Each multiplier, transformers' 1.0 where config.json leaves it out (Granite 3 and 4)."""
+    for key, gguf_key in MULTIPLIERS.items():
+        value = hparams.get(key)
+        writer.add_float32(gguf_key.format(arch=writer.arch), float(1.0 if value is None else value))
+
+
+def multipliers_from_gguf(keys) -> dict[str, float]:
+    """config.json's multipliers from a file's keys (1.0 for one it leaves out, as llama.cpp takes it)."""
+    return {key: keys.raw(gguf_key.format(arch=keys.arch), 1.0) for key, gguf_key in MULTIPLIERS.items()}
 
 
 @register("GraniteForCausalLM")
@@ -61,17 +68,11 @@ class GraniteModel(LlamaModel):
             self.hparams = {key: value for key, value in self.hparams.items() if key != "head_dim"}
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "granite"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict:
         return {**decoder_config(keys), "model_type": "granite", "architectures": ["GraniteForCausalLM"],
                 "rope_parameters": rope_parameters(keys), "attention_bias": "blk.0.attn_q.bias" in keys.shapes,
-                **{key: keys.get(gguf_key, 1.0) for key, gguf_key in MULTIPLIER_KEYS.items()}}
+                **multipliers_from_gguf(keys)}
 
     def set_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_parameters(writer)
-        for key, add in MULTIPLIERS.items():
-            value = self.hparams.get(key)
-            add(writer, float(1.0 if value is None else value))
+        write_multipliers(self.hparams, writer)

@@ -41,7 +41,7 @@ from alpaca_chat.errors import ConversionError
 from convert.export import mamba2
 from convert.export.base import CombinedTensor
 from convert.export.checkpoint import Checkpoint
-from convert.export.granite import MULTIPLIER_KEYS, MULTIPLIERS
+from convert.export.granite import multipliers_from_gguf, write_multipliers
 from convert.export.llama import LlamaModel
 from convert.export.gguf_keys import decoder_config, rope_parameters
 from convert.export.registry import register
@@ -139,9 +139,7 @@ class GraniteHybridModel(LlamaModel):
         writer.add_layer_norm_rms_eps(float(self._param("rms_norm_eps")))
         writer.add_vocab_size(int(self._param("vocab_size")))
         writer.add_rope_dimension_count(self.head_dim)
-        for key, add in MULTIPLIERS.items():
-            value = hp.get(key)
-            add(writer, float(1.0 if value is None else value))
+        write_multipliers(hp, writer)
         # Written without experts too (0 and 0), as llama.cpp's converter writes them for Granite 4.0 H Micro.
         writer.add_expert_count(self.n_expert)
         writer.add_expert_used_count(self.n_expert_used)
@@ -248,10 +246,6 @@ class GraniteHybridModel(LlamaModel):
         return super().extra_tensor_source(gguf_name, data)
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "granitehybrid"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         kv_heads = keys.need("attention.head_count_kv")
         mamba = [n == 0 for n in kv_heads]
@@ -265,7 +259,7 @@ class GraniteHybridModel(LlamaModel):
             "num_key_value_heads": max(kv_heads),
             "position_embedding_type": "rope" if keys.get("rope.scaling.finetuned") else None,
             "rope_parameters": rope_parameters(keys),
-            **{key: keys.get(gguf_key, 1.0) for key, gguf_key in MULTIPLIER_KEYS.items()},
+            **multipliers_from_gguf(keys),
             "num_local_experts": n_expert, "num_experts_per_tok": keys.get("expert_used_count") or 0,
             "intermediate_size": ffn,
             "shared_intermediate_size": keys.get("expert_shared_feed_forward_length") or ffn,

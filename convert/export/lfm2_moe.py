@@ -68,10 +68,6 @@ class Lfm2MoeModel(Lfm2Model):
         return int(self._param("intermediate_size"))
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "lfm2moe"  # transformers reads lfm2, not lfm2moe
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         kv_heads = keys.need("attention.head_count_kv")
         config = decoder_config(keys)

@@ -40,8 +40,10 @@ class LlamaModel(ArchModel):
 
     @classmethod
     def reads_gguf(cls, keys) -> bool:
-        # Llama 2/3, SmolLM, TinyLlama, Mistral: transformers' reader drops Llama 3's and linear rope scaling
-        return cls is LlamaModel and keys.arch == "llama" and not keys.get("expert_count")
+        # Llama 2/3, SmolLM, TinyLlama, Mistral: transformers' reader drops Llama 3's and linear rope
+        # scaling. A llama file with experts is Mixtral's (MixtralModel); subclasses with their own
+        # architecture (Granite, SmolLM3) are read as the base says.
+        return super().reads_gguf(keys) and (cls is not LlamaModel or not keys.get("expert_count"))
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict:

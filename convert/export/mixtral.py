@@ -20,7 +20,7 @@ class MixtralModel(MixtureOfExperts, LlamaModel):
 
     @classmethod
     def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "llama" and bool(keys.get("expert_count"))
+        return super().reads_gguf(keys) and bool(keys.get("expert_count"))  # a llama file with experts
 
     @classmethod
     def config_from_gguf(cls, keys) -> dict:

@@ -41,11 +41,8 @@ class Phi3Model(ArchModel):
     expected_tokenizers = ("llama", "gpt2")
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "phi3"  # transformers' reader drops the sliding window, partial rotary and LongRoPE
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict:
+        """(transformers' GGUF reader drops the sliding window, partial rotary and LongRoPE.)"""
         config = decoder_config(keys)
         partial = keys.need("rope.dimension_count") * config["num_attention_heads"] / config["hidden_size"]
         original = keys.need("rope.scaling.original_context_length")

@@ -26,12 +26,8 @@ class Qwen3Model(ArchModel):
     gguf_arch = gguf.MODEL_ARCH.QWEN3
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        # transformers' reader takes head_dim as hidden_size / heads: wrong for every released Qwen3
-        return keys.arch == "qwen3"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict:
+        """(transformers' GGUF reader takes head_dim as hidden_size / heads: wrong for Qwen3 0.6B and 4B.)"""
         return qwen3_config(keys, "qwen3", "Qwen3ForCausalLM")
 
     def check_tensors(self, gguf_names: Iterable[str]) -> None:

@@ -27,10 +27,6 @@ class Qwen3MoeModel(MixtureOfExperts):
     gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "qwen3moe"  # transformers' reader mistakes head_dim, as for Qwen3
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict:
         return {
             **qwen3_config(keys, "qwen3_moe", "Qwen3MoeForCausalLM"),

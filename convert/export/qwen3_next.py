@@ -45,10 +45,6 @@ class Qwen3NextModel(MixtureOfExperts, GatedDeltaNetHybrid):
             )
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "qwen3next"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict[str, Any]:
         config = decoder_config(keys)
         n_v = keys.need("ssm.time_step_rank")

@@ -43,10 +43,6 @@ class SmolLM3Model(LlamaModel):
             )
 
     @classmethod
-    def reads_gguf(cls, keys) -> bool:
-        return keys.arch == "smollm3"
-
-    @classmethod
     def config_from_gguf(cls, keys) -> dict:
         return {**decoder_config(keys), "model_type": "smollm3", "architectures": ["SmolLM3ForCausalLM"],
                 "rope_parameters": rope_parameters(keys), "no_rope_layer_interval": LLAMA_CPP_NO_ROPE_INTERVAL,
