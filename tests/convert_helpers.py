@@ -375,7 +375,12 @@ def assert_same_file_as_reference(oracle: Path, checkpoint: Path, ours: Path, ca
         if key not in differences:
             assert our_fields[key] == value, key
 
-    # Same tensors by name (the order in the file may differ: ours follows the checkpoint files).
+    assert_same_tensors(ours, theirs)
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    """The same tensors by name (the order in the file may differ: ours follows the checkpoint
+    files), each of the same type and shape, byte for byte."""
     our_tensors, their_tensors = gguf_tensors(ours), gguf_tensors(theirs)
     assert sorted(our_tensors) == sorted(their_tensors)
     for tensor_name, (kind, shape, data) in their_tensors.items():

@@ -15,13 +15,12 @@ import pytest
 from convert_helpers import (
     TinyCase,
     assert_same_file_as_reference,
+    assert_same_tensors,
     build_tiny_model,
     gguf_last_logits,
-    gguf_tensors,
     hf_last_logits,
     random_sequences,
     reference_converter_or_fail,
-    same_bytes,
 )
 # After convert_helpers, which arch_cases imports.
 from arch_cases.ernie import EOT_DIFFERENCE, write_ernie_tokenizer
@@ -109,10 +108,7 @@ def test_released_shapes_read_back_from_a_gguf_base_to_the_same_file(case, tmp_p
     monkeypatch.setenv(gguf_base.CACHE_ENV, str(tmp_path / "cache"))
     f32 = export(build_tiny_model(tmp_path / case.name, case), tmp_path / "ours.F32.gguf", "f32").path
     again = export(gguf_base.checkpoint_from_gguf(str(f32)), tmp_path / "again.F32.gguf", "f32").path
-    want, got = gguf_tensors(f32), gguf_tensors(again)
-    assert sorted(got) == sorted(want)
-    for name, (kind, shape, data) in want.items():
-        assert got[name][:2] == (kind, shape) and same_bytes(got[name][2], data), f"{case.name}: {name} differs"
+    assert_same_tensors(again, f32)
 
 
 def case_vocab(checkpoint) -> int:

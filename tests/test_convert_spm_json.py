@@ -10,24 +10,20 @@ Llama 2's with every score -1000 (see convert/export/vocab_spm_json.py), so thos
 by tokenization only, plus, for Llama 2, every key but the scores.
 """
 
+import dataclasses
 import shutil
 
 import pytest
 
 from convert_helpers import (
+    CASES,
     MIXED_TEXT,
+    assert_same_file_as_reference,
     gguf_fields,
-    gguf_tensors,
     reference_converter_or_fail,
-    run_reference_converter,
-    same_bytes,
 )
 
 pytestmark = pytest.mark.slow
-OUR_EXTRA_KEYS = {
-    "general.converter", "general.source.checkpoint", "general.quant_type",
-    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
-}
 
 
 def _without_tokenizer_model(tiny_builds, name, root):
@@ -119,30 +115,16 @@ def oracle(request, tmp_path_factory):
 @pytest.mark.parametrize(
     "name, differences",
     [
-        ("gemma3-text-swa", set()),
+        ("gemma3-text-swa", {}),
         # llama.cpp's converter scores every token -1000 (gguf's LlamaHfVocab): llama.cpp then merges
         # left to right instead of in the BPE's order. Ours are minus the merge ranks.
-        ("llama-spm-gqa", {"tokenizer.ggml.scores"}),
+        ("llama-spm-gqa", {"tokenizer.ggml.scores": "minus each token's merge rank, not -1000"}),
     ],
 )
 def test_same_file_as_llama_cpp_converter(exported, oracle, tmp_path, name, differences):
     checkpoint, ours, _ = exported(name)
-    our_fields = gguf_fields(ours)
-    pre = our_fields.get("tokenizer.ggml.pre") if our_fields.get("tokenizer.ggml.model") == "gpt2" else None
-    theirs = tmp_path / "reference.gguf"
-    done = run_reference_converter(oracle, checkpoint, theirs, pre_tokenizer=pre)
-    assert done.returncode == 0, done.stderr[-3000:]
-    their_fields = gguf_fields(theirs)
-    assert set(our_fields) - set(their_fields) <= OUR_EXTRA_KEYS
-    assert set(their_fields) <= set(our_fields)
-    for key, value in their_fields.items():
-        if key not in differences:
-            assert our_fields[key] == value, key
-    our_tensors, their_tensors = gguf_tensors(ours), gguf_tensors(theirs)
-    assert sorted(our_tensors) == sorted(their_tensors)
-    for tensor_name, (kind, shape, data) in their_tensors.items():
-        assert our_tensors[tensor_name][:2] == (kind, shape), tensor_name
-        assert same_bytes(our_tensors[tensor_name][2], data), f"{tensor_name}: bytes differ"
+    case = dataclasses.replace(CASES[name], metadata_differences=differences)
+    assert_same_file_as_reference(oracle, checkpoint, ours, case, tmp_path / "reference.gguf")
 
 
 def test_unsupported_space_handling_is_refused(exported, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convert import cli, gguf_base, gguf_read_back
-from convert_helpers import MIXED_TEXT, TINY_CASES, gguf_last_logits, gguf_tensors, random_sequences, same_bytes
+from convert_helpers import MIXED_TEXT, TINY_CASES, assert_same_tensors, gguf_last_logits, gguf_tensors, random_sequences
 from finetune_helpers import seed_rows, write_json
 
 pytestmark = pytest.mark.slow
@@ -55,10 +55,7 @@ def _assert_same_tensors_and_tokens(original, again, checkpoint):
 
     from convert.evaluate import LogitsModel
 
-    want, got = gguf_tensors(original), gguf_tensors(again)
-    assert sorted(want) == sorted(got)
-    for tensor, (kind, shape, data) in want.items():
-        assert got[tensor][:2] == (kind, shape) and same_bytes(got[tensor][2], data), f"{tensor} differs"
+    assert_same_tensors(again, original)
     tokens = []
     for gguf in (original, again):
         with LogitsModel(gguf, n_ctx=256) as model:

@@ -18,11 +18,10 @@ import pytest
 from convert import cli, gguf_base
 from convert_helpers import (
     MIXED_TEXT,
+    assert_same_tensors,
     gguf_fields,
-    gguf_tensors,
     reference_converter_or_fail,
     run_reference_converter,
-    same_bytes,
 )
 
 pytestmark = pytest.mark.slow
@@ -99,11 +98,7 @@ def test_export_is_llama_cpp_converters_file(gemma3_checkpoint, gemma3_export, r
     assert set(ours_fields) - set(their_fields) <= OUR_EXTRA_KEYS | provenance
     for key, value in their_fields.items():
         assert ours_fields[key] == value, key
-    ours_tensors, their_tensors = gguf_tensors(gemma3_export), gguf_tensors(theirs)
-    assert sorted(ours_tensors) == sorted(their_tensors)
-    for name, (kind, shape, data) in their_tensors.items():
-        assert ours_tensors[name][:2] == (kind, shape), name
-        assert same_bytes(ours_tensors[name][2], data), f"{name}: bytes differ"
+    assert_same_tensors(gemma3_export, theirs)
 
 
 def test_export_tokenizes_like_the_original_gguf_and_transformers(gemma3_gguf, gemma3_checkpoint, gemma3_export):
@@ -127,10 +122,7 @@ def test_the_gguf_base_reads_back_what_transformers_reads(gemma3_gguf, gemma3_ex
     assert (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer.model").exists()
     ours = tmp_path / "read-back.F16.gguf"
     assert cli.main(["export", str(checkpoint), "-o", str(ours), "--outtype", "f16"]) == 0
-    want, got = gguf_tensors(gemma3_export), gguf_tensors(ours)
-    assert sorted(got) == sorted(want)
-    for name, (kind, shape, data) in want.items():
-        assert got[name][:2] == (kind, shape) and same_bytes(got[name][2], data), f"{name}: bytes differ"
+    assert_same_tensors(ours, gemma3_export)
     with LogitsModel(ours, n_ctx=512) as model, LogitsModel(gemma3_gguf, n_ctx=512) as original:
         assert model.tokenize(MIXED_TEXT, add_special=True, parse_special=True) == original.tokenize(
             MIXED_TEXT, add_special=True, parse_special=True)
